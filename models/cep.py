@@ -1,0 +1,40 @@
+"""
+Condition embedding perturbation (CEP, Chen et al. 2024, Sec. 4): train on
+    E || ε - ε_θ(x_t, t, c_θ(y) + δ) ||²,
+with δ drawn afresh for every example at every step, at training time only:
+    CEP-U  δ ~ U(-γ/√d, γ/√d)        CEP-G  δ ~ N(0, (γ/√d)²)
+where d is the width of the condition embedding c_θ(y) (the class embedding of DiT / the U-Net, the
+text-encoder output for captions) and γ the magnitude (γ = 1 throughout the paper). Std γ/√d for
+CEP-G follows the public ports (EveryDream2, kohya sd-scripts).
+
+Which embedding is touched is the model's business (see its `forward(..., cond_noise=)`); this
+file only draws δ. Rows whose label was dropped to the null class get δ = 0: the unconditional
+embedding is not perturbed.
+
+`--cep-fixed` (the paper's "fixed CEP" ablation) draws one δ per training example, once: δ is a
+pure function of (seed, example index), so it is the same at every epoch and on every rank.
+"""
+import math
+
+import torch
+
+CEP_TYPES = ("uniform", "gaussian")
+
+
+def cep_noise(n, dim, gamma, kind, generator=None, device="cpu"):
+    """(n, dim) perturbation δ for CEP-U ('uniform') or CEP-G ('gaussian')."""
+    scale = gamma / math.sqrt(dim)
+    if kind == "uniform":
+        return (torch.rand(n, dim, generator=generator, device=device) * 2 - 1) * scale
+    if kind == "gaussian":
+        return torch.randn(n, dim, generator=generator, device=device) * scale
+    raise ValueError(f"unknown CEP type '{kind}'; choose one of {CEP_TYPES}")
+
+
+def fixed_cep_noise(example_ids, dim, gamma, kind, seed):
+    """One δ per training example, the same every time it is drawn (fixed-CEP ablation)."""
+    rows = []
+    for i in example_ids.tolist():
+        g = torch.Generator().manual_seed((seed << 40) + 7919 * int(i) + 1)
+        rows.append(cep_noise(1, dim, gamma, kind, generator=g))
+    return torch.cat(rows).to(example_ids.device)

@@ -1,0 +1,126 @@
+"""
+The Gaussian diffusion maths in one place (Ho et al. 2020; Nichol & Dhariwal 2021 for the learned
+variance). Schedules are computed in float64 and gathered per timestep as float32.
+
+Notation: ᾱ_t = prod_{s<=t} (1 - β_s); x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε.
+Training (this file): q_sample, the ε-prediction MSE, the hybrid loss L_simple + L_vb when the model
+also predicts its variance, and input perturbation (Ning et al. 2023).
+Sampling (DDPM / DDIM / DPM-Solver++) builds on the same tables: p_mean_variance is already here.
+"""
+import math
+
+import numpy as np
+import torch
+
+
+def linear_beta_schedule(num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    """The DDPM linear schedule, rescaled to num_timesteps as in ADM (float64)."""
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    # the tanh approximation used by ADM; max error ~1e-3 away from the tails
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) for x in [-1, 1] quantised to 256 bins, under N(means, e^(2 log_scales)) integrated
+    over each bin (the two edge bins extend to infinity). Elementwise, nats."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+class GaussianDiffusion:
+    def __init__(self, betas=None, learn_sigma=True):
+        betas = linear_beta_schedule() if betas is None else np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = len(betas)
+        self.learn_sigma = learn_sigma
+        self.betas = betas
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance)   (DDPM Eq. 6-7)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # the variance is 0 at t = 0: clip the log to the t = 1 value, as ADM does
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    @staticmethod
+    def _gather(table, t, x):
+        """table[t] as float32 on x's device, shaped to broadcast against x."""
+        out = torch.as_tensor(table, dtype=torch.float32, device=t.device)[t]
+        return out.view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        # x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (DDPM Eq. 4)
+        return self._gather(self.sqrt_alphas_cumprod, t, x0) * x0 + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0, xt, t):
+        mean = self._gather(self.posterior_mean_coef1, t, xt) * x0 + self._gather(self.posterior_mean_coef2, t, xt) * xt
+        return mean, self._gather(self.posterior_variance, t, xt), self._gather(self.posterior_log_variance_clipped, t, xt)
+
+    def predict_x0_from_eps(self, xt, t, eps):
+        return self._gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+
+    def p_mean_variance(self, model_output, xt, t, clip_denoised=False):
+        """Mean and log-variance of p(x_{t-1} | x_t) from the network output. With learn_sigma the
+        output's second half v in [-1, 1] interpolates log β_t and log β̃_t (Nichol & Dhariwal
+        Eq. 15); otherwise the posterior variance β̃_t is used."""
+        C = xt.shape[1]
+        if self.learn_sigma:
+            eps, v = model_output[:, :C], model_output[:, C:]
+            min_log = self._gather(self.posterior_log_variance_clipped, t, xt)
+            max_log = self._gather(np.log(self.betas), t, xt)
+            frac = (v + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+        else:
+            eps = model_output
+            log_variance = self._gather(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
+        x0 = self.predict_x0_from_eps(xt, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(x0, xt, t)
+        return {"mean": mean, "log_variance": log_variance, "pred_x0": x0, "eps": eps}
+
+    def vb_terms_bpd(self, model_output, x0, xt, t):
+        """The variational bound term L_t in bits per dimension, averaged over dimensions:
+        KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, the decoder NLL -log p(x_0|x_1) at t = 0."""
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
+        out = self.p_mean_variance(model_output, xt, t)
+        kl = normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"]).mean(dim=(1, 2, 3)) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"]).mean(dim=(1, 2, 3)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model_fn, x0, t, noise, input_perturbation=0.0, perturbation_noise=None):
+        """Per-example loss (N,). model_fn(x_t, t) returns ε̂ (and the variance channels with
+        learn_sigma). Input perturbation (Ning et al. 2023): x_t is built from ε + λξ while the
+        target stays ε."""
+        noise_in = noise if input_perturbation == 0 else noise + input_perturbation * perturbation_noise
+        xt = self.q_sample(x0, t, noise_in)
+        model_output = model_fn(xt, t).float()
+        C = x0.shape[1]
+        mse = ((model_output[:, :C] - noise) ** 2).mean(dim=(1, 2, 3))  # L_simple (DDPM Eq. 14)
+        if not self.learn_sigma:
+            return {"loss": mse, "mse": mse}
+        # L_hybrid = L_simple + λ L_vb with λ = 1 over T = 1000 steps (ADM's rescaling by T/1000);
+        # the vb term trains only the variance: the mean enters it with stopped gradient
+        frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
+        vb = self.vb_terms_bpd(frozen, x0, xt, t) * (self.num_timesteps / 1000.0)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}

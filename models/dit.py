@@ -1,0 +1,246 @@
+"""
+DiT: a Diffusion Transformer with adaLN-Zero conditioning (Peebles & Xie, ICCV 2023).
+
+One file, top to bottom: patch embedding, timestep and label embedders, the DiT block, the final
+layer, the model, its configs and a FLOP count. Parameter names follow the official release
+(x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table, blocks.N.adaLN_modulation,
+final_layer) so that official DiT checkpoints load with `load_state_dict`.
+
+Condition embedding perturbation (CEP, Chen et al. 2024) enters in `forward` through `cond_noise`:
+it is added to the *class embedding* c_θ(y) = y_embedder(y) (width d = hidden_size), before the
+timestep embedding is added. The caller (train.py, via models/cep.py) draws δ and passes zeros for
+rows whose label was dropped to the null class: the null (unconditional) embedding is never
+perturbed, because it carries no condition that could be corrupted, and the unconditional branch
+of classifier-free guidance at sampling must match what training saw. At sampling `cond_noise` is
+simply not passed.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x, shift, scale):
+    # adaLN: LayerNorm output scaled and shifted per sample (DiT Sec. 3.2)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """Image (N, C, H, W) -> tokens (N, T, D) by a p x p convolution with stride p."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> sinusoidal frequency embedding (256 wide) -> 2-layer MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        # [cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i / half), as in the official DiT
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> embeddings. Row `num_classes` is the null class used for classifier-free
+    guidance; it exists only when the model is trained with label dropout (as in the official
+    DiT). Label dropout itself is decided by the caller, which passes y = num_classes."""
+
+    def __init__(self, num_classes, hidden_size, class_dropout):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + int(class_dropout > 0), hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the condition c (adaLN-Zero): shift,
+    scale and a residual gate for both the attention and the MLP branch, regressed from c by a
+    zero-initialised linear so that every block starts as the identity."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed_2d(embed_dim, grid_size):
+    """Fixed 2-D sin-cos positions (MAE / DiT): half the channels encode the row, half the column;
+    returns (grid_size**2, embed_dim) float64."""
+    def one_axis(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64))
+    # the official code embeds the w-coordinate grid first: keep that order so checkpoints agree
+    return np.concatenate([one_axis(embed_dim // 2, grid_w), one_axis(embed_dim // 2, grid_h)], axis=1)
+
+
+class DiT(nn.Module):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout=0.1, num_classes=1000, learn_sigma=True):
+        super().__init__()
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
+        num_patches = (input_size // patch_size) ** 2
+        # fixed, not learned; kept as a frozen Parameter so the official state dict (which has it) loads
+        pos = torch.from_numpy(sincos_pos_embed_2d(hidden_size, input_size // patch_size)).float()
+        self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
+        assert self.pos_embed.shape[1] == num_patches
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def cond_dim(self):
+        """Width d of the condition embedding that CEP perturbs."""
+        return self.hidden_size
+
+    def initialize_weights(self):
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight  # init the patch conv like a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every modulation and the output projection start at zero
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        p, c = self.patch_size, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y, cond_noise=None):
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (num_classes = null),
+        cond_noise: optional (N, hidden_size) CEP perturbation δ added to the class embedding."""
+        x = self.x_embedder(x) + self.pos_embed
+        y_emb = self.y_embedder(y)
+        if cond_noise is not None:
+            y_emb = y_emb + cond_noise.to(y_emb.dtype)  # CEP: c_θ(y) + δ  (Chen et al. 2024, Eq. 3)
+        c = self.t_embedder(t) + y_emb
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def flops_per_forward(self):
+        """Matmul FLOPs (2 per multiply-add) of one forward pass for one image; a training step
+        costs about 3x this (forward + backward). Elementwise ops are ignored, as in MFU reports."""
+        D, T = self.hidden_size, self.pos_embed.shape[1]
+        p, depth = self.patch_size, len(self.blocks)
+        mlp_hidden = self.blocks[0].mlp.fc1.out_features if depth else 0
+        per_block = (2 * T * D * 3 * D          # qkv
+                     + 2 * 2 * T * T * D        # q k^T and attn v
+                     + 2 * T * D * D            # attention output projection
+                     + 2 * 2 * T * D * mlp_hidden  # MLP
+                     + 2 * D * 6 * D)           # adaLN modulation (once per image)
+        embed = 2 * T * p * p * self.in_channels * D + 2 * (self.t_embedder.frequency_embedding_size * D + D * D)
+        final = 2 * T * D * p * p * self.out_channels + 2 * D * 2 * D
+        return depth * per_block + embed + final
+
+
+# depth, hidden size, heads of the DiT paper (Table 1), plus a tiny one for CPU runs
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "T": (6, 128, 4)}
+DIT_CONFIGS = {f"DiT-{size}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
+               for size, (d, h, n) in DIT_SIZES.items() for p in (2, 4, 8)}
+
+
+def build_dit(name, **kwargs):
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(DIT_CONFIGS)}")
+    return DiT(**DIT_CONFIGS[name], **kwargs)
