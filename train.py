@@ -1,0 +1,386 @@
+"""
+Stage 2: pre-train a class-conditional DiT on (optionally corrupted) labels, optionally with CEP.
+
+    torchrun train.py --corrupt 0.025 --cep                                   # embedded default, CPU ok
+    torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder \\
+        --data-path /data/imagenet/train --image-size 256 ...                 # see README for the recipe
+
+Everything random in a step (timesteps, noise, label dropout, CEP δ, input-perturbation ξ) is drawn
+for the whole global batch from a generator seeded by (seed, step), and each rank takes its share;
+the data order is DistributedSampler's (seed, epoch) permutation. So a run is the same whatever the
+number of ranks, and --resume continues exactly where the checkpoint stopped.
+
+Output: <out-dir>/<run>/config.json, log.jsonl, ckpt/last.pt and ckpt/<step>.pt
+(model, ema, optimizer, scaler, step, RNG states, config; loadable with weights_only=True).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from corrupt_data import CORRUPT_TYPES, DATASETS, corrupt_labels, dataset_key, load_dataset, prepare_corruption
+from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
+from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, run_main
+from models.diffusion import GaussianDiffusion
+from models.dit import DIT_CONFIGS, build_dit
+
+# flags that do not change what is trained: they may differ between a run and its --resume
+NON_RUN_FLAGS = {"resume", "max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "out_dir", "run"}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Pre-train a class-conditional DiT (corrupted labels, CEP).")
+    a = p.add_argument
+    a("--dataset", default="fashion-mnist", choices=DATASETS)
+    a("--data-path", default=None, help="dataset folder (fashion-mnist: IDX files; default Debian's copy, else download)")
+    a("--image-size", type=int, default=None, help="imagefolder crop size (default 256); fashion-mnist is 32")
+    a("--model", default="DiT-T/4", help=f"one of {', '.join(DIT_CONFIGS)}")
+    a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True, help="predict the variance too (hybrid loss)")
+    # condition corruption (corrupt_data.py)
+    a("--corrupt", type=float, default=0.0, help="ratio η of training labels to corrupt, in [0, 1)")
+    a("--corrupt-type", default="symmetric", choices=CORRUPT_TYPES)
+    a("--groups", default=None, help="asymmetric corruption: class-group file (imagefolder)")
+    a("--corrupt-resample", action="store_true", help="re-draw the corrupted labels every epoch instead of once")
+    # CEP and the paper's baselines
+    a("--cep", action="store_true", help="condition embedding perturbation (uniform unless --cep-type)")
+    a("--cep-type", default=None, choices=CEP_TYPES, help="CEP-U (uniform, default) or CEP-G (gaussian)")
+    a("--cep-gamma", type=float, default=1.0, help="CEP magnitude γ: δ scale is γ/√d")
+    a("--cep-fixed", action="store_true", help="ablation: one δ per training example, drawn once")
+    a("--input-perturbation", type=float, default=0.0, help="IP baseline (Ning et al. 2023): λ in x_t from ε + λξ")
+    a("--class-dropout", type=float, default=0.1, help="label dropout to the null class (classifier-free guidance)")
+    # optimisation
+    a("--seed", type=int, default=0)
+    a("--global-batch-size", type=int, default=64, help="summed over all ranks; fixed whatever the world size")
+    a("--lr", type=float, default=3e-4, help="constant learning rate (the paper: 1e-4 for DiT-XL/2 and LDM-4)")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    a("--max-steps", type=int, default=1500)
+    a("--ema-decay", type=float, default=0.9999)
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+      help="use decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA")
+    a("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the model")
+    # bookkeeping
+    a("--ckpt-every", type=int, default=500, help="numbered checkpoint (and last.pt) every N steps")
+    a("--log-every", type=int, default=50)
+    a("--num-workers", type=int, default=4, help="data-loader workers per rank (imagefolder)")
+    a("--out-dir", default="out")
+    # under torchrun write --run-name (or put `--` before train.py): torchrun's own parser rejects
+    # `--run` as an ambiguous prefix of its --run-path / --run_path options
+    a("--run", "--run-name", dest="run", default=None, help="run name (default: built from model, dataset, η, CEP, seed)")
+    a("--resume", action="store_true", help="continue <out-dir>/<run> from ckpt/last.pt")
+    a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
+    return p
+
+
+def check_args(args):
+    if not 0 <= args.corrupt < 1:
+        raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
+    if args.model not in DIT_CONFIGS:
+        raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(DIT_CONFIGS)}")
+    if args.cep_gamma < 0 or not math.isfinite(args.cep_gamma):
+        raise UsageError(f"--cep-gamma must be >= 0, got {args.cep_gamma}")
+    if (args.cep_type is not None or args.cep_fixed) and not args.cep:
+        raise UsageError("--cep-type and --cep-fixed need --cep")
+    if args.input_perturbation < 0:
+        raise UsageError(f"--input-perturbation must be >= 0, got {args.input_perturbation}")
+    if not 0 <= args.class_dropout < 1:
+        raise UsageError(f"--class-dropout must be in [0, 1), got {args.class_dropout}")
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    for name in ("global_batch_size", "max_steps", "ckpt_every", "log_every"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.lr <= 0 or args.grad_clip < 0:
+        raise UsageError("--lr must be > 0 and --grad-clip >= 0")
+
+
+def setup_distributed(device_flag):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python train.py` is one rank."""
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    if device_flag not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device_flag}")
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no GPU is visible")
+    rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world, device
+
+
+def default_run_name(args):
+    name = f"{args.model.replace('/', '-')}_{args.dataset}_eta{args.corrupt:g}"
+    if args.corrupt and args.corrupt_type != "symmetric":
+        name += f"-{args.corrupt_type}"
+    if args.cep:
+        name += f"_cep-{args.cep_type}{args.cep_gamma:g}" + ("-fixed" if args.cep_fixed else "")
+    if args.input_perturbation:
+        name += f"_ip{args.input_perturbation:g}"
+    return name + f"_seed{args.seed}"
+
+
+def resolve_run(args, parser):
+    """Find the run directory; with --resume, flags not given on the command line come from the
+    run's config.json and flags given must agree with it. Checks only: writes nothing."""
+    if args.run is None:
+        args.run = default_run_name(args)
+    run_dir = os.path.join(args.out_dir, args.run)
+    config_path = os.path.join(run_dir, "config.json")
+    if not args.resume:
+        if os.path.exists(config_path):
+            raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --run / --out-dir")
+        if os.path.isdir(run_dir) and os.listdir(run_dir):
+            raise UsageError(f"{run_dir} exists and is not a run of train.py; choose another --run / --out-dir")
+        return run_dir, None
+    if not os.path.exists(config_path):
+        raise UsageError(f"--resume: {run_dir} holds no run (no config.json)")
+    try:
+        with open(config_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume: cannot read {config_path}: {e}")
+    parser.set_defaults(**{k: v for k, v in saved.items() if k not in NON_RUN_FLAGS})
+    fresh = vars(parser.parse_args())  # the saved config, overridden by the flags given now
+    conflicts = [k for k, v in saved.items() if k not in NON_RUN_FLAGS and fresh.get(k) != v]
+    if conflicts:
+        raise UsageError(f"--resume: {run_dir} was trained with other settings: "
+                         + ", ".join(f"--{k.replace('_', '-')}={saved[k]} (now {fresh[k]})" for k in conflicts))
+    vars(args).update(fresh, run=args.run)
+    ckpt_path = os.path.join(run_dir, "ckpt", "last.pt")
+    if not os.path.exists(ckpt_path):
+        raise UsageError(f"--resume: {ckpt_path} does not exist")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and {"model", "ema", "opt", "step"} <= ckpt.keys()
+    except Exception as e:  # noqa: BLE001  (truncated file, foreign pickle, wrong content)
+        raise UsageError(f"--resume: {ckpt_path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return run_dir, ckpt
+
+
+def run_config(args):
+    return {k: v for k, v in vars(args).items() if k not in NON_RUN_FLAGS}
+
+
+def step_generator(seed, step, device):
+    """The generator for everything random in one optimisation step, same on every rank."""
+    return torch.Generator(device=device).manual_seed((seed << 32) + step)
+
+
+def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, device):
+    """Yield (images, example indices, epoch) of this rank's share of each global batch, from
+    start_step on. Rank r takes positions r, r+W, r+2W, ... of DistributedSampler's permutation,
+    so the union over ranks of batch s is the same for every world size."""
+    local_batch = global_batch // world
+    steps_per_epoch = len(dataset) // global_batch
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))[offset * local_batch: steps_per_epoch * local_batch]
+        if hasattr(dataset, "get_batch"):  # in-memory data: vectorised gather, no workers
+            for chunk in order.split(local_batch):
+                yield dataset.get_batch(chunk).to(device, non_blocking=True), chunk.to(device), epoch
+        else:  # files: workers decode; flips fixed by (seed, epoch) so resume and world size don't change them
+            flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed((seed << 32) + epoch + (1 << 31))) < 0.5
+            keys = [(i, bool(flips[i])) for i in order.tolist()]
+            loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
+                                pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
+            for x, idx in loader:
+                yield x.to(device, non_blocking=True), idx.to(device), epoch
+        step += steps_per_epoch - offset
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
+    params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay * ema + (1 - decay) * param
+
+
+def ema_decay_at(step, decay, warmup):
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def measure_matmul_tflops(device, dtype=torch.bfloat16, n=8192, iters=20):
+    """Dense matmul rate of this GPU (the denominator of MFU), measured rather than looked up."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def main():
+    parser = get_parser()
+    args = parser.parse_args()
+    check_args(args)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        train(args, parser, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, parser, rank, world, device):
+    master = rank == 0
+    # ---- check all input before writing anything -------------------------------------------
+    run_dir, ckpt = resolve_run(args, parser)
+    check_args(args)
+    if args.global_batch_size % world:
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
+    dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"))
+    if len(dataset) < args.global_batch_size:
+        raise UsageError(f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} training examples")
+    key = dataset_key(args.dataset, dataset)
+    labels, manifest, manifest_file = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed, args.corrupt_type, args.groups)
+    num_classes = len(dataset.classes)
+    model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
+                        num_classes=num_classes, class_dropout=args.class_dropout, learn_sigma=args.learn_sigma)
+    model = build_dit(args.model, **{k: v for k, v in model_config.items() if k != "name"}).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
+                            fused=device.type == "cuda")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    start_step, loss_acc = 0, torch.zeros(2, dtype=torch.float64)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"--resume: checkpoint does not fit {args.model}: {str(e).splitlines()[0]}")
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step = ckpt["step"]
+        loss_acc = ckpt["loss_acc"].clone() if master else loss_acc
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+
+    # ---- all checks passed: write the manifest, config and (on resume) the trimmed log ------
+    config = run_config(args)
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if master:
+        if not os.path.exists(manifest_file):
+            atomic_write_json(manifest_file, manifest)
+        atomic_write_json(os.path.join(run_dir, "config.json"), config)
+        if os.path.exists(log_path):  # drop lines logged after the checkpoint we resume from
+            with open(log_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            atomic_write_text(log_path, "".join(kept))
+        print(manifest["summary"])
+        print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {world} rank(s) on {device.type}, "
+              f"{precision}, global batch {args.global_batch_size}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else ""))
+    if world > 1:
+        dist.barrier()
+
+    # ---- the training loop -------------------------------------------------------------------
+    diffusion = GaussianDiffusion(learn_sigma=args.learn_sigma)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "fp32" else nullcontext())
+    train_labels = torch.from_numpy(labels).to(device)
+    labels_epoch = None
+    B, share = args.global_batch_size, slice(rank, None, world)
+    cep_type = args.cep_type or "uniform"
+    flops_per_image = 3 * model.flops_per_forward()
+    peak_tflops = measure_matmul_tflops(device) if device.type == "cuda" else None
+    data = batches(dataset, B, rank, world, args.seed, start_step, args.num_workers, device)
+    model.train()
+    t_last, steps_since_log = time.perf_counter(), 0
+    for step in range(start_step, args.max_steps):
+        x, idx, epoch = next(data)
+        if args.corrupt_resample and epoch != labels_epoch:  # ablation: a fresh corrupted set each epoch
+            resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, [args.seed, epoch], args.corrupt_type, manifest["groups"])
+            train_labels, labels_epoch = torch.from_numpy(resampled).to(device), epoch
+        # every random draw of the step, for the global batch; this rank keeps rows rank::world
+        g = step_generator(args.seed, step, device)
+        t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
+        noise = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
+        dropped = (torch.rand(B, generator=g, device=device) < args.class_dropout)[share]
+        xi = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share] if args.input_perturbation else None
+        y = torch.where(dropped, num_classes, train_labels[idx])
+        delta = None
+        if args.cep:
+            if args.cep_fixed:
+                delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, cep_type, args.seed)
+            else:
+                delta = cep_noise(B, model.cond_dim, args.cep_gamma, cep_type, generator=g, device=device)[share]
+            delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
+        with autocast:
+            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, y, delta), x, t, noise, args.input_perturbation, xi)
+        loss = losses["loss"].mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
+        loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        steps_since_log += 1
+        done = step + 1
+
+        if done % args.log_every == 0 or done == args.max_steps:
+            total = loss_acc.clone()
+            if world > 1:
+                dist.all_reduce(total)  # sum over ranks of (sum of local mean losses, count)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t_last
+            img_per_s = B * steps_since_log / elapsed
+            record = {"step": done, "epoch": epoch, "loss": total[0].item() / total[1].item(), "grad_norm": grad_norm.item(),
+                      "lr": args.lr, "img_per_s": round(img_per_s, 2), "time": round(time.time(), 1)}
+            if peak_tflops:
+                record["mfu"] = round(flops_per_image * img_per_s / world / (peak_tflops * 1e12), 4)
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"step {done:7d} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | {img_per_s:8.1f} img/s"
+                      + (f" | MFU {record['mfu']:.1%}" if peak_tflops else ""), flush=True)
+            loss_acc.zero_()
+            t_last, steps_since_log = time.perf_counter(), 0
+
+        if done % args.ckpt_every == 0 or done == args.max_steps:
+            acc = loss_acc.clone()
+            if world > 1:
+                dist.all_reduce(acc)  # so a resume mid-interval logs the same mean
+            if master:
+                rng = {"torch": torch.get_rng_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state(device)
+                state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "scaler": scaler.state_dict(), "step": done, "rng": rng, "loss_acc": acc,
+                         "config": config, "model_config": model_config}
+                ckpt_dir = os.path.join(run_dir, "ckpt")
+                if done % args.ckpt_every == 0:
+                    atomic_torch_save(os.path.join(ckpt_dir, f"{done:07d}.pt"), state)
+                atomic_torch_save(os.path.join(ckpt_dir, "last.pt"), state)
+    if master:
+        print(f"done: {run_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)
