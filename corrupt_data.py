@@ -220,7 +220,7 @@ def corrupt_labels(labels, num_classes, eta, seed, kind="symmetric", groups=None
     else:
         raise UsageError(f"unknown --corrupt-type '{kind}'; choose one of {CORRUPT_TYPES}")
     np.fill_diagonal(allowed, False)
-    eligible = np.flatnonzero((allowed & (prior > 0)).any(axis=1)[labels])
+    eligible = np.flatnonzero((allowed & (prior > 0)).any(axis=1)[labels])  # has somewhere to go
     order = rng.permutation(eligible)  # corruption priority: a prefix of it is flipped (nesting)
     u = rng.random(n)                  # one candidate draw per example, whatever η is
     chosen = np.sort(order[:corrupt_count(eta, len(eligible))])
@@ -232,12 +232,22 @@ def corrupt_labels(labels, num_classes, eta, seed, kind="symmetric", groups=None
     return new_labels, chosen
 
 
+def count_eligible(labels, kind, groups):
+    """How many examples corrupt_labels may flip: all (symmetric), those of grouped classes that
+    have a non-empty other class in their group (asymmetric)."""
+    if kind == "symmetric":
+        return len(labels)
+    present = set(np.unique(labels).tolist())
+    ok = [k for g in groups for k in g if any(j in present for j in g if j != k)]
+    return int(np.isin(labels, ok).sum())
+
+
 def manifest_path(out_dir, key, kind, eta, seed):
     return os.path.join(out_dir, "data", key, f"corrupt_{kind}_eta{eta:g}_seed{seed}.json")
 
 
 def build_manifest(key, dataset, eta, seed, kind, groups, new_labels, chosen):
-    n_eligible = len(dataset) if kind == "symmetric" else int(np.isin(dataset.labels, sum(groups, [])).sum())
+    n_eligible = count_eligible(dataset.labels, kind, groups)
     summary = (f"{key}: {len(chosen)} of {len(dataset)} labels changed ({len(chosen) / len(dataset):.4%} of all, "
                f"target η={eta:g} of {n_eligible} eligible), {kind}, seed {seed}")
     return {
@@ -266,7 +276,7 @@ def prepare_corruption(dataset, key, out_dir, eta, seed, kind="symmetric", group
                 old = json.load(f)
         except (OSError, ValueError):
             raise UsageError(f"{path} exists but is not a readable manifest; move it away")
-        if old.get("indices") != manifest["indices"] or old.get("new_labels") != manifest["new_labels"] or old.get("source") != manifest["source"]:
+        if not isinstance(old, dict) or old.get("indices") != manifest["indices"] or old.get("new_labels") != manifest["new_labels"] or old.get("source") != manifest["source"]:
             raise UsageError(f"{path} holds a different corruption (another dataset copy?); use another --out-dir")
     return new_labels, manifest, path
 

@@ -29,12 +29,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from corrupt_data import CORRUPT_TYPES, DATASETS, corrupt_labels, dataset_key, load_dataset, prepare_corruption
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
-from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, run_main
+from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed, run_main
 from models.diffusion import GaussianDiffusion
 from models.dit import DIT_CONFIGS, build_dit
 
-# flags that do not change what is trained: they may differ between a run and its --resume
-NON_RUN_FLAGS = {"resume", "max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "out_dir", "run"}
+# flags that do not change what is trained: a --resume may change them (the others must match)
+NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers"}
+NOT_SAVED = {"resume", "out_dir", "run"}  # where the run is, not what it is
 
 
 def get_parser():
@@ -150,7 +151,7 @@ def resolve_run(args, parser):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume: cannot read {config_path}: {e}")
-    parser.set_defaults(**{k: v for k, v in saved.items() if k not in NON_RUN_FLAGS})
+    parser.set_defaults(**saved)
     fresh = vars(parser.parse_args())  # the saved config, overridden by the flags given now
     conflicts = [k for k, v in saved.items() if k not in NON_RUN_FLAGS and fresh.get(k) != v]
     if conflicts:
@@ -169,12 +170,12 @@ def resolve_run(args, parser):
 
 
 def run_config(args):
-    return {k: v for k, v in vars(args).items() if k not in NON_RUN_FLAGS}
+    return {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
 
 
 def step_generator(seed, step, device):
     """The generator for everything random in one optimisation step, same on every rank."""
-    return torch.Generator(device=device).manual_seed((seed << 32) + step)
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step))
 
 
 def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, device):
@@ -193,7 +194,7 @@ def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, d
             for chunk in order.split(local_batch):
                 yield dataset.get_batch(chunk).to(device, non_blocking=True), chunk.to(device), epoch
         else:  # files: workers decode; flips fixed by (seed, epoch) so resume and world size don't change them
-            flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed((seed << 32) + epoch + (1 << 31))) < 0.5
+            flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(derived_seed(seed, epoch, 1))) < 0.5
             keys = [(i, bool(flips[i])) for i in order.tolist()]
             loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
                                 pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
@@ -253,6 +254,7 @@ def train(args, parser, rank, world, device):
     num_classes = len(dataset.classes)
     model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
                         num_classes=num_classes, class_dropout=args.class_dropout, learn_sigma=args.learn_sigma)
+    torch.manual_seed(args.seed)  # same initial weights on every rank and every world size
     model = build_dit(args.model, **{k: v for k, v in model_config.items() if k != "name"}).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,

@@ -16,6 +16,7 @@ pure function of (seed, example index), so it is the same at every epoch and on 
 """
 import math
 
+import numpy as np
 import torch
 
 CEP_TYPES = ("uniform", "gaussian")
@@ -32,9 +33,16 @@ def cep_noise(n, dim, gamma, kind, generator=None, device="cpu"):
 
 
 def fixed_cep_noise(example_ids, dim, gamma, kind, seed):
-    """One δ per training example, the same every time it is drawn (fixed-CEP ablation)."""
+    """One δ per training example, the same every time it is drawn (fixed-CEP ablation): drawn from
+    numpy's PCG64 stream of (seed, example id), independent for every pair."""
+    scale = gamma / math.sqrt(dim)
     rows = []
     for i in example_ids.tolist():
-        g = torch.Generator().manual_seed((seed << 40) + 7919 * int(i) + 1)
-        rows.append(cep_noise(1, dim, gamma, kind, generator=g))
-    return torch.cat(rows).to(example_ids.device)
+        rng = np.random.default_rng([seed, int(i)])
+        if kind == "uniform":
+            rows.append(rng.uniform(-scale, scale, dim))
+        elif kind == "gaussian":
+            rows.append(rng.normal(0.0, scale, dim))
+        else:
+            raise ValueError(f"unknown CEP type '{kind}'; choose one of {CEP_TYPES}")
+    return torch.from_numpy(np.stack(rows)).float().to(example_ids.device)

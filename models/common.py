@@ -4,6 +4,7 @@ import os
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 
@@ -49,3 +50,9 @@ def atomic_write_json(path, obj):
 
 def atomic_torch_save(path, obj):
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def derived_seed(*keys):
+    """A well-mixed 64-bit seed from integers (e.g. seed, step). Torch's CPU generator keeps only
+    the low 32 bits of a seed, so `(seed << 32) + step` would silently ignore the seed there."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
