@@ -315,7 +315,8 @@ def train(args, parser, rank, world, device):
     for step in range(start_step, args.max_steps):
         x, idx, epoch = next(data)
         if args.corrupt_resample and epoch != labels_epoch:  # ablation: a fresh corrupted set each epoch
-            resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, [args.seed, epoch], args.corrupt_type, manifest["groups"])
+            resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, [args.seed, 0xC0FFEE, epoch],
+                                         args.corrupt_type, manifest["groups"])  # never the base seed's draw
             train_labels, labels_epoch = torch.from_numpy(resampled).to(device), epoch
         # every random draw of the step, for the global batch; this rank keeps rows rank::world
         g = step_generator(args.seed, step, device)
