@@ -91,6 +91,8 @@ def check_args(args):
         raise UsageError(f"--cep-gamma must be >= 0, got {args.cep_gamma}")
     if (args.cep_type is not None or args.cep_fixed) and not args.cep:
         raise UsageError("--cep-type and --cep-fixed need --cep")
+    if args.cep and args.cep_type is None:
+        args.cep_type = "uniform"  # CEP-U is the default
     if args.input_perturbation < 0:
         raise UsageError(f"--input-perturbation must be >= 0, got {args.input_perturbation}")
     if not 0 <= args.class_dropout < 1:
@@ -306,7 +308,6 @@ def train(args, parser, rank, world, device):
     train_labels = torch.from_numpy(labels).to(device)
     labels_epoch = None
     B, share = args.global_batch_size, slice(rank, None, world)
-    cep_type = args.cep_type or "uniform"
     flops_per_image = 3 * model.flops_per_forward()
     peak_tflops = measure_matmul_tflops(device) if device.type == "cuda" else None
     data = batches(dataset, B, rank, world, args.seed, start_step, args.num_workers, device)
@@ -328,9 +329,9 @@ def train(args, parser, rank, world, device):
         delta = None
         if args.cep:
             if args.cep_fixed:
-                delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, cep_type, args.seed)
+                delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
             else:
-                delta = cep_noise(B, model.cond_dim, args.cep_gamma, cep_type, generator=g, device=device)[share]
+                delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
             delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
         with autocast:
             losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, y, delta), x, t, noise, args.input_perturbation, xi)
