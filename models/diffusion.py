@@ -3,9 +3,10 @@ The Gaussian diffusion maths in one place (Ho et al. 2020; Nichol & Dhariwal 202
 variance). Schedules are computed in float64 and gathered per timestep as float32.
 
 Notation: ᾱ_t = prod_{s<=t} (1 - β_s); x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε.
-Training (this file): q_sample, the ε-prediction MSE, the hybrid loss L_simple + L_vb when the model
-also predicts its variance, and input perturbation (Ning et al. 2023).
-Sampling (DDPM / DDIM / DPM-Solver++) builds on the same tables: p_mean_variance is already here.
+Training: q_sample, the ε-prediction MSE, the hybrid loss L_simple + L_vb when the model also
+predicts its variance, and input perturbation (Ning et al. 2023).
+Sampling: ancestral DDPM and DDIM on a respaced subsequence of timesteps (ADM's spacing), and
+DPM-Solver++(2M) (Lu et al. 2022), plus classifier-free guidance (Ho & Salimans 2022).
 """
 import math
 
@@ -124,3 +125,126 @@ class GaussianDiffusion:
         frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
         vb = self.vb_terms_bpd(frozen, x0, xt, t) * (self.num_timesteps / 1000.0)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def spaced_timesteps(num_timesteps, steps):
+    """ADM / DiT respacing: `steps` timesteps evenly spaced over [0, T-1], both ends included,
+    descending (T-1 first)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    frac = (num_timesteps - 1) / (steps - 1)
+    return sorted({round(i * frac) for i in range(steps)}, reverse=True)
+
+
+def dpm_solver_timesteps(num_timesteps, steps):
+    """DPM-Solver's grid (diffusers' 'linspace' spacing): `steps` timesteps from T-1 down, 0
+    excluded; the last step goes to σ = 0, i.e. straight to the data prediction."""
+    return np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64).tolist()
+
+
+def classifier_free_guidance(model, y, null_label, scale, guided_channels=None):
+    """A model function with guidance ε̃ = ε(∅) + s (ε(y) - ε(∅)) (Ho & Salimans, Eq. 6), with the
+    conditional and unconditional halves in one batched forward. All ε channels are guided unless
+    guided_channels = k (DiT's legacy behaviour guides only the first 3 of 4 latent channels);
+    learned-variance channels are taken from the conditional half. scale = 1: no extra forward."""
+    if scale == 1:
+        return lambda x, t: model(x, t, y)
+
+    def guided(x, t):
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+        cond, uncond = out.chunk(2)
+        k = guided_channels or x.shape[1]
+        eps = torch.cat([uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:x.shape[1]]], dim=1)
+        return torch.cat([eps, cond[:, x.shape[1]:]], dim=1)
+    return guided
+
+
+class Sampler:
+    """Reverse process on a subsequence of timesteps. model_fn(x, t) returns ε̂ (and the variance
+    channels for learn_sigma models); noise_fn() returns fresh N(0, I) noise shaped like x (the
+    caller decides where it comes from, e.g. one generator per image)."""
+
+    def __init__(self, diffusion, kind="dpm-solver++", steps=50, ddim_eta=0.0, clip_denoised=False):
+        if kind not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{kind}'; choose one of {SAMPLERS}")
+        self.d, self.kind, self.eta, self.clip = diffusion, kind, ddim_eta, clip_denoised
+        T = diffusion.num_timesteps
+        self.timesteps = dpm_solver_timesteps(T, steps) if kind == "dpm-solver++" else spaced_timesteps(T, steps)
+
+    def alpha_bar(self, t):
+        return 1.0 if t < 0 else float(self.d.alphas_cumprod[t])
+
+    def predict(self, model_fn, x, t):
+        out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
+        eps = out[:, :x.shape[1]]
+        ab = self.alpha_bar(t)
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        if self.clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        return x0, eps, out[:, x.shape[1]:]
+
+    def ddpm_step(self, x, x0, v, t, t_prev, noise):
+        """Ancestral step t -> t_prev of the respaced chain, β = 1 - ᾱ_t/ᾱ_prev (DDPM Eq. 6-7)."""
+        ab, ab_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        beta = 1 - ab / ab_prev
+        mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
+        if t_prev < 0:
+            return mean  # the last step returns the mean (no noise at t = 0)
+        posterior_var = beta * (1 - ab_prev) / (1 - ab)
+        if self.d.learn_sigma:  # interpolate log β̃ and log β with v in [-1, 1] (Nichol & Dhariwal Eq. 15)
+            frac = (v + 1) / 2
+            log_var = frac * math.log(beta) + (1 - frac) * math.log(posterior_var)
+        else:
+            log_var = torch.full_like(x, math.log(posterior_var))
+        return mean + torch.exp(0.5 * log_var) * noise
+
+    def ddim_step(self, x, x0, eps, t, t_prev, noise):
+        """DDIM (Song et al. 2021, Eq. 12); η = 0 is the deterministic probability-flow sampler."""
+        ab, ab_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        sigma = self.eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
+        return x + sigma * noise if sigma > 0 else x
+
+    def dpm_solver_step(self, x, x0, x0_prev, t, t_prev, t_next):
+        """DPM-Solver++(2M) in data prediction (Lu et al. 2022, Alg. 2, midpoint form): first order at
+        the first step and on the final step to σ = 0, second order in between."""
+        def alpha_sigma_lambda(s):
+            ab = self.alpha_bar(s)
+            return math.sqrt(ab), math.sqrt(1 - ab), (0.5 * math.log(ab / (1 - ab)) if s >= 0 else math.inf)
+        a_t, s_t, l_t = alpha_sigma_lambda(t)
+        a_n, s_n, l_n = alpha_sigma_lambda(t_next)
+        if t_next < 0:
+            return x0  # σ_next = 0: the first-order update is exactly the data prediction
+        h = l_n - l_t
+        phi = math.expm1(-h)  # e^{-h} - 1
+        x_next = (s_n / s_t) * x - a_n * phi * x0
+        if x0_prev is not None:
+            r = (l_t - alpha_sigma_lambda(t_prev)[2]) / h
+            x_next = x_next - 0.5 * a_n * phi * (x0 - x0_prev) / r
+        return x_next
+
+    @torch.no_grad()
+    def sample(self, model_fn, x, noise_fn=None, progress=None):
+        ts = self.timesteps
+        x0_prev = None
+        for i in (progress(range(len(ts))) if progress else range(len(ts))):
+            t, t_next = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+            x0, eps, v = self.predict(model_fn, x, t)
+            if self.kind == "ddpm":
+                x = self.ddpm_step(x, x0, v, t, t_next, noise_fn() if t_next >= 0 else None)
+            elif self.kind == "ddim":
+                x = self.ddim_step(x, x0, eps, t, t_next, noise_fn() if self.eta > 0 and t_next >= 0 else None)
+            else:
+                x = self.dpm_solver_step(x, x0, x0_prev, t, ts[i - 1] if i else None, t_next)
+                x0_prev = x0
+        return x
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")

@@ -244,3 +244,13 @@ def build_dit(name, **kwargs):
     if name not in DIT_CONFIGS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(DIT_CONFIGS)}")
     return DiT(**DIT_CONFIGS[name], **kwargs)
+
+
+def dit_from_checkpoint(ckpt, use_ema=True):
+    """Build the DiT a train.py checkpoint describes and load its EMA (or raw) weights."""
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or ("ema" if use_ema else "model") not in ckpt:
+        raise ValueError("not a train.py checkpoint of a DiT (no model_config / weights)")
+    config = dict(ckpt["model_config"])
+    model = build_dit(config.pop("name"), **config)
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return model.eval()

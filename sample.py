@@ -1,0 +1,181 @@
+"""
+Stage 3: generate class-conditional images from a trained run, sharded over ranks.
+
+    python sample.py --run out/demo --num-samples 100 --sampler ddim --steps 25 --cfg-scale 1.5
+    torchrun --nproc_per_node=2 sample.py --run out/demo ...          # same images, half the time each
+    python sample.py --run out/demo --cfg-scale 1.5,2,3,4              # a guidance sweep: one folder each
+
+Every image has a global index i, a class (i mod K, so any prefix is class-balanced, or --class)
+and its own generator seeded by (seed, i) for its initial noise and every later noise draw. Images
+are sampled in fixed batches of consecutive indices, batch j on rank j mod W, so 1 or N ranks give
+byte-identical images; a rerun of the same command skips the images already written.
+
+Writes <run>/samples/<tag>/: images/<index>.png, samples.npz (ADM evaluator layout: arr_0 uint8
+N x H x W x C, arr_1 labels), grid.png and sample_config.json.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from models.common import UsageError, atomic_write_json, derived_seed, run_main
+from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
+from models.dit import dit_from_checkpoint
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Sample class-conditional images from a train.py run.")
+    a = p.add_argument
+    a("--run", "--run-dir", dest="run", default=None, help="run directory (<out-dir>/<run>); uses ckpt/last.pt")
+    a("--ckpt", default=None, help="a checkpoint file instead of --run (samples go next to its run)")
+    a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    a("--sampler", default="dpm-solver++", choices=SAMPLERS, help="the paper's default is DPM-Solver++ with 50 steps")
+    a("--steps", type=int, default=50)
+    a("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+    a("--cfg-scale", default="1.5", help="guidance scale, or a comma list for a sweep (1 = no guidance)")
+    a("--cfg-channels", type=int, default=None, help="guide only the first k channels (DiT's legacy: 3)")
+    a("--clip-denoised", action="store_true", help="clip the predicted x_0 to [-1, 1] (pixel-space models)")
+    a("--num-samples", type=int, default=1000)
+    a("--class", dest="class_label", type=int, default=None, help="sample only this class")
+    a("--batch-size", type=int, default=64, help="images per forward pass (fixed across world sizes)")
+    a("--seed", type=int, default=0)
+    a("--tag", default=None, help="output folder name under <run>/samples/ (default: built from the settings)")
+    a("--device", default="auto", help="auto | cpu | cuda")
+    a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
+    return p
+
+
+def load_model(args):
+    path = args.ckpt or (os.path.join(args.run, "ckpt", "last.pt") if args.run else None)
+    if path is None:
+        raise UsageError("pass --run <out-dir>/<run> or --ckpt <file>")
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = dit_from_checkpoint(ckpt, use_ema=not args.no_ema)
+    except Exception as e:  # noqa: BLE001  (unreadable file, another model's weights)
+        raise UsageError(f"cannot load a DiT from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    run_dir = args.run or os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return model, ckpt, run_dir, path
+
+
+def image_labels(num_samples, num_classes, class_label):
+    if class_label is not None:
+        return np.full(num_samples, class_label, dtype=np.int64)
+    return np.arange(num_samples, dtype=np.int64) % num_classes  # class-balanced for every prefix
+
+
+def to_uint8(x):
+    """[-1, 1] float NCHW -> uint8 NHWC, as ADM / DiT quantise samples."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(path, arr):
+    tmp = path + ".tmp.png"
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def make_grid(images, ncol):
+    n, h, w, c = images.shape
+    rows = -(-n // ncol)
+    grid = np.zeros((rows * (h + 2) + 2, ncol * (w + 2) + 2, c), dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, col = divmod(k, ncol)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img
+    return grid
+
+
+def main():
+    args = get_parser().parse_args()
+    try:
+        scales = [float(s) for s in args.cfg_scale.split(",")]
+    except ValueError:
+        raise UsageError(f"--cfg-scale takes numbers separated by commas, got {args.cfg_scale}")
+    if any(s < 1 for s in scales) or args.num_samples <= 0 or args.batch_size <= 0 or args.steps <= 0 or args.ddim_eta < 0:
+        raise UsageError("--cfg-scale must be >= 1; --num-samples, --batch-size, --steps positive; --ddim-eta >= 0")
+    if args.steps > 1000:
+        raise UsageError("--steps must be at most the 1000 training timesteps")
+    model, ckpt, run_dir, ckpt_path = load_model(args)
+    num_classes = model.num_classes
+    if args.class_label is not None and not 0 <= args.class_label < num_classes:
+        raise UsageError(f"--class must be in [0, {num_classes})")
+    if any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:
+        raise UsageError("this model was trained without label dropout (no null class): use --cfg-scale 1")
+
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    try:
+        for scale in scales:
+            sample_one_setting(args, model, ckpt, run_dir, ckpt_path, scale, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sample_one_setting(args, model, ckpt, run_dir, ckpt_path, scale, rank, world, device):
+    tag = args.tag if args.tag and len(args.cfg_scale.split(",")) == 1 else None
+    tag = tag or (f"{args.sampler}{args.steps}_cfg{scale:g}_n{args.num_samples}_seed{args.seed}"
+                  + (f"_class{args.class_label}" if args.class_label is not None else "") + ("_noema" if args.no_ema else ""))
+    out = os.path.join(run_dir, "samples", tag)
+    config = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "ema": not args.no_ema,
+              "sampler": args.sampler, "steps": args.steps, "ddim_eta": args.ddim_eta, "cfg_scale": scale,
+              "cfg_channels": args.cfg_channels, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
+              "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed,
+              "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {})}
+    config_path = os.path.join(out, "sample_config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            if json.load(f) != json.loads(json.dumps(config)):
+                raise UsageError(f"{out} holds samples made with other settings; choose another --tag")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+        atomic_write_json(config_path, config)
+    if world > 1:
+        dist.barrier()
+
+    model.to(device)
+    diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma)
+    sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised)
+    labels = image_labels(args.num_samples, model.num_classes, args.class_label)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    shape = (model.in_channels, model.input_size, model.input_size)
+    png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
+    batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]
+    mine = [b for j, b in enumerate(batches) if j % world == rank and not all(os.path.exists(png(i)) for i in b)]
+    for idx in tqdm(mine, desc=f"{tag} rank {rank}", disable=rank != 0):
+        gens = [torch.Generator().manual_seed(derived_seed(args.seed, i)) for i in idx]
+        draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
+        y = torch.from_numpy(labels[idx.start: idx.stop]).to(device)
+        model_fn = classifier_free_guidance(model, y, model.num_classes, scale, args.cfg_channels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            x = sampler.sample(model_fn, draw(), noise_fn=draw)
+        for i, arr in zip(idx, to_uint8(x)):
+            save_png(png(i), arr)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:  # assemble from the PNGs, so the arrays are exactly what is on disk
+        images = np.stack([np.asarray(Image.open(png(i))) for i in range(args.num_samples)])
+        if images.ndim == 3:
+            images = images[..., None]
+        tmp = os.path.join(out, "samples.tmp.npz")
+        np.savez(tmp, arr_0=images, arr_1=labels)
+        os.replace(tmp, os.path.join(out, "samples.npz"))
+        grid = make_grid(images[:100], ncol=min(10, model.num_classes) if args.class_label is None else 10)
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.path.join(out, "grid.png"))
+        print(f"{args.num_samples} samples -> {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
