@@ -1,0 +1,260 @@
+"""
+Evaluation metrics of the paper (Chen et al. 2024, Sec. 5 / App. C): FID, IS, KID, precision/recall,
+density/coverage, top-1 % RMD, top-k L2 distance to the training set, memorisation ratio,
+intra-class distance and condition accuracy. The networks that give the features (Inception pool3,
+CLIP ViT-B/16, ...) are evaluate.py's business: everything here takes feature or logit arrays
+(numpy or torch) and computes its statistics in float64.
+
+Pairwise distances are computed block by block (at most `batch` × 8·`batch` entries at a time) as
+‖x‖² + ‖y‖² − 2 x·y in float64, so 10 k × 10 k sets of 2 048-d features never build an N × N matrix.
+Torch tensors stay on their device (pass CUDA tensors to run the k-NN metrics on a GPU). Comparisons
+are made on squared distances, which keeps ties exact (a point at exactly the radius counts as
+inside for `<=`, outside for `<`).
+"""
+import math
+
+import numpy as np
+import torch
+from scipy import linalg
+from scipy.special import logsumexp
+
+
+def _np64(x):
+    """float64 numpy copy of an array or tensor."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _t64(x):
+    """float64 torch tensor, 2-D; tensors keep their device."""
+    x = x.detach().double() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, np.float64))
+    return x.reshape(len(x), -1)
+
+
+# ----------------------------------------------------------------------------------------------- FID
+def feature_stats(feats):
+    """Mean and covariance (float64, rows are samples) of a feature set: the Gaussian of FID."""
+    f = _np64(feats).reshape(len(feats), -1)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2) (Heusel et al. 2017):
+        ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½).
+    If sqrtm is not finite (singular product), retry with eps·I added to both covariances. A complex
+    square root (round-off around zero eigenvalues) is accepted only when its imaginary diagonal is
+    at most 1e-3 in magnitude; its real part is then used."""
+    mu1, mu2 = np.atleast_1d(_np64(mu1)), np.atleast_1d(_np64(mu2))
+    sigma1, sigma2 = np.atleast_2d(_np64(sigma1)), np.atleast_2d(_np64(sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = eps * np.eye(len(mu1))
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3:
+            raise ValueError(f"sqrtm has an imaginary component of {imag:.3g} on its diagonal")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(f1, f2):
+    """FID between two feature sets (Gaussians fitted by `feature_stats`)."""
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+
+
+# ----------------------------------------------------------------------------------------- KID, IS
+def kernel_inception_distance(f1, f2, num_subsets=100, max_subset_size=1000, seed=0):
+    """KID (Bińkowski et al. 2018): unbiased MMD² with the kernel k(x, y) = (x·y / d + 1)³, over
+    `num_subsets` random subsets of m = min(N1, N2, max_subset_size) points drawn without
+    replacement from each set (numpy generator seeded by `seed`). Returns (mean, std) over subsets."""
+    x_all, y_all = _np64(f1), _np64(f2)
+    d = x_all.shape[1]
+    m = min(len(x_all), len(y_all), max_subset_size)
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples per set")
+    rng = np.random.default_rng(seed)
+    mmds = []
+    for _ in range(num_subsets):
+        x = x_all[rng.choice(len(x_all), m, replace=False)]
+        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        mmds.append(within - 2 * kxy.sum() / m ** 2)
+    return float(np.mean(mmds)), float(np.std(mmds))
+
+
+def inception_score(logits, splits=10):
+    """IS (Salimans et al. 2016) = exp(E_x KL(p(y|x) ‖ p(y))), p(y) the mean of p(y|x) over a split.
+    Computed in float64 from log-softmax(logits); the samples are cut in order into `splits`
+    contiguous splits (as the ADM evaluator does). Returns (mean, std) over splits."""
+    logits = _np64(logits)
+    n = len(logits)
+    if n < splits:
+        raise ValueError(f"{n} samples cannot be cut into {splits} splits")
+    logp = logits - logsumexp(logits, axis=1, keepdims=True)
+    scores = []
+    for s in range(splits):
+        part = logp[s * n // splits:(s + 1) * n // splits]
+        log_py = logsumexp(part, axis=0) - math.log(len(part))
+        kl = (np.exp(part) * (part - log_py)).sum(1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# --------------------------------------------------------------------------------- k-NN machinery
+def _sq_dist_blocks(x, y, batch):
+    """Yield (i, j, D) with D[a, b] = ‖x[i + a] − y[j + b]‖², blocks of ≤ batch × 8·batch."""
+    xx, yy = (x * x).sum(1), (y * y).sum(1)
+    cols = 8 * batch
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        for j in range(0, len(y), cols):
+            d2 = xx[i:i + batch, None] + yy[None, j:j + cols] - 2 * xb @ y[j:j + cols].T
+            yield i, j, d2.clamp_min_(0)
+
+
+def _mask_self(d2, i, j):
+    """Set the entries pairing a point with itself (same set, global row i + a == column j + b) to inf."""
+    rows = torch.arange(d2.shape[0], device=d2.device)
+    cols = rows + i - j
+    ok = (cols >= 0) & (cols < d2.shape[1])
+    d2[rows[ok], cols[ok]] = math.inf
+    return d2
+
+
+def _knn_sq(x, y, k, batch, exclude_self=False):
+    """(len(x), k) squared distances from each x to its k nearest y, ascending. With exclude_self
+    (x is y) a point is not its own neighbour; exact duplicates still are."""
+    if len(y) - int(exclude_self) < k:
+        raise ValueError(f"need more than {k} reference points, got {len(y)}")
+    best = torch.full((len(x), k), math.inf, dtype=torch.float64, device=x.device)
+    for i, j, d2 in _sq_dist_blocks(x, y, batch):
+        if exclude_self:
+            _mask_self(d2, i, j)
+        rows = slice(i, i + d2.shape[0])
+        best[rows] = torch.cat([best[rows], d2], 1).topk(k, dim=1, largest=False).values
+    return best
+
+
+# ------------------------------------------------------------------------------ manifold metrics
+def precision_recall(real, fake, k=3, batch=1024):
+    """Improved precision and recall (Kynkäänniemi et al. 2019). Each point's radius is the distance
+    to its k-th nearest neighbour in its own set (itself excluded). precision = share of fake points
+    within (<=) the radius of at least one real point; recall = share of real points within the
+    radius of at least one fake point."""
+    real, fake = _t64(real), _t64(fake)
+    r2_real = _knn_sq(real, real, k, batch, exclude_self=True)[:, -1]
+    r2_fake = _knn_sq(fake, fake, k, batch, exclude_self=True)[:, -1]
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    for i, j, d2 in _sq_dist_blocks(fake, real, batch):
+        fake_in[i:i + d2.shape[0]] |= (d2 <= r2_real[None, j:j + d2.shape[1]]).any(1)
+        real_in[j:j + d2.shape[1]] |= (d2 <= r2_fake[i:i + d2.shape[0], None]).any(0)
+    return fake_in.double().mean().item(), real_in.double().mean().item()
+
+
+def density_coverage(real, fake, k=5, batch=1024):
+    """Density and coverage (Naeem et al. 2020), balls B(X_i, r_i) around real points with r_i the
+    k-th nearest-neighbour distance among the real points (itself excluded), strict `<`:
+        density  = 1/(kM) Σ_j Σ_i 1[Y_j ∈ B(X_i, r_i)]   (can exceed 1)
+        coverage = 1/N Σ_i 1[min_j ‖X_i − Y_j‖ < r_i]."""
+    real, fake = _t64(real), _t64(fake)
+    r2 = _knn_sq(real, real, k, batch, exclude_self=True)[:, -1]
+    count = 0
+    nearest = torch.full((len(real),), math.inf, dtype=torch.float64, device=real.device)
+    for i, j, d2 in _sq_dist_blocks(fake, real, batch):
+        cols = slice(j, j + d2.shape[1])
+        count += (d2 < r2[None, cols]).sum().item()
+        nearest[cols] = torch.minimum(nearest[cols], d2.min(0).values)
+    return count / (k * len(fake)), (nearest < r2).double().mean().item()
+
+
+# ------------------------------------------------------------------- RMD, memorisation, diversity
+def _whitener(cov, rcond):
+    """W with ‖W^T v‖² = v^T Σ⁺ v: eigenvectors / √eigenvalue, eigenvalues ≤ rcond·λ_max dropped."""
+    w, v = np.linalg.eigh(cov)
+    keep = w > rcond * w.max()
+    return v[:, keep] / np.sqrt(w[keep])
+
+
+def rmd(train_feats, train_labels, feats, labels, rcond=1e-10, chunk=65536):
+    """Relative Mahalanobis distance (Ren et al. 2021), per sample, at the sample's own label k:
+        RMD(x, k) = MD_k(x) − MD_0(x),  MD_k(x) = (x − μ_k)^T Σ⁻¹ (x − μ_k),
+        MD_0(x) = (x − μ_0)^T Σ_0⁻¹ (x − μ_0),
+    with class means μ_k and ONE shared (pooled within-class, 1/N) covariance Σ fitted on the
+    training features, and N(μ_0, Σ_0) fitted on all training features. Features can be rank-
+    deficient (fewer samples than dims, features on a sphere), so Σ⁻¹ is the pseudo-inverse from
+    eigh with eigenvalues ≤ rcond·λ_max dropped: distances are measured inside the span of the
+    training data. Training statistics are accumulated over `chunk` rows at a time."""
+    n = len(train_feats)
+    classes, y = np.unique(np.asarray(train_labels), return_inverse=True)
+    y = y.ravel()
+    rows = [slice(s, s + chunk) for s in range(0, n, chunk)]
+    sums = None
+    for r in rows:
+        x = torch.from_numpy(_np64(train_feats[r]))
+        part = x.new_zeros(len(classes), x.shape[1]).index_add_(0, torch.from_numpy(y[r]), x).numpy()
+        sums = part if sums is None else sums + part
+    means = sums / np.bincount(y, minlength=len(classes))[:, None]
+    mu0 = sums.sum(0) / n
+    cov, cov0 = 0.0, 0.0
+    for r in rows:
+        x = _np64(train_feats[r])
+        within, total = x - means[y[r]], x - mu0
+        cov, cov0 = cov + within.T @ within, cov0 + total.T @ total
+    w, w0 = _whitener(cov / n, rcond), _whitener(cov0 / n, rcond)
+    labels = np.asarray(labels).ravel()
+    k = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
+    if not (classes[k] == labels).all():
+        raise ValueError(f"labels without training samples: {np.setdiff1d(labels, classes)[:10]}")
+    f = _np64(feats)
+    return (((f - means[k]) @ w) ** 2).sum(1) - (((f - mu0) @ w0) ** 2).sum(1)
+
+
+def top_fraction_mean(values, fraction=0.01):
+    """Mean of the largest ceil(fraction·N) values (the paper's "top-1 % RMD")."""
+    v = _np64(values).ravel()
+    n = min(len(v), max(1, math.ceil(round(fraction * len(v), 9))))  # round: 0.07·100 = 7.000…1
+    return float(np.sort(v)[-n:].mean())
+
+
+def topk_l2(train_feats, feats, k=5, batch=1024):
+    """Mean over samples of the mean L2 distance to their k nearest training features (the paper's
+    "average top-5 L2 distance", CLIP ViT-B/16 features)."""
+    d = _knn_sq(_t64(feats), _t64(train_feats), k, batch).sqrt()
+    return d.mean().item()
+
+
+def memorization_ratio(train_feats, feats, threshold, batch=1024):
+    """Share of samples whose nearest training feature is at L2 distance < threshold (the paper:
+    0.12 on CLIP ViT-B/16 features)."""
+    d = _knn_sq(_t64(feats), _t64(train_feats), 1, batch)[:, 0].sqrt()
+    return (d < threshold).double().mean().item()
+
+
+def intra_class_distance(feats, labels, batch=1024):
+    """Mean over classes of the mean L2 distance between distinct samples of the class (i ≠ j):
+    diversity within a class. Classes with fewer than two samples are skipped."""
+    f, labels = _t64(feats), np.asarray(labels).ravel()
+    means = []
+    for c in np.unique(labels):
+        x = f[torch.as_tensor(np.flatnonzero(labels == c), device=f.device)]
+        if len(x) < 2:
+            continue
+        total = sum(_mask_self(d2, i, j).sqrt().nan_to_num(posinf=0.0).sum().item()
+                    for i, j, d2 in _sq_dist_blocks(x, x, batch))
+        means.append(total / (len(x) * (len(x) - 1)))
+    if not means:
+        raise ValueError("no class has two samples")
+    return float(np.mean(means))
+
+
+def condition_accuracy(logits, labels):
+    """Share of samples whose argmax class equals the label they were generated for."""
+    pred = _np64(logits).argmax(1)
+    return float((pred == np.asarray(labels).ravel()).mean())
