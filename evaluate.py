@@ -47,6 +47,7 @@ def get_parser():
     a("--data-path", default=None, help="Fashion-MNIST IDX folder (default: Debian's copy)")
     a("--out-dir", default=None, help="where the classifier is cached (default: the run's out-dir)")
     a("--mem-threshold", type=float, default=0.12)
+    a("--clip", default=None, help="CLIP model (folder or hub id, e.g. openai/clip-vit-base-patch16) for the *_clip diversity metrics")
     a("--compare", default=None, metavar="OUT_DIR", help="tabulate and plot every evaluated run under OUT_DIR")
     a("--device", default="auto")
     return p
@@ -89,9 +90,9 @@ def load_samples(path):
     return images, labels, folder, config
 
 
-def dataset_split(name, data_path, split):
+def dataset_split(name, data_path, split, image_size=None):
     """Clean images (uint8 NHWC) and labels of a dataset split."""
-    ds = load_dataset(name, data_path, split=split)
+    ds = load_dataset(name, data_path, image_size, split=split)
     if hasattr(ds, "images"):
         return ds.images.permute(0, 2, 3, 1).numpy(), ds.labels
     return np.stack([((ds[i][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy() for i in range(len(ds))]), ds.labels
@@ -139,7 +140,42 @@ def inception_features_and_logits(net, images, device, batch_size=100):
     return torch.cat(feats).numpy(), torch.cat(logp).numpy()
 
 
+def clip_network(spec, device):
+    """CLIP image tower (the paper: ViT-B/16, hub id openai/clip-vit-base-patch16) and its
+    preprocessing, from a local folder or the hub."""
+    try:
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        model = CLIPVisionModelWithProjection.from_pretrained(spec).to(device).eval()
+        return model, CLIPImageProcessor.from_pretrained(spec)
+    except Exception as e:  # noqa: BLE001  (offline, missing folder, not a CLIP model)
+        raise UsageError(f"cannot load a CLIP model from {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+@torch.no_grad()
+def clip_image_features(clip, images, device, batch_size=100):
+    """uint8 NHWC -> L2-normalised CLIP image embeddings (float64)."""
+    model, processor = clip
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in images[start: start + batch_size]]
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+        emb = model(pixel_values=pixels).image_embeds.double()
+        out.append((emb / emb.norm(dim=1, keepdim=True)).cpu())
+    return torch.cat(out).numpy()
+
+
 # ---------------------------------------------------------------------------------------------
+
+
+def diversity_metrics(gen_feats, labels, train_feats, train_labels, suffix, mem_threshold):
+    """The paper's diversity / memorisation metrics against the training set."""
+    unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    m = {"top5_l2" + suffix: M.topk_l2(unit(train_feats), unit(gen_feats), k=5),
+         "memorization" + suffix: M.memorization_ratio(unit(train_feats), unit(gen_feats), mem_threshold)}
+    if labels is not None:
+        m["rmd_top1" + suffix] = M.top_fraction_mean(M.rmd(train_feats, train_labels, gen_feats, labels), 0.01)
+        m["intra_class_l2" + suffix] = M.intra_class_distance(gen_feats, labels)
+    return m
 
 
 def compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, mem_threshold):
@@ -150,13 +186,7 @@ def compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train
     m["precision" + suffix], m["recall" + suffix] = M.precision_recall(ref_feats, gen_feats, k=3)
     m["density" + suffix], m["coverage" + suffix] = M.density_coverage(ref_feats, gen_feats, k=5)
     if train_feats is not None:
-        unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)  # noqa: E731
-        m["top5_l2" + suffix] = M.topk_l2(unit(train_feats), unit(gen_feats), k=5)
-        m["memorization" + suffix] = M.memorization_ratio(unit(train_feats), unit(gen_feats), mem_threshold)
-        if labels is not None:
-            m["rmd_top1" + suffix] = M.top_fraction_mean(M.rmd(train_feats, train_labels, gen_feats, labels), 0.01)
-    if labels is not None:
-        m["intra_class_l2" + suffix] = M.intra_class_distance(gen_feats, labels)
+        m.update(diversity_metrics(gen_feats, labels, train_feats, train_labels, suffix, mem_threshold))
     return {k: float(v) for k, v in m.items()}
 
 
@@ -166,6 +196,9 @@ def evaluate(args):
     dataset = run_config.get("dataset", "fashion-mnist" if images.shape[1:] == (32, 32, 1) else None)
     features = args.features if args.features != "auto" else ("fmnist" if dataset == "fashion-mnist" else "inception")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    clip = clip_network(args.clip, device) if args.clip else None  # fail early, before the slow part
+    if clip and dataset is None:
+        raise UsageError("--clip needs samples written by sample.py (their run names the training set)")
     out = {"samples": os.path.abspath(args.samples), "num_samples": int(len(images)), "features": features}
     data_path = args.data_path or run_config.get("data_path")
     if features == "fmnist":
@@ -193,6 +226,12 @@ def evaluate(args):
     metrics = compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, args.mem_threshold)
     if labels is not None and features == "fmnist":
         metrics["accuracy"] = M.condition_accuracy(gen_logits, labels)
+    if clip:  # the paper's feature space for RMD, top-5 L2 and memorisation
+        train_x, train_y = dataset_split(dataset, data_path, "train", run_config.get("image_size"))
+        metrics.update({k: float(v) for k, v in diversity_metrics(
+            clip_image_features(clip, images, device), labels, clip_image_features(clip, train_x, device), train_y,
+            "_clip", args.mem_threshold).items()})
+        out["clip"] = args.clip
     out["metrics"] = metrics
     out["sample_config"] = config
     atomic_write_json(os.path.join(folder, "metrics.json"), out)

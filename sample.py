@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from models.common import UsageError, atomic_write_json, derived_seed, run_main
 from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
-from models.dit import dit_from_checkpoint
+from models.dit import config_from_state_dict, dit_from_checkpoint
 
 
 def get_parser():
@@ -61,6 +61,10 @@ def load_model(args):
         model = dit_from_checkpoint(ckpt, use_ema=not args.no_ema)
     except Exception as e:  # noqa: BLE001  (unreadable file, another model's weights)
         raise UsageError(f"cannot load a DiT from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if model.in_channels == 4:
+        raise UsageError(f"{path} is a latent-space model (4 channels): decoding its samples needs the VAE stage, not yet available")
+    if "model_config" not in ckpt:  # an official DiT state dict: describe it like one of ours
+        ckpt = {"model_config": config_from_state_dict(ckpt), "config": {}, "step": None}
     run_dir = args.run or os.path.dirname(os.path.dirname(os.path.abspath(path)))
     return model, ckpt, run_dir, path
 

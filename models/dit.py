@@ -246,11 +246,28 @@ def build_dit(name, **kwargs):
     return DiT(**DIT_CONFIGS[name], **kwargs)
 
 
+def config_from_state_dict(sd):
+    """Model config of an official DiT checkpoint (a bare state dict, e.g. DiT-XL-2-256x256.pt)."""
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    name = next((n for n, c in DIT_CONFIGS.items() if (c["depth"], c["hidden_size"], c["patch_size"]) == (depth, hidden, patch)), None)
+    if name is None:
+        raise ValueError(f"no DiT config with depth {depth}, width {hidden}, patch {patch}")
+    out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    return dict(name=name, input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch, in_channels=in_channels,
+                num_classes=rows - 1, class_dropout=0.1, learn_sigma=out_channels == 2 * in_channels)
+
+
 def dit_from_checkpoint(ckpt, use_ema=True):
-    """Build the DiT a train.py checkpoint describes and load its EMA (or raw) weights."""
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or ("ema" if use_ema else "model") not in ckpt:
-        raise ValueError("not a train.py checkpoint of a DiT (no model_config / weights)")
-    config = dict(ckpt["model_config"])
+    """Build the DiT a train.py checkpoint (or an official bare state dict, which holds EMA
+    weights) describes and load its EMA (or raw) weights."""
+    if isinstance(ckpt, dict) and "x_embedder.proj.weight" in ckpt:
+        config, weights = config_from_state_dict(ckpt), ckpt
+    elif isinstance(ckpt, dict) and "model_config" in ckpt and ("ema" if use_ema else "model") in ckpt:
+        config, weights = dict(ckpt["model_config"]), ckpt["ema" if use_ema else "model"]
+    else:
+        raise ValueError("neither a train.py checkpoint nor an official DiT state dict")
     model = build_dit(config.pop("name"), **config)
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    model.load_state_dict(weights)
     return model.eval()

@@ -13,6 +13,8 @@ inside for `<=`, outside for `<`).
 """
 import math
 
+import warnings
+
 import numpy as np
 import torch
 from scipy import linalg
@@ -50,7 +52,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():  # a singular product (fewer samples than dims) is handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = eps * np.eye(len(mu1))
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))

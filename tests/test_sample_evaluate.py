@@ -165,3 +165,33 @@ def test_inception_path_with_a_stand_in_network(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["features"] == "inception" and {"fid", "is", "precision", "recall", "kid"} <= set(m["metrics"])
     assert m["metrics"]["is"] >= 1.0
+
+
+def test_clip_diversity_metrics_with_a_tiny_random_clip(trained, tmp_path):
+    """The CLIP path (the paper's feature space for RMD / top-5 L2 / memorisation) with a randomly
+    initialised tiny CLIP vision tower saved offline, checked against the same metrics computed
+    directly on its embeddings."""
+    transformers = pytest.importorskip("transformers")
+    from models import metrics as M
+    from evaluate import clip_image_features, clip_network
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
+    root, out = trained
+    run_script("sample.py", ["--run", out / "demo", "--num-samples", "20", "--batch-size", "20", "--steps", "4", "--tag", "clip"])
+    run_script("evaluate.py", ["--samples", out / "demo" / "samples" / "clip", "--clip", tmp_path / "clip"])
+    m = json.loads((out / "demo" / "samples" / "clip" / "metrics.json").read_text())["metrics"]
+    data = np.load(out / "demo" / "samples" / "clip" / "samples.npz")
+    from corrupt_data import FashionMNIST
+    train = FashionMNIST(str(root / "data"))
+    clip = clip_network(str(tmp_path / "clip"), torch.device("cpu"))
+    gen = clip_image_features(clip, data["arr_0"], torch.device("cpu"))
+    ref = clip_image_features(clip, train.images.permute(0, 2, 3, 1).numpy(), torch.device("cpu"))
+    assert np.allclose(np.linalg.norm(gen, axis=1), 1)
+    assert m["top5_l2_clip"] == pytest.approx(M.topk_l2(ref, gen, k=5), rel=1e-6)
+    assert m["memorization_clip"] == pytest.approx(M.memorization_ratio(ref, gen, 0.12))
+    assert m["rmd_top1_clip"] == pytest.approx(M.top_fraction_mean(M.rmd(ref, train.labels, gen, data["arr_1"]), 0.01), rel=1e-6)
+    proc = run_script("evaluate.py", ["--samples", out / "demo" / "samples" / "clip", "--clip", tmp_path / "nope"], check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load a CLIP model")
