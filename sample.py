@@ -127,9 +127,11 @@ def main():
 
 
 def sample_one_setting(args, model, ckpt, run_dir, ckpt_path, scale, rank, world, device):
-    tag = args.tag if args.tag and len(args.cfg_scale.split(",")) == 1 else None
-    tag = tag or (f"{args.sampler}{args.steps}_cfg{scale:g}_n{args.num_samples}_seed{args.seed}"
-                  + (f"_class{args.class_label}" if args.class_label is not None else "") + ("_noema" if args.no_ema else ""))
+    if args.tag:  # a sweep appends the scale to the tag
+        tag = args.tag if len(args.cfg_scale.split(",")) == 1 else f"{args.tag}_cfg{scale:g}"
+    else:
+        tag = (f"{args.sampler}{args.steps}_cfg{scale:g}_n{args.num_samples}_seed{args.seed}"
+               + (f"_class{args.class_label}" if args.class_label is not None else "") + ("_noema" if args.no_ema else ""))
     out = os.path.join(run_dir, "samples", tag)
     config = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "ema": not args.no_ema,
               "sampler": args.sampler, "steps": args.steps, "ddim_eta": args.ddim_eta, "cfg_scale": scale,
