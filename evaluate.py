@@ -294,11 +294,11 @@ def plot_comparison(rows, names, out_dir):
     fig.savefig(os.path.join(out_dir, "comparison_eta.png"), dpi=100)
     fid = next((n for n in names if n.startswith("fid")), None)
     is_ = next((n for n in names if n.startswith("is")), None)
-    if fid and is_:  # FID vs IS over guidance scales, one curve per run (the paper's figures)
+    if fid and is_:  # FID vs IS over guidance scales, one curve per run and sampler (the paper's figures)
         fig, ax = plt.subplots(figsize=(5, 4))
-        for run in sorted({r["run"] for r in rows}):
-            pts = sorted((r["cfg"], r[is_], r[fid]) for r in rows if r["run"] == run)
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=run)
+        for run, sampler in sorted({(r["run"], r["sampler"]) for r in rows}):
+            pts = sorted((r["cfg"], r[is_], r[fid]) for r in rows if (r["run"], r["sampler"]) == (run, sampler))
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=f"{run} ({sampler})")
             for cfg, x, y in pts:
                 ax.annotate(f"{cfg:g}", (x, y), fontsize=7)
         ax.set_xlabel(is_)
