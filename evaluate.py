@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from corrupt_data import load_dataset
+from models.data import load_dataset
 from models import metrics as M
 from models.classifier import features_and_logits, load_or_train_classifier
 from models.common import UsageError, atomic_write_json, atomic_write_text, run_main

@@ -21,13 +21,13 @@ import os
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from corrupt_data import CORRUPT_TYPES, DATASETS, corrupt_labels, dataset_key, load_dataset, prepare_corruption
+from corrupt_data import CORRUPT_TYPES, corrupt_labels, prepare_corruption
+from models.data import DATASETS, dataset_key, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed, run_main
 from models.diffusion import GaussianDiffusion

@@ -21,12 +21,13 @@ from PIL import Image
 from scipy import stats
 
 import corrupt_data as cd
+import models.data as md  # noqa: E402
 from corrupt_data import (FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, corrupt_count, corrupt_labels,
                           load_groups)
 from models.common import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FMNIST_DIR = pathlib.Path(cd.FASHION_MNIST_SYSTEM_DIR)
+FMNIST_DIR = pathlib.Path(md.FASHION_MNIST_SYSTEM_DIR)
 K = 10
 
 
@@ -288,14 +289,14 @@ def test_read_idx_header():
         write_idx(os.path.join(tmp, "x"), a, gz=False)
         with gzip.open(os.path.join(tmp, "x.gz")) as f:
             assert f.read(4) == b"\x00\x00\x08\x03"
-        assert np.array_equal(cd.read_idx(os.path.join(tmp, "x.gz")), a)
-        assert np.array_equal(cd.read_idx(os.path.join(tmp, "x")), a)
+        assert np.array_equal(md.read_idx(os.path.join(tmp, "x.gz")), a)
+        assert np.array_equal(md.read_idx(os.path.join(tmp, "x")), a)
 
 
 @pytest.mark.parametrize("sub,gz", [("", True), ("raw", False), ("FashionMNIST/raw", True)])
 def test_fashion_mnist_synthetic(tmp_path, sub, gz):
     images, labels = make_fake_fmnist(tmp_path, sub=sub, gz=gz)
-    ds = cd.FashionMNIST(data_path=str(tmp_path))
+    ds = md.FashionMNIST(data_path=str(tmp_path))
     assert len(ds) == len(labels) and ds.labels.dtype == np.int64
     assert np.array_equal(ds.labels, labels.astype(np.int64))
     assert ds.source == os.path.abspath(str(tmp_path))
@@ -315,18 +316,18 @@ def test_fashion_mnist_synthetic(tmp_path, sub, gz):
         x, i2 = ds[i]
         assert i2 == i and torch.equal(b[j], x)
     # load_dataset routes to it; fashion-mnist is 32x32 only
-    assert len(cd.load_dataset("fashion-mnist", str(tmp_path))) == len(labels)
+    assert len(md.load_dataset("fashion-mnist", str(tmp_path))) == len(labels)
     with pytest.raises(UsageError):
-        cd.load_dataset("fashion-mnist", str(tmp_path), image_size=64)
+        md.load_dataset("fashion-mnist", str(tmp_path), image_size=64)
 
 
 def test_fashion_mnist_test_split_and_errors(tmp_path):
     _, lt = make_fake_fmnist(tmp_path, n=11, seed=3, prefix="t10k")
-    assert np.array_equal(cd.FashionMNIST(str(tmp_path), split="test").labels, lt)
+    assert np.array_equal(md.FashionMNIST(str(tmp_path), split="test").labels, lt)
     with pytest.raises(UsageError, match="no Fashion-MNIST IDX"):
-        cd.FashionMNIST(str(tmp_path), split="train")
+        md.FashionMNIST(str(tmp_path), split="train")
     with pytest.raises(UsageError, match="does not exist"):
-        cd.FashionMNIST(str(tmp_path / "missing"))
+        md.FashionMNIST(str(tmp_path / "missing"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ def image_folder(tmp_path):
 def test_center_crop_against_reference(image_folder):
     root, arrays = image_folder
     for a in arrays.values():
-        got = cd.center_crop_arr(Image.fromarray(a), 32)
+        got = md.center_crop_arr(Image.fromarray(a), 32)
         assert got.shape == (32, 32, 3)
         assert np.array_equal(got, ref_center_crop(Image.fromarray(a), 32))
 
@@ -378,7 +379,7 @@ def test_center_crop_against_reference(image_folder):
 def test_center_crop_constant_colour(w, h):
     a = np.empty((h, w, 3), np.uint8)
     a[:] = (200, 17, 90)
-    got = cd.center_crop_arr(Image.fromarray(a), 32)
+    got = md.center_crop_arr(Image.fromarray(a), 32)
     assert got.shape == (32, 32, 3)
     assert np.abs(got.astype(int) - np.array([200, 17, 90])).max() <= 1
 
@@ -391,7 +392,7 @@ def test_center_crop_geometry_is_central():
     a[:, 50:150] = (255, 0, 0)
     a[:, 150:250] = (0, 0, 255)
     a[:, 250:] = (0, 255, 0)
-    got = cd.center_crop_arr(Image.fromarray(a), 32).astype(int)
+    got = md.center_crop_arr(Image.fromarray(a), 32).astype(int)
     assert np.all(got[:, 2:13] == [255, 0, 0])
     assert np.all(got[:, 19:30] == [0, 0, 255])
     assert got[:, 2:30, 1].max() <= 10  # no green except possibly bicubic bleed at the outermost columns
@@ -401,14 +402,14 @@ def test_center_crop_geometry_is_central():
     b[30:75] = (255, 0, 0)
     b[75:120] = (0, 0, 255)
     b[120:] = (0, 255, 0)
-    got = cd.center_crop_arr(Image.fromarray(b), 32).astype(int)
+    got = md.center_crop_arr(Image.fromarray(b), 32).astype(int)
     assert np.all(got[2:13] == [255, 0, 0]) and np.all(got[19:30] == [0, 0, 255])
     assert got[2:30, :, 1].max() <= 10
 
 
 def test_image_folder_dataset(image_folder):
     root, arrays = image_folder
-    ds = cd.ImageFolderData(str(root), image_size=32)
+    ds = md.ImageFolderData(str(root), image_size=32)
     assert ds.classes == ["apple", "zebra"]
     assert ds.labels.tolist() == [0, 0, 1, 1] and len(ds) == 4  # notes.txt ignored
     assert ds.channels == 3 and ds.image_size == 32
@@ -423,16 +424,16 @@ def test_image_folder_dataset(image_folder):
         assert torch.equal(xf, torch.flip(x, dims=[2]))
         assert not torch.equal(xf, x)
         assert torch.equal(ds[(i, False)][0], x)
-    assert cd.dataset_key("imagefolder", ds) == "imagefolder-imgs"
+    assert md.dataset_key("imagefolder", ds) == "imagefolder-imgs"
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(UsageError):
-        cd.ImageFolderData(str(tmp_path / "missing"))
+        md.ImageFolderData(str(tmp_path / "missing"))
     (tmp_path / "only").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "only" / "a.png")
     with pytest.raises(UsageError, match="two class"):
-        cd.ImageFolderData(str(tmp_path))
+        md.ImageFolderData(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +470,7 @@ def acceptance_run(fmnist_available, tmp_path_factory):
 def real_fmnist_labels():
     stem = FMNIST_DIR / "train-labels-idx1-ubyte"
     path = str(stem) + ".gz" if os.path.exists(str(stem) + ".gz") else str(stem)
-    return cd.read_idx(path).astype(np.int64)
+    return md.read_idx(path).astype(np.int64)
 
 
 def test_cli_acceptance(acceptance_run):
@@ -528,7 +529,7 @@ def test_cli_tampered_manifest(tmp_path):
     path = out / "data" / "fashion-mnist" / "corrupt_symmetric_eta0.1_seed2.json"
     m = json.loads(path.read_text())
     assert m["num_corrupted"] == 40 and m["source"] == str(data)
-    labels = cd.read_idx(str(data / "train-labels-idx1-ubyte.gz")).astype(np.int64)
+    labels = md.read_idx(str(data / "train-labels-idx1-ubyte.gz")).astype(np.int64)
     assert np.array_equal(labels[m["indices"]], m["original_labels"])
 
     m["indices"][0] = min(set(range(400)) - set(m["indices"]))  # one index swapped for an unchosen one
@@ -545,7 +546,7 @@ def test_prepare_corruption_existing_manifest_checks(tmp_path):
     make_fake_fmnist(data, n=300, seed=1)
     make_fake_fmnist(other, n=300, seed=1)  # identical content, different source path
     out = str(tmp_path / "out")
-    ds = cd.FashionMNIST(str(data))
+    ds = md.FashionMNIST(str(data))
     new, m, path = cd.prepare_corruption(ds, "fashion-mnist", out, 0.1, 2)
     assert not os.path.exists(out), "prepare_corruption writes nothing"
     assert path == os.path.join(out, "data", "fashion-mnist", "corrupt_symmetric_eta0.1_seed2.json")
@@ -553,7 +554,7 @@ def test_prepare_corruption_existing_manifest_checks(tmp_path):
     cd.atomic_write_json(path, m)
     cd.prepare_corruption(ds, "fashion-mnist", out, 0.1, 2)  # same corruption: accepted
     with pytest.raises(UsageError, match="different corruption"):
-        cd.prepare_corruption(cd.FashionMNIST(str(other)), "fashion-mnist", out, 0.1, 2)
+        cd.prepare_corruption(md.FashionMNIST(str(other)), "fashion-mnist", out, 0.1, 2)
     pathlib.Path(path).write_text("{not json")
     with pytest.raises(UsageError, match="not a readable manifest"):
         cd.prepare_corruption(ds, "fashion-mnist", out, 0.1, 2)
@@ -567,7 +568,7 @@ def test_manifest_not_an_object(tmp_path):
     data = tmp_path / "data"
     make_fake_fmnist(data, n=50, seed=1)
     out = str(tmp_path / "out")
-    ds = cd.FashionMNIST(str(data))
+    ds = md.FashionMNIST(str(data))
     path = pathlib.Path(cd.manifest_path(out, "fashion-mnist", "symmetric", 0.1, 2))
     path.parent.mkdir(parents=True)
     path.write_text("[]\n")

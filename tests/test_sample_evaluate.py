@@ -116,7 +116,7 @@ def test_evaluate_real_images_score_better_than_noise(tmp_path):
     FID and high classifier accuracy; uniform noise gives a high FID and near-chance accuracy."""
     make_fake_fmnist(tmp_path / "data", n=400)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from corrupt_data import FashionMNIST
+    from models.data import FashionMNIST
     train = FashionMNIST(str(tmp_path / "data"))
     real = train.images[:100].permute(0, 2, 3, 1).numpy()
     noise = np.random.default_rng(0).integers(0, 256, size=real.shape, dtype=np.uint8)
@@ -184,7 +184,7 @@ def test_clip_diversity_metrics_with_a_tiny_random_clip(trained, tmp_path):
     run_script("evaluate.py", ["--samples", out / "demo" / "samples" / "clip", "--clip", tmp_path / "clip"])
     m = json.loads((out / "demo" / "samples" / "clip" / "metrics.json").read_text())["metrics"]
     data = np.load(out / "demo" / "samples" / "clip" / "samples.npz")
-    from corrupt_data import FashionMNIST
+    from models.data import FashionMNIST
     train = FashionMNIST(str(root / "data"))
     clip = clip_network(str(tmp_path / "clip"), torch.device("cpu"))
     gen = clip_image_features(clip, data["arr_0"], torch.device("cpu"))
