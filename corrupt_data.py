@@ -1,5 +1,6 @@
 """
-Stage 1: load a paired dataset and corrupt a ratio η of its conditions (Chen et al. 2024, App. B.1).
+Stage 1: load a paired dataset and corrupt a ratio η of its conditions (Chen et al. 2024, App. B.1):
+class labels (flips) or captions (swaps between examples; or user-supplied rewrites).
 
     python corrupt_data.py --dataset fashion-mnist --corrupt 0.025 --seed 0 --out-dir out
 
@@ -29,7 +30,7 @@ import numpy as np
 from models.common import UsageError, atomic_write_json, run_main
 from models.data import DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, dataset_key, load_dataset
 
-CORRUPT_TYPES = ("symmetric", "asymmetric")
+CORRUPT_TYPES = ("symmetric", "asymmetric", "swap", "rewrite")  # labels: the first two; captions: the last two
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +109,63 @@ def count_eligible(labels, kind, groups):
     return int(np.isin(labels, ok).sum())
 
 
+def caption_swap_pairs(captions, seed):
+    """The pairs caption corruption swaps, best first: examples in a seeded random order, each
+    paired with the earliest still-unpaired example whose caption is a different string. η only
+    decides how many pairs (a prefix) are used, which makes the corrupted sets nested."""
+    order = np.random.default_rng(seed).permutation(len(captions))
+    pairs, waiting = [], []  # waiting: unpaired examples (only grows while captions repeat)
+    for i in order.tolist():
+        j = next((pos for pos, w in enumerate(waiting) if captions[w] != captions[i]), None)
+        if j is None:
+            waiting.append(i)
+        else:
+            pairs.append((waiting.pop(j), i))
+    return pairs
+
+
+def corrupt_captions(captions, eta, seed):
+    """Swap captions between random pairs until exactly round(η·N) examples carry another
+    example's caption (never an identical string); with an odd count the last pair is half a swap
+    (its first example takes its partner's caption). Returns (new_captions, chosen, donors)."""
+    m = corrupt_count(eta, len(captions))
+    pairs = caption_swap_pairs(captions, seed)
+    if 2 * len(pairs) < m:
+        raise UsageError(f"only {2 * len(pairs)} captions can be swapped for a different string; η·N = {m}")
+    new, donor = list(captions), {}
+    for a, b in pairs[: m // 2]:
+        new[a], new[b], donor[a], donor[b] = captions[b], captions[a], b, a
+    if m % 2:
+        a, b = pairs[m // 2]
+        new[a], donor[a] = captions[b], b
+    chosen = np.array(sorted(donor), dtype=np.int64)
+    return new, chosen, np.array([donor[i] for i in chosen.tolist()], dtype=np.int64)
+
+
+def rewrite_captions(captions, eta, seed, rewrites_file):
+    """The paper's LLM-rewrite corruption from a user file of `index<TAB>rewritten caption` lines:
+    round(η·N) examples, taken in a seeded random order among those with a different rewrite."""
+    if rewrites_file is None or not os.path.isfile(rewrites_file):
+        raise UsageError(f"--corrupt-type rewrite needs --rewrites FILE (index<TAB>caption lines); got {rewrites_file}")
+    rewrites = {}
+    with open(rewrites_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                idx, _, text = line.rstrip("\n").partition("\t")
+                if not idx.strip().isdigit() or not int(idx) < len(captions):
+                    raise UsageError(f"{rewrites_file}:{n}: expected `index<TAB>caption` with index < {len(captions)}")
+                rewrites[int(idx)] = text.strip()
+    order = [i for i in np.random.default_rng(seed).permutation(len(captions)).tolist() if rewrites.get(i, captions[i]) != captions[i]]
+    m = corrupt_count(eta, len(captions))
+    if len(order) < m:
+        raise UsageError(f"{rewrites_file} rewrites only {len(order)} captions; η·N = {m}")
+    chosen = np.array(sorted(order[:m]), dtype=np.int64)
+    new = list(captions)
+    for i in chosen.tolist():
+        new[i] = rewrites[i]
+    return new, chosen, np.full(len(chosen), -1, dtype=np.int64)
+
+
 def manifest_path(out_dir, key, kind, eta, seed):
     return os.path.join(out_dir, "data", key, f"corrupt_{kind}_eta{eta:g}_seed{seed}.json")
 
@@ -126,14 +184,41 @@ def build_manifest(key, dataset, eta, seed, kind, groups, new_labels, chosen):
     }
 
 
-def prepare_corruption(dataset, key, out_dir, eta, seed, kind="symmetric", groups_file=None):
-    """Corrupt the dataset's labels; returns (new_labels, manifest dict, manifest path). Nothing is
-    written here: the caller writes the manifest once all input has been checked."""
+def build_caption_manifest(key, dataset, eta, seed, kind, new_captions, chosen, donors):
+    summary = (f"{key}: {len(chosen)} of {len(dataset)} captions changed ({len(chosen) / len(dataset):.4%}, "
+               f"target η={eta:g}), {kind}, seed {seed}")
+    return {
+        "summary": summary, "dataset": key, "source": dataset.source, "num_examples": len(dataset), "corrupt": eta,
+        "corrupt_type": kind, "groups": None, "seed": seed, "num_corrupted": int(len(chosen)),
+        "realised_ratio": len(chosen) / len(dataset), "indices": chosen.tolist(), "donors": donors.tolist(),
+        "original_captions": [dataset.captions[i] for i in chosen.tolist()],
+        "new_captions": [new_captions[i] for i in chosen.tolist()],
+    }
+
+
+def is_text_dataset(dataset):
+    return getattr(dataset, "captions", None) is not None
+
+
+def prepare_corruption(dataset, key, out_dir, eta, seed, kind=None, groups_file=None, rewrites_file=None):
+    """Corrupt the dataset's conditions (labels, or captions for text datasets); returns
+    (new conditions, manifest dict, manifest path). Nothing is written here: the caller writes the
+    manifest once all input has been checked. kind=None: symmetric for labels, swap for captions."""
     if not 0 <= eta < 1:
         raise UsageError(f"--corrupt must be in [0, 1), got {eta}")
-    groups = load_groups(groups_file, dataset.classes) if kind == "asymmetric" else None
-    new_labels, chosen = corrupt_labels(dataset.labels, len(dataset.classes), eta, seed, kind, groups)
-    manifest = build_manifest(key, dataset, eta, seed, kind, groups, new_labels, chosen)
+    text = is_text_dataset(dataset)
+    kind = kind or ("swap" if text else "symmetric")
+    if text != (kind in ("swap", "rewrite")):
+        raise UsageError(f"--corrupt-type {kind} does not apply to {'captions' if text else 'class labels'}"
+                         f" (use {'swap or rewrite' if text else 'symmetric or asymmetric'})")
+    if text:
+        corrupt = rewrite_captions(dataset.captions, eta, seed, rewrites_file) if kind == "rewrite" else corrupt_captions(dataset.captions, eta, seed)
+        new_conditions, chosen, donors = corrupt
+        manifest = build_caption_manifest(key, dataset, eta, seed, kind, new_conditions, chosen, donors)
+    else:
+        groups = load_groups(groups_file, dataset.classes) if kind == "asymmetric" else None
+        new_conditions, chosen = corrupt_labels(dataset.labels, len(dataset.classes), eta, seed, kind, groups)
+        manifest = build_manifest(key, dataset, eta, seed, kind, groups, new_conditions, chosen)
     path = manifest_path(out_dir, key, kind, eta, seed)
     if os.path.exists(path):
         try:
@@ -141,9 +226,10 @@ def prepare_corruption(dataset, key, out_dir, eta, seed, kind="symmetric", group
                 old = json.load(f)
         except (OSError, ValueError):
             raise UsageError(f"{path} exists but is not a readable manifest; move it away")
-        if not isinstance(old, dict) or old.get("indices") != manifest["indices"] or old.get("new_labels") != manifest["new_labels"] or old.get("source") != manifest["source"]:
+        same = isinstance(old, dict) and all(old.get(k) == manifest.get(k) for k in ("indices", "new_labels", "new_captions", "source"))
+        if not same:
             raise UsageError(f"{path} holds a different corruption (another dataset copy?); use another --out-dir")
-    return new_labels, manifest, path
+    return new_conditions, manifest, path
 
 
 def main():
@@ -152,8 +238,9 @@ def main():
     p.add_argument("--data-path", default=None, help="dataset folder (default: Debian's copy of Fashion-MNIST, else download)")
     p.add_argument("--image-size", type=int, default=None, help="imagefolder: crop size (default 256)")
     p.add_argument("--corrupt", type=float, default=0.0, help="ratio η of conditions to corrupt, in [0, 1)")
-    p.add_argument("--corrupt-type", default="symmetric", choices=CORRUPT_TYPES)
+    p.add_argument("--corrupt-type", default=None, choices=CORRUPT_TYPES, help="default: symmetric (labels), swap (captions)")
     p.add_argument("--groups", default=None, help="asymmetric: file of class groups (one per line)")
+    p.add_argument("--rewrites", default=None, help="rewrite: file of `index<TAB>rewritten caption` lines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="out")
     args = p.parse_args()
@@ -161,7 +248,7 @@ def main():
         raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
     dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"))
     key = dataset_key(args.dataset, dataset)
-    _, manifest, path = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed, args.corrupt_type, args.groups)
+    _, manifest, path = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed, args.corrupt_type, args.groups, args.rewrites)
     atomic_write_json(path, manifest)
     print(manifest["summary"])
     print(f"manifest: {path}")

@@ -17,7 +17,12 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_GROUPS = [["T-shirt/top", "Pullover", "Coat", "Shirt"], ["Sandal", "Sneaker", "Ankle boot"]]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-DATASETS = ("fashion-mnist", "imagefolder")
+DATASETS = ("fashion-mnist", "imagefolder", "fashion-mnist-captions", "captions")
+# the embedded text default: Fashion-MNIST with captions from a few templates per class
+FASHION_MNIST_NAMES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                       "bag", "ankle boot"]
+CAPTION_TEMPLATES = ["a photo of a {}", "a black and white photo of a {}", "a small picture of a {}",
+                     "a {} on a dark background", "a low-resolution photo of a {}"]
 
 
 
@@ -92,6 +97,31 @@ def center_crop_arr(pil_image, image_size):
     return arr[top: top + image_size, left: left + image_size]
 
 
+class FashionMNISTCaptions(FashionMNIST):
+    """Fashion-MNIST whose condition is a caption: example i of class k reads
+    CAPTION_TEMPLATES[i mod 5] filled with the class name. `labels` stay for evaluation."""
+
+    def __init__(self, data_path=None, split="train", download_root=None):
+        super().__init__(data_path, split, download_root)
+        self.captions = [CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(FASHION_MNIST_NAMES[k])
+                         for i, k in enumerate(self.labels.tolist())]
+
+
+def load_image(path, image_size, flip=False):
+    """An RGB file -> float (3, S, S) in [-1, 1], ADM centre crop, optional horizontal flip."""
+    with Image.open(path) as img:
+        arr = center_crop_arr(img.convert("RGB"), image_size)
+    if flip:
+        arr = arr[:, ::-1]
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
+
+
+def _key(key):
+    """A sampler key: an index, or (index, flip) from train.py, which draws the training flips
+    itself (deterministically per epoch) so that they do not depend on the number of ranks."""
+    return key if isinstance(key, (tuple, list)) else (key, False)
+
+
 class ImageFolderData(torch.utils.data.Dataset):
     """ImageNet-style folder: one sub-folder per class (sorted names = class ids), RGB images,
     center crop + resize to image_size (random horizontal flips come from train.py)."""
@@ -117,14 +147,73 @@ class ImageFolderData(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, key):
-        """key: an index, or (index, flip) from train.py, which draws the training flips itself
-        (deterministically per epoch) so that they do not depend on the number of ranks."""
-        i, flip = key if isinstance(key, (tuple, list)) else (key, False)
-        with Image.open(self.paths[i]) as img:
-            arr = center_crop_arr(img.convert("RGB"), self.image_size)
-        if flip:
-            arr = arr[:, ::-1]
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0, i
+        i, flip = _key(key)
+        return load_image(self.paths[i], self.image_size, flip), i
+
+
+class CaptionImages(torch.utils.data.Dataset):
+    """(image, caption) pairs as people have them for CC3M:
+    - a TSV file of `path<TAB>caption` lines, or a CSV file with a header naming a path column
+      (filepath / path / image / file) and a caption column (caption / text); relative paths are
+      relative to the file;
+    - img2dataset's "files" output folder: each image beside a .txt file holding its caption."""
+
+    def __init__(self, source, image_size=256):
+        if source is None or not os.path.exists(source):
+            raise UsageError(f"--data-path {source} does not exist")
+        self.source = os.path.abspath(source)
+        pairs = self._read_table(source) if os.path.isfile(source) else self._read_img2dataset(source)
+        if not pairs:
+            raise UsageError(f"no (image, caption) pairs in {source}")
+        missing = [p for p, _ in pairs if not os.path.isfile(p)]
+        if missing:
+            raise UsageError(f"{len(missing)} image(s) listed in {source} do not exist, e.g. {missing[0]}")
+        self.paths, self.captions = [p for p, _ in pairs], [c for _, c in pairs]
+        self.labels, self.classes = None, None
+        self.image_size, self.channels = image_size, 3
+
+    @staticmethod
+    def _read_table(path):
+        import csv
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.lower().endswith(".csv"):
+                rows = list(csv.DictReader(f))
+                if not rows:
+                    return []
+                cols = {c.lower(): c for c in rows[0]}
+                pcol = next((cols[c] for c in ("filepath", "path", "image", "file") if c in cols), None)
+                ccol = next((cols[c] for c in ("caption", "text") if c in cols), None)
+                if pcol is None or ccol is None:
+                    raise UsageError(f"{path}: the header needs a path column (filepath/path/image/file) and a caption column (caption/text)")
+                pairs = [(r[pcol], r[ccol]) for r in rows]
+            else:
+                pairs = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        if "\t" not in line:
+                            raise UsageError(f"{path}:{n}: expected `path<TAB>caption`")
+                        p, c = line.rstrip("\n").split("\t", 1)
+                        pairs.append((p, c))
+        return [(p if os.path.isabs(p) else os.path.join(base, p), c.strip()) for p, c in pairs]
+
+    @staticmethod
+    def _read_img2dataset(folder):
+        pairs = []
+        for dirpath, _, files in sorted(os.walk(folder)):
+            for f in sorted(files):
+                stem, ext = os.path.splitext(f)
+                if ext.lower() in IMAGE_EXTENSIONS and os.path.exists(os.path.join(dirpath, stem + ".txt")):
+                    with open(os.path.join(dirpath, stem + ".txt"), encoding="utf-8") as fh:
+                        pairs.append((os.path.join(dirpath, f), fh.read().strip()))
+        return pairs
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        i, flip = _key(key)
+        return load_image(self.paths[i], self.image_size, flip), i
 
 
 def load_dataset(name, data_path=None, image_size=None, split="train", download_root=None):
@@ -132,11 +221,17 @@ def load_dataset(name, data_path=None, image_size=None, split="train", download_
         if image_size not in (None, 32):
             raise UsageError("fashion-mnist is 28x28 padded to 32x32: --image-size must be 32")
         return FashionMNIST(data_path, split, download_root)
+    if name == "fashion-mnist-captions":
+        if image_size not in (None, 32):
+            raise UsageError("fashion-mnist-captions is 28x28 padded to 32x32: --image-size must be 32")
+        return FashionMNISTCaptions(data_path, split, download_root)
     if name == "imagefolder":
         return ImageFolderData(data_path, image_size or 256)
+    if name == "captions":
+        return CaptionImages(data_path, image_size or 256)
     raise UsageError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
 
 
 def dataset_key(name, dataset):
     """Folder name under <out-dir>/data/ for this dataset."""
-    return name if name == "fashion-mnist" else f"{name}-{os.path.basename(dataset.source.rstrip('/'))}"
+    return name if name.startswith("fashion-mnist") else f"{name}-{os.path.basename(dataset.source.rstrip('/'))}"

@@ -13,6 +13,19 @@ rows whose label was dropped to the null class: the null (unconditional) embeddi
 perturbed, because it carries no condition that could be corrupted, and the unconditional branch
 of classifier-free guidance at sampling must match what training saw. At sampling `cond_noise` is
 simply not passed.
+
+Text conditioning (`text_dim > 0`, `num_classes = 0`; the CC3M half of the paper) takes caption token
+embeddings `context` (N, L, text_dim) from a frozen text encoder and a 0/1 `context_mask` (N, L):
+  "pooled":    c = t_emb + W_pool · mean_valid(context)   (the pooled caption replaces c_θ(y))
+  "crossattn": the same c, plus in every block a cross-attention from the image tokens to the
+               projected caption tokens between self-attention and MLP, whose zero-initialised output
+               projection keeps the block the identity at init (adaLN-Zero spirit).
+The null condition is the empty caption, encoded by the caller. CEP on text perturbs every token
+embedding of the caption: the model (and only the model; the caller must not add it itself) adds
+`cond_noise` to every valid token of `context` before pooling and projection; a (N, text_dim) δ,
+what models/cep.py draws, is shared by all tokens of a caption, a (N, L, text_dim) δ is per token.
+Padding tokens (mask 0) are zeroed first, so neither their values nor their δ reach the output.
+`cond_dim` is then text_dim, the width of the embedding CEP perturbs.
 """
 import math
 
@@ -42,9 +55,10 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> sinusoidal frequency embedding (256 wide) -> 2-layer MLP."""
 
-    def __init__(self, hidden_size, frequency_embedding_size=256):
+    def __init__(self, hidden_size, frequency_embedding_size=256, freq_shift=0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -52,10 +66,12 @@ class TimestepEmbedder(nn.Module):
         )
 
     @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        # [cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i / half), as in the official DiT
+    def timestep_embedding(t, dim, max_period=10000, freq_shift=0):
+        # [cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i / (half - freq_shift)); freq_shift = 0 is the
+        # official DiT, 1 is diffusers' DiT (Timesteps(flip_sin_to_cos=True, downscale_freq_shift=1))
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                          / (half - freq_shift))
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -63,7 +79,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift))
 
 
 class LabelEmbedder(nn.Module):
