@@ -26,9 +26,10 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from models.common import UsageError, atomic_write_json, run_main
-from models.data import DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, dataset_key, load_dataset
+from models.data import DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, dataset_key, latent_dir, load_dataset
 
 CORRUPT_TYPES = ("symmetric", "asymmetric", "swap", "rewrite")  # labels: the first two; captions: the last two
 
@@ -232,6 +233,54 @@ def prepare_corruption(dataset, key, out_dir, eta, seed, kind=None, groups_file=
     return new_conditions, manifest, path
 
 
+def open_vae(spec, device="cpu"):
+    from models.vae import load_vae
+    try:
+        return load_vae(spec).to(device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--vae: {str(e).splitlines()[0]}")
+
+
+def extract_latents(dataset, vae, vae_spec, out, batch_size=32, shard_size=50000, num_workers=4):
+    """Encode every image and its horizontal flip once with the frozen autoencoder into shards of
+    (rows, 2 flips, stats, C, h, w) float16; stats = (mean, logvar) for KL, (h,) for VQ. Shards are
+    written atomically and skipped when present, so an interrupted extraction resumes."""
+    from tqdm import tqdm
+
+    from models.vae import AutoencoderKL, encode_images
+    kl, device = isinstance(vae, AutoencoderKL), next(vae.parameters()).device
+    shards = [f"shard_{s:05d}.npy" for s in range(-(-len(dataset) // shard_size))]
+    shape = None
+    for s, name in enumerate(shards):
+        path = os.path.join(out, name)
+        rows = range(s * shard_size, min((s + 1) * shard_size, len(dataset)))
+        if os.path.exists(path):
+            shape = list(np.load(path, mmap_mode="r").shape[3:])
+            continue
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
+                                             num_workers=num_workers if not hasattr(dataset, "get_batch") else 0)
+        parts = []
+        for x, _ in tqdm(loader, desc=f"{name} ({len(shards)} shards)"):
+            if x.shape[1] == 1 and vae.config["in_channels"] == 3:
+                x = x.expand(-1, 3, -1, -1)  # grayscale data through an RGB autoencoder
+            both = []
+            for img in (x, x.flip(-1)):  # the image and its horizontal flip
+                mean, logvar = encode_images(vae, img.to(device))
+                both.append(torch.stack([mean, logvar] if kl else [mean], dim=1))
+            parts.append(torch.stack(both, dim=1).half().cpu().numpy())
+        arr = np.concatenate(parts)
+        shape = list(arr.shape[3:])
+        os.makedirs(out, exist_ok=True)
+        tmp = path + ".tmp.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    index = {"num_examples": len(dataset), "shard_size": shard_size, "shards": shards, "stats": 2 if kl else 1,
+             "shape": shape, "kind": "AutoencoderKL" if kl else "VQModel", "vae": vae_spec,
+             "scaling_factor": vae.scaling_factor, "image_size": dataset.image_size, "source": dataset.source}
+    atomic_write_json(os.path.join(out, "index.json"), index)
+    return index
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
@@ -243,15 +292,25 @@ def main():
     p.add_argument("--rewrites", default=None, help="rewrite: file of `index<TAB>rewritten caption` lines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="out")
+    p.add_argument("--vae", default=None, help="pre-extract latents with this autoencoder (diffusers folder or hub id)")
+    p.add_argument("--vae-batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=50000, help="images per latent shard")
+    p.add_argument("--device", default="auto")
     args = p.parse_args()
     if not 0 <= args.corrupt < 1:
         raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
     dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"))
     key = dataset_key(args.dataset, dataset)
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    vae = open_vae(args.vae, device) if args.vae else None  # checked before anything is written
     _, manifest, path = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed, args.corrupt_type, args.groups, args.rewrites)
     atomic_write_json(path, manifest)
     print(manifest["summary"])
     print(f"manifest: {path}")
+    if vae is not None:
+        out = latent_dir(args.out_dir, key, args.vae, dataset.image_size)
+        index = extract_latents(dataset, vae, args.vae, out, args.vae_batch_size, args.shard_size)
+        print(f"latents: {out} ({index['num_examples']} images x 2 flips, {index['kind']}, shape {index['shape']})")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from corrupt_data import open_vae
 from models.common import UsageError, atomic_write_json, derived_seed, run_main
 from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
 from models.dit import config_from_state_dict, dit_from_checkpoint
+from models.vae import decode_latents
 
 
 def get_parser():
@@ -46,6 +48,7 @@ def get_parser():
     a("--seed", type=int, default=0)
     a("--tag", default=None, help="output folder name under <run>/samples/ (default: built from the settings)")
     a("--device", default="auto", help="auto | cpu | cuda")
+    a("--vae", default=None, help="autoencoder that decodes a latent model's samples (default: the run's --vae)")
     a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
     return p
 
@@ -61,8 +64,10 @@ def load_model(args):
         model = dit_from_checkpoint(ckpt, use_ema=not args.no_ema)
     except Exception as e:  # noqa: BLE001  (unreadable file, another model's weights)
         raise UsageError(f"cannot load a DiT from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if model.in_channels == 4:
-        raise UsageError(f"{path} is a latent-space model (4 channels): decoding its samples needs the VAE stage, not yet available")
+    vae_spec = args.vae or (ckpt.get("config") or {}).get("vae")
+    if model.in_channels not in (1, 3) and not vae_spec:
+        raise UsageError(f"{path} is a latent-space model ({model.in_channels} channels): pass --vae to decode its samples")
+    args.vae = vae_spec
     if "model_config" not in ckpt:  # an official DiT state dict: describe it like one of ours
         ckpt = {"model_config": config_from_state_dict(ckpt), "config": {}, "step": None}
     run_dir = args.run or os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -116,17 +121,18 @@ def main():
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    vae = open_vae(args.vae, device) if args.vae else None  # a bad --vae fails before anything is written
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     try:
         for scale in scales:
-            sample_one_setting(args, model, ckpt, run_dir, ckpt_path, scale, rank, world, device)
+            sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def sample_one_setting(args, model, ckpt, run_dir, ckpt_path, scale, rank, world, device):
+def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, world, device):
     if args.tag:  # a sweep appends the scale to the tag
         tag = args.tag if len(args.cfg_scale.split(",")) == 1 else f"{args.tag}_cfg{scale:g}"
     else:
@@ -135,7 +141,7 @@ def sample_one_setting(args, model, ckpt, run_dir, ckpt_path, scale, rank, world
     out = os.path.join(run_dir, "samples", tag)
     config = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "ema": not args.no_ema,
               "sampler": args.sampler, "steps": args.steps, "ddim_eta": args.ddim_eta, "cfg_scale": scale,
-              "cfg_channels": args.cfg_channels, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
+              "cfg_channels": args.cfg_channels, "vae": args.vae, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
               "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed,
               "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {})}
     config_path = os.path.join(out, "sample_config.json")
@@ -167,6 +173,8 @@ def sample_one_setting(args, model, ckpt, run_dir, ckpt_path, scale, rank, world
         model_fn = classifier_free_guidance(model, y, model.num_classes, scale, args.cfg_channels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
+        if vae is not None:
+            x = decode_latents(vae, x.float())
         for i, arr in zip(idx, to_uint8(x)):
             save_png(png(i), arr)
     if world > 1:

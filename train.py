@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from corrupt_data import CORRUPT_TYPES, corrupt_labels, prepare_corruption
-from models.data import DATASETS, dataset_key, load_dataset
+from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed, run_main
 from models.diffusion import GaussianDiffusion
@@ -46,6 +46,7 @@ def get_parser():
     a("--image-size", type=int, default=None, help="imagefolder crop size (default 256); fashion-mnist is 32")
     a("--model", default="DiT-T/4", help=f"one of {', '.join(DIT_CONFIGS)}")
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True, help="predict the variance too (hybrid loss)")
+    a("--vae", default=None, help="train on the latents corrupt_data.py --vae pre-extracted with this autoencoder")
     # condition corruption (corrupt_data.py)
     a("--corrupt", type=float, default=0.0, help="ratio η of training labels to corrupt, in [0, 1)")
     a("--corrupt-type", default="symmetric", choices=CORRUPT_TYPES)
@@ -192,11 +193,13 @@ def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, d
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler))[offset * local_batch: steps_per_epoch * local_batch]
-        if hasattr(dataset, "get_batch"):  # in-memory data: vectorised gather, no workers
+        # horizontal flips (ImageFolder data and latents) fixed by (seed, epoch): resume and world size don't change them
+        flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(derived_seed(seed, epoch, 1))) < 0.5
+        if hasattr(dataset, "get_batch"):  # in-memory / memory-mapped data: vectorised gather, no workers
             for chunk in order.split(local_batch):
-                yield dataset.get_batch(chunk).to(device, non_blocking=True), chunk.to(device), epoch
-        else:  # files: workers decode; flips fixed by (seed, epoch) so resume and world size don't change them
-            flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(derived_seed(seed, epoch, 1))) < 0.5
+                x = dataset.get_batch(chunk, flips[chunk]) if getattr(dataset, "random_flip", False) else dataset.get_batch(chunk)
+                yield x.to(device, non_blocking=True), chunk.to(device), epoch
+        else:  # files: workers decode
             keys = [(i, bool(flips[i])) for i in order.tolist()]
             loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
                                 pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
@@ -252,6 +255,8 @@ def train(args, parser, rank, world, device):
     if len(dataset) < args.global_batch_size:
         raise UsageError(f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} training examples")
     key = dataset_key(args.dataset, dataset)
+    if args.vae:  # latent diffusion: the same examples and conditions, as pre-extracted latents
+        dataset = LatentDataset(latent_dir(args.out_dir, key, args.vae, dataset.image_size), dataset)
     labels, manifest, manifest_file = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed, args.corrupt_type, args.groups)
     num_classes = len(dataset.classes)
     model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
@@ -321,6 +326,13 @@ def train(args, parser, rank, world, device):
             train_labels, labels_epoch = torch.from_numpy(resampled).to(device), epoch
         # every random draw of the step, for the global batch; this rank keeps rows rank::world
         g = step_generator(args.seed, step, device)
+        if args.vae:  # x holds (mean, logvar) of the KL posterior, or (h,) for VQ: z = scale * sample
+            stats = x
+            x = stats[:, 0]
+            if stats.shape[1] == 2:
+                posterior = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
+                x = x + torch.exp(0.5 * stats[:, 1].clamp(-30, 20)) * posterior
+            x = x * dataset.index["scaling_factor"]
         t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
         noise = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
         dropped = (torch.rand(B, generator=g, device=device) < args.class_dropout)[share]

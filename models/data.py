@@ -5,6 +5,7 @@ loop can swap in corrupted conditions without touching the data path.
 """
 import gzip
 import os
+import re
 
 import numpy as np
 import torch
@@ -235,3 +236,54 @@ def load_dataset(name, data_path=None, image_size=None, split="train", download_
 def dataset_key(name, dataset):
     """Folder name under <out-dir>/data/ for this dataset."""
     return name if name.startswith("fashion-mnist") else f"{name}-{os.path.basename(dataset.source.rstrip('/'))}"
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Pre-extracted first-stage latents (corrupt_data.py --vae): shards of shape
+    (rows, 2 flips, stats, C, h, w) float16, stats = (mean, logvar) for a KL autoencoder or (h,) for
+    a VQ one. Conditions (labels / captions) come from the image dataset they were extracted from."""
+
+    def __init__(self, latent_dir, base):
+        index_path = os.path.join(latent_dir, "index.json")
+        if not os.path.isfile(index_path):
+            raise UsageError(f"no latents in {latent_dir}: run corrupt_data.py with the same --dataset, --image-size and --vae first")
+        import json
+        with open(index_path) as f:
+            self.index = json.load(f)
+        if self.index["num_examples"] != len(base):
+            raise UsageError(f"{latent_dir} holds latents of {self.index['num_examples']} images, the dataset has {len(base)}")
+        self.shards, rows = [], 0
+        for name in self.index["shards"]:
+            arr = np.load(os.path.join(latent_dir, name), mmap_mode="r")
+            want = (min(self.index["shard_size"], len(base) - rows), 2, self.index["stats"], *self.index["shape"])
+            if arr.shape != want:
+                raise UsageError(f"latent shard {name} has shape {arr.shape}, expected {want}")
+            self.shards.append(arr)
+            rows += arr.shape[0]
+        self.source, self.labels, self.classes = base.source, base.labels, base.classes
+        self.captions = getattr(base, "captions", None)
+        self.channels, self.image_size = self.index["shape"][0], self.index["shape"][1]
+        self.random_flip = True
+
+    def __len__(self):
+        return self.index["num_examples"]
+
+    def get_batch(self, indices, flips=None):
+        """(B, stats, C, h, w) float32 for example indices (and which of the two flips to use)."""
+        size = self.index["shard_size"]
+        idx = indices.cpu().numpy()
+        flips = np.zeros(len(idx), dtype=np.int64) if flips is None else flips.cpu().numpy().astype(np.int64)
+        out = np.empty((len(idx), self.index["stats"], *self.index["shape"]), dtype=np.float32)
+        for s in np.unique(idx // size):
+            rows = np.flatnonzero(idx // size == s)
+            out[rows] = self.shards[s][idx[rows] - s * size, flips[rows]]
+        return torch.from_numpy(out)
+
+    def __getitem__(self, i):
+        return self.get_batch(torch.tensor([i]))[0], i
+
+
+def latent_dir(out_dir, key, vae_spec, image_size):
+    """Where corrupt_data.py --vae stores, and train.py finds, the latents of a dataset."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(vae_spec)) if os.path.exists(vae_spec) else vae_spec)
+    return os.path.join(out_dir, "data", key, f"latents-{name}-{image_size}")
