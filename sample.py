@@ -26,7 +26,8 @@ from tqdm import tqdm
 from corrupt_data import open_vae
 from models.common import UsageError, atomic_write_json, derived_seed, run_main
 from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
-from models.dit import config_from_state_dict, dit_from_checkpoint
+from models.build import model_from_checkpoint
+from models.dit import config_from_state_dict
 from models.vae import decode_latents
 
 
@@ -61,9 +62,9 @@ def load_model(args):
         raise UsageError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = dit_from_checkpoint(ckpt, use_ema=not args.no_ema)
+        model = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
     except Exception as e:  # noqa: BLE001  (unreadable file, another model's weights)
-        raise UsageError(f"cannot load a DiT from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise UsageError(f"cannot load a model from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     vae_spec = args.vae or (ckpt.get("config") or {}).get("vae")
     if model.in_channels not in (1, 3) and not vae_spec:
         raise UsageError(f"{path} is a latent-space model ({model.in_channels} channels): pass --vae to decode its samples")

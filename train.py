@@ -31,7 +31,7 @@ from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_d
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed, run_main
 from models.diffusion import GaussianDiffusion
-from models.dit import DIT_CONFIGS, build_dit
+from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, build_model
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers"}
@@ -44,7 +44,8 @@ def get_parser():
     a("--dataset", default="fashion-mnist", choices=DATASETS)
     a("--data-path", default=None, help="dataset folder (fashion-mnist: IDX files; default Debian's copy, else download)")
     a("--image-size", type=int, default=None, help="imagefolder crop size (default 256); fashion-mnist is 32")
-    a("--model", default="DiT-T/4", help=f"one of {', '.join(DIT_CONFIGS)}")
+    a("--model", default="DiT-T/4", help=f"one of {', '.join(MODEL_NAMES)}")
+    a("--class-cond", default="crossattn", choices=CLASS_COND_MODES, help="U-Net: class token by cross-attention (LDM) or added to the time embedding (ADM)")
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True, help="predict the variance too (hybrid loss)")
     a("--vae", default=None, help="train on the latents corrupt_data.py --vae pre-extracted with this autoencoder")
     # condition corruption (corrupt_data.py)
@@ -86,8 +87,8 @@ def get_parser():
 def check_args(args):
     if not 0 <= args.corrupt < 1:
         raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
-    if args.model not in DIT_CONFIGS:
-        raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(DIT_CONFIGS)}")
+    if args.model not in MODEL_NAMES:
+        raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODEL_NAMES)}")
     if args.cep_gamma < 0 or not math.isfinite(args.cep_gamma):
         raise UsageError(f"--cep-gamma must be >= 0, got {args.cep_gamma}")
     if (args.cep_type is not None or args.cep_fixed) and not args.cep:
@@ -261,8 +262,13 @@ def train(args, parser, rank, world, device):
     num_classes = len(dataset.classes)
     model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
                         num_classes=num_classes, class_dropout=args.class_dropout, learn_sigma=args.learn_sigma)
+    if args.model in UNET_CONFIGS:
+        model_config["class_cond"] = args.class_cond
     torch.manual_seed(args.seed)  # same initial weights on every rank and every world size
-    model = build_dit(args.model, **{k: v for k, v in model_config.items() if k != "name"}).to(device)
+    try:
+        model = build_model(**model_config).to(device)
+    except ValueError as e:  # e.g. an input size the U-Net's levels do not divide
+        raise UsageError(f"--model {args.model}: {e}")
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
                             fused=device.type == "cuda")
@@ -346,7 +352,8 @@ def train(args, parser, rank, world, device):
                 delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
             delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
         with autocast:
-            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, y, delta), x, t, noise, args.input_perturbation, xi)
+            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, y=y, cond_noise=delta), x, t, noise,
+                                               args.input_perturbation, xi)
         loss = losses["loss"].mean()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
