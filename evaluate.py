@@ -192,9 +192,12 @@ def compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train
 
 def evaluate(args):
     images, labels, folder, config = load_samples(args.samples)
+    if labels is not None and (labels < 0).any():  # prompts without a known class
+        labels = None
     run_config = (config or {}).get("run_config", {})
     dataset = run_config.get("dataset", "fashion-mnist" if images.shape[1:] == (32, 32, 1) else None)
-    features = args.features if args.features != "auto" else ("fmnist" if dataset == "fashion-mnist" else "inception")
+    fmnist = dataset is not None and dataset.startswith("fashion-mnist")  # labels or captions: the same images
+    features = args.features if args.features != "auto" else ("fmnist" if fmnist else "inception")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     clip = clip_network(args.clip, device) if args.clip else None  # fail early, before the slow part
     if clip and dataset is None:
@@ -216,7 +219,7 @@ def evaluate(args):
         suffix, train_labels = "_fmnist", train_y
     else:
         net = inception_network(args.inception, device)
-        if args.ref is None and dataset != "fashion-mnist":
+        if args.ref is None and not fmnist:
             raise UsageError("--features inception needs --ref (a folder or .npz of real images)")
         gen_feats, gen_logits = inception_features_and_logits(net, images, device)
         ref_feats, _ = inception_features_and_logits(net, load_reference(args.ref, data_path), device)

@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from corrupt_data import open_vae
-from models.common import UsageError, atomic_write_json, derived_seed, run_main
+from models.common import UsageError, atomic_write_json, atomic_write_text, derived_seed, run_main
+from models.data import load_dataset
 from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
 from models.build import model_from_checkpoint
 from models.dit import config_from_state_dict
@@ -50,6 +51,7 @@ def get_parser():
     a("--tag", default=None, help="output folder name under <run>/samples/ (default: built from the settings)")
     a("--device", default="auto", help="auto | cpu | cuda")
     a("--vae", default=None, help="autoencoder that decodes a latent model's samples (default: the run's --vae)")
+    a("--prompts", default=None, help="text models: a file of captions, one per line (default: held-out captions)")
     a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
     return p
 
@@ -73,6 +75,24 @@ def load_model(args):
         ckpt = {"model_config": config_from_state_dict(ckpt), "config": {}, "step": None}
     run_dir = args.run or os.path.dirname(os.path.dirname(os.path.abspath(path)))
     return model, ckpt, run_dir, path
+
+
+def text_prompts(args, ckpt):
+    """Captions for a text model: --prompts FILE (one per line), else the held-out captions of the
+    embedded dataset (Fashion-MNIST's test split). Returns (prompts, their class labels or -1)."""
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise UsageError(f"--prompts {args.prompts} does not exist")
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts {args.prompts} holds no captions")
+        return prompts, np.full(len(prompts), -1, dtype=np.int64)
+    run_config = ckpt.get("config") or {}
+    if run_config.get("dataset") != "fashion-mnist-captions":
+        raise UsageError("a text model needs --prompts FILE (one caption per line)")
+    held_out = load_dataset("fashion-mnist-captions", run_config.get("data_path"), split="test")
+    return held_out.captions, held_out.labels
 
 
 def image_labels(num_samples, num_classes, class_label):
@@ -114,9 +134,15 @@ def main():
         raise UsageError("--steps must be at most the 1000 training timesteps")
     model, ckpt, run_dir, ckpt_path = load_model(args)
     num_classes = model.num_classes
+    if num_classes == 0:  # a text model: prompts instead of classes
+        if args.class_label is not None:
+            raise UsageError("--class is for class-conditional models; a text model takes --prompts")
+        args.prompt_list, args.prompt_labels = text_prompts(args, ckpt)
+    elif args.prompts:
+        raise UsageError("--prompts is for text models; this one is class-conditional")
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise UsageError(f"--class must be in [0, {num_classes})")
-    if any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:
+    if num_classes and any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:
         raise UsageError("this model was trained without label dropout (no null class): use --cfg-scale 1")
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -142,7 +168,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     out = os.path.join(run_dir, "samples", tag)
     config = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "ema": not args.no_ema,
               "sampler": args.sampler, "steps": args.steps, "ddim_eta": args.ddim_eta, "cfg_scale": scale,
-              "cfg_channels": args.cfg_channels, "vae": args.vae, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
+              "cfg_channels": args.cfg_channels, "vae": args.vae, "prompts": args.prompts, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
               "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed,
               "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {})}
     config_path = os.path.join(out, "sample_config.json")
@@ -161,7 +187,12 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     model.to(device)
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma)
     sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised)
-    labels = image_labels(args.num_samples, model.num_classes, args.class_label)
+    text = model.num_classes == 0
+    if text:  # image i gets prompt i mod P; its label (held-out class, or -1) goes to arr_1
+        prompts = [args.prompt_list[i % len(args.prompt_list)] for i in range(args.num_samples)]
+        labels = np.asarray([args.prompt_labels[i % len(args.prompt_list)] for i in range(args.num_samples)], dtype=np.int64)
+    else:
+        labels = image_labels(args.num_samples, model.num_classes, args.class_label)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     shape = (model.in_channels, model.input_size, model.input_size)
     png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
@@ -170,8 +201,14 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     for idx in tqdm(mine, desc=f"{tag} rank {rank}", disable=rank != 0):
         gens = [torch.Generator().manual_seed(derived_seed(args.seed, i)) for i in idx]
         draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
-        y = torch.from_numpy(labels[idx.start: idx.stop]).to(device)
-        model_fn = classifier_free_guidance(model, y, model.num_classes, scale, args.cfg_channels)
+        if text:  # guidance against the empty caption
+            tok, null = model.tokenize(prompts[idx.start: idx.stop]), model.tokenize([""] * len(idx))
+            cond = (tok["input_ids"].to(device), tok["attention_mask"].to(device))
+            model_fn = classifier_free_guidance(model, cond, (null["input_ids"].to(device), null["attention_mask"].to(device)),
+                                                scale, args.cfg_channels)
+        else:
+            y = torch.from_numpy(labels[idx.start: idx.stop]).to(device)
+            model_fn = classifier_free_guidance(model, y, model.num_classes, scale, args.cfg_channels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
         if vae is not None:
@@ -187,7 +224,9 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         tmp = os.path.join(out, "samples.tmp.npz")
         np.savez(tmp, arr_0=images, arr_1=labels)
         os.replace(tmp, os.path.join(out, "samples.npz"))
-        grid = make_grid(images[:100], ncol=min(10, model.num_classes) if args.class_label is None else 10)
+        if text:
+            atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
+        grid = make_grid(images[:100], ncol=min(10, model.num_classes or 10) if args.class_label is None else 10)
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.path.join(out, "grid.png"))
         print(f"{args.num_samples} samples -> {out}")
 

@@ -26,11 +26,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from corrupt_data import CORRUPT_TYPES, corrupt_labels, prepare_corruption
+from corrupt_data import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
 from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed, run_main
 from models.diffusion import GaussianDiffusion
+from models.text import build_text_encoder, cep_on_tokens
 from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, build_model
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
@@ -46,11 +47,16 @@ def get_parser():
     a("--image-size", type=int, default=None, help="imagefolder crop size (default 256); fashion-mnist is 32")
     a("--model", default="DiT-T/4", help=f"one of {', '.join(MODEL_NAMES)}")
     a("--class-cond", default="crossattn", choices=CLASS_COND_MODES, help="U-Net: class token by cross-attention (LDM) or added to the time embedding (ADM)")
+    # text conditioning (caption datasets)
+    a("--text-encoder", default="scratch", help="scratch (offline default) | bert[:dir|hub id] (trained jointly, the paper) | clip[:dir|hub id] (frozen)")
+    a("--text-mode", default="crossattn", choices=("crossattn", "pooled"), help="DiT on text: cross-attention or pooled caption embedding")
+    a("--caption-length", type=int, default=32, help="tokens per caption (padded / truncated)")
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True, help="predict the variance too (hybrid loss)")
     a("--vae", default=None, help="train on the latents corrupt_data.py --vae pre-extracted with this autoencoder")
     # condition corruption (corrupt_data.py)
     a("--corrupt", type=float, default=0.0, help="ratio η of training labels to corrupt, in [0, 1)")
-    a("--corrupt-type", default="symmetric", choices=CORRUPT_TYPES)
+    a("--corrupt-type", default=None, choices=CORRUPT_TYPES, help="default: symmetric (labels), swap (captions)")
+    a("--rewrites", default=None, help="--corrupt-type rewrite: file of `index<TAB>rewritten caption` lines")
     a("--groups", default=None, help="asymmetric corruption: class-group file (imagefolder)")
     a("--corrupt-resample", action="store_true", help="re-draw the corrupted labels every epoch instead of once")
     # CEP and the paper's baselines
@@ -59,7 +65,7 @@ def get_parser():
     a("--cep-gamma", type=float, default=1.0, help="CEP magnitude γ: δ scale is γ/√d")
     a("--cep-fixed", action="store_true", help="ablation: one δ per training example, drawn once")
     a("--input-perturbation", type=float, default=0.0, help="IP baseline (Ning et al. 2023): λ in x_t from ε + λξ")
-    a("--class-dropout", type=float, default=0.1, help="label dropout to the null class (classifier-free guidance)")
+    a("--class-dropout", type=float, default=0.1, help="condition dropout to the null class / empty caption (classifier-free guidance)")
     # optimisation
     a("--seed", type=int, default=0)
     a("--global-batch-size", type=int, default=64, help="summed over all ranks; fixed whatever the world size")
@@ -126,7 +132,7 @@ def setup_distributed(device_flag):
 
 def default_run_name(args):
     name = f"{args.model.replace('/', '-')}_{args.dataset}_eta{args.corrupt:g}"
-    if args.corrupt and args.corrupt_type != "symmetric":
+    if args.corrupt and args.corrupt_type not in (None, "symmetric", "swap"):
         name += f"-{args.corrupt_type}"
     if args.cep:
         name += f"_cep-{args.cep_type}{args.cep_gamma:g}" + ("-fixed" if args.cep_fixed else "")
@@ -258,17 +264,24 @@ def train(args, parser, rank, world, device):
     key = dataset_key(args.dataset, dataset)
     if args.vae:  # latent diffusion: the same examples and conditions, as pre-extracted latents
         dataset = LatentDataset(latent_dir(args.out_dir, key, args.vae, dataset.image_size), dataset)
-    labels, manifest, manifest_file = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed, args.corrupt_type, args.groups)
-    num_classes = len(dataset.classes)
+    conditions, manifest, manifest_file = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed,
+                                                             args.corrupt_type, args.groups, args.rewrites)
+    text = is_text_dataset(dataset)
+    if text and args.cep_fixed:
+        raise UsageError("--cep-fixed is implemented for class labels only")
+    num_classes = 0 if text else len(dataset.classes)
     model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
                         num_classes=num_classes, class_dropout=args.class_dropout, learn_sigma=args.learn_sigma)
-    if args.model in UNET_CONFIGS:
+    if args.model in UNET_CONFIGS and not text:
         model_config["class_cond"] = args.class_cond
     torch.manual_seed(args.seed)  # same initial weights on every rank and every world size
     try:
-        model = build_model(**model_config).to(device)
-    except ValueError as e:  # e.g. an input size the U-Net's levels do not divide
-        raise UsageError(f"--model {args.model}: {e}")
+        encoder = build_text_encoder(args.text_encoder, dataset.captions, args.caption_length) if text else None
+        model = build_model(**model_config, **({"text_encoder": encoder, "text_mode": args.text_mode} if text else {})).to(device)
+    except ValueError as e:  # an input size the U-Net's levels do not divide, a text encoder not found, ...
+        raise UsageError(f"--model {args.model}: {str(e).splitlines()[0]}")
+    if text:
+        model_config.update(text_encoder=encoder.config(), text_mode=args.text_mode, num_classes=0)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
                             fused=device.type == "cuda")
@@ -316,8 +329,8 @@ def train(args, parser, rank, world, device):
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
-    train_labels = torch.from_numpy(labels).to(device)
-    labels_epoch = None
+    train_conditions = conditions if text else torch.from_numpy(conditions).to(device)
+    conditions_epoch = None
     B, share = args.global_batch_size, slice(rank, None, world)
     flops_per_image = 3 * model.flops_per_forward()
     peak_tflops = measure_matmul_tflops(device) if device.type == "cuda" else None
@@ -326,10 +339,14 @@ def train(args, parser, rank, world, device):
     t_last, steps_since_log = time.perf_counter(), 0
     for step in range(start_step, args.max_steps):
         x, idx, epoch = next(data)
-        if args.corrupt_resample and epoch != labels_epoch:  # ablation: a fresh corrupted set each epoch
-            resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, [args.seed, 0xC0FFEE, epoch],
-                                         args.corrupt_type, manifest["groups"])  # never the base seed's draw
-            train_labels, labels_epoch = torch.from_numpy(resampled).to(device), epoch
+        if args.corrupt_resample and epoch != conditions_epoch:  # ablation: a fresh corrupted set each epoch
+            seed = [args.seed, 0xC0FFEE, epoch]  # never the base seed's draw
+            if text:
+                train_conditions = corrupt_captions(dataset.captions, args.corrupt, seed)[0]
+            else:
+                resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, seed, args.corrupt_type, manifest["groups"])
+                train_conditions = torch.from_numpy(resampled).to(device)
+            conditions_epoch = epoch
         # every random draw of the step, for the global batch; this rank keeps rows rank::world
         g = step_generator(args.seed, step, device)
         if args.vae:  # x holds (mean, logvar) of the KL posterior, or (h,) for VQ: z = scale * sample
@@ -343,16 +360,26 @@ def train(args, parser, rank, world, device):
         noise = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
         dropped = (torch.rand(B, generator=g, device=device) < args.class_dropout)[share]
         xi = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share] if args.input_perturbation else None
-        y = torch.where(dropped, num_classes, train_labels[idx])
         delta = None
-        if args.cep:
-            if args.cep_fixed:
-                delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
-            else:
-                delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
-            delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
+        if text:  # dropped rows get the empty caption, the null condition
+            captions = ["" if d else train_conditions[i] for i, d in zip(idx.tolist(), dropped.tolist())]
+            tokens = model.tokenize(captions)
+            cond = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            if args.cep:  # δ on every caption token (drawn for the global batch), none on padding or null rows
+                L = cond[0].shape[1]
+                delta = cep_on_tokens(torch.zeros(B, L, model.cond_dim, device=device), torch.ones(B, L), args.cep_gamma,
+                                      args.cep_type, generator=g)[share]
+                delta = delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))
+        else:
+            cond = (torch.where(dropped, num_classes, train_conditions[idx]),)
+            if args.cep:  # δ on the class embedding c_θ(y)
+                if args.cep_fixed:
+                    delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
+                else:
+                    delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
+                delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
         with autocast:
-            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, y=y, cond_noise=delta), x, t, noise,
+            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta), x, t, noise,
                                                args.input_perturbation, xi)
         loss = losses["loss"].mean()
         scaler.scale(loss).backward()

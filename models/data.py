@@ -20,10 +20,10 @@ FASHION_MNIST_GROUPS = [["T-shirt/top", "Pullover", "Coat", "Shirt"], ["Sandal",
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DATASETS = ("fashion-mnist", "imagefolder", "fashion-mnist-captions", "captions")
 # the embedded text default: Fashion-MNIST with captions from a few templates per class
-FASHION_MNIST_NAMES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                       "bag", "ankle boot"]
-CAPTION_TEMPLATES = ["a photo of a {}", "a black and white photo of a {}", "a small picture of a {}",
-                     "a {} on a dark background", "a low-resolution photo of a {}"]
+FASHION_MNIST_NAMES = ["a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat", "a sandal", "a shirt",
+                       "a sneaker", "a bag", "an ankle boot"]
+CAPTION_TEMPLATES = ["a photo of {}", "a black and white photo of {}", "a small picture of {}",
+                     "{} on a dark background", "a low-resolution photo of {}"]
 
 
 

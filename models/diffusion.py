@@ -148,20 +148,25 @@ def dpm_solver_timesteps(num_timesteps, steps):
     return np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64).tolist()
 
 
-def classifier_free_guidance(model, y, null_label, scale, guided_channels=None):
-    """A model function with guidance ε̃ = ε(∅) + s (ε(y) - ε(∅)) (Ho & Salimans, Eq. 6), with the
-    conditional and unconditional halves in one batched forward. All ε channels are guided unless
+def classifier_free_guidance(model, cond, null_cond, scale, guided_channels=None):
+    """A model function with guidance ε̃ = ε(∅) + s (ε(c) - ε(∅)) (Ho & Salimans, Eq. 6), the
+    conditional and unconditional halves in one batched forward model(x, t, *cond). cond: the
+    condition tensors (labels y, or caption ids and mask); null_cond: the null condition (the null
+    class index for labels, or tensors like cond). All ε channels are guided unless
     guided_channels = k (DiT's legacy behaviour guides only the first 3 of 4 latent channels);
-    learned-variance channels are taken from the conditional half. scale = 1: no extra forward."""
+    learned-variance channels come from the conditional half. scale = 1: no extra forward."""
+    cond = cond if isinstance(cond, tuple) else (cond,)
+    if not isinstance(null_cond, tuple):
+        null_cond = (torch.full_like(cond[0], null_cond),) if isinstance(null_cond, int) else (null_cond,)
     if scale == 1:
-        return lambda x, t: model(x, t, y)
+        return lambda x, t: model(x, t, *cond)
 
     def guided(x, t):
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
-        cond, uncond = out.chunk(2)
-        k = guided_channels or x.shape[1]
-        eps = torch.cat([uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:x.shape[1]]], dim=1)
-        return torch.cat([eps, cond[:, x.shape[1]:]], dim=1)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([c, n]) for c, n in zip(cond, null_cond)))
+        c_out, u_out = out.chunk(2)
+        k, C = guided_channels or x.shape[1], x.shape[1]
+        eps = torch.cat([u_out[:, :k] + scale * (c_out[:, :k] - u_out[:, :k]), c_out[:, k:C]], dim=1)
+        return torch.cat([eps, c_out[:, C:]], dim=1)
     return guided
 
 

@@ -270,3 +270,31 @@ def cep_on_tokens(embeddings, attention_mask, gamma, kind, generator=None, keep_
     if keep_rows is not None:
         keep = keep & keep_rows.to(embeddings.device).bool()[:, None]
     return (delta * keep[..., None]).to(embeddings.dtype)
+
+
+class TextConditioned(nn.Module):
+    """A denoiser (DiT or U-Net) conditioned on captions through a text encoder that is trained
+    jointly (scratch, BERT: as the paper's CC3M LDM) or frozen (CLIP). One module, so DDP, EMA and
+    checkpoints cover both. forward(x, t, input_ids, attention_mask, cond_noise=None): cond_noise is
+    the token-level CEP δ (cep_on_tokens), added to the encoder output (d = its width)."""
+
+    def __init__(self, denoiser, text_encoder):
+        super().__init__()
+        self.denoiser, self.text_encoder = denoiser, text_encoder
+        for name in ("in_channels", "out_channels", "input_size", "learn_sigma"):
+            setattr(self, name, getattr(denoiser, name))
+        self.num_classes, self.cond_dim = 0, text_encoder.width
+        self.takes_mask = "context_mask" in denoiser.forward.__code__.co_varnames
+
+    def tokenize(self, captions):
+        return self.text_encoder.tokenize(list(captions))
+
+    def forward(self, x, t, input_ids, attention_mask, cond_noise=None):
+        context = self.text_encoder(input_ids, attention_mask)
+        if cond_noise is not None:
+            context = context + cond_noise.to(context.dtype)  # CEP on every caption token
+        extra = {"context_mask": attention_mask} if self.takes_mask else {}
+        return self.denoiser(x, t, context=context, **extra)
+
+    def flops_per_forward(self):
+        return self.denoiser.flops_per_forward()  # the text encoder's cost is not counted

@@ -75,7 +75,8 @@ def test_fashion_mnist_captions(tmp_path):
     labels = make_fake_fmnist(tmp_path, n=50)
     ds = FashionMNISTCaptions(str(tmp_path))
     assert len(ds.captions) == 50 and np.array_equal(ds.labels, labels)
-    assert ds.captions[3] == CAPTION_TEMPLATES[3].format(["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"][labels[3]])
+    names = ["a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat", "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot"]
+    assert ds.captions[3] == CAPTION_TEMPLATES[3].format(names[labels[3]])
 
 
 def make_images(folder, n):
