@@ -174,7 +174,8 @@ def diversity_metrics(gen_feats, labels, train_feats, train_labels, suffix, mem_
          "memorization" + suffix: M.memorization_ratio(unit(train_feats), unit(gen_feats), mem_threshold)}
     if labels is not None:
         m["rmd_top1" + suffix] = M.top_fraction_mean(M.rmd(train_feats, train_labels, gen_feats, labels), 0.01)
-        m["intra_class_l2" + suffix] = M.intra_class_distance(gen_feats, labels)
+        if np.bincount(labels).max() >= 2:  # defined once some class has two samples
+            m["intra_class_l2" + suffix] = M.intra_class_distance(gen_feats, labels)
     return m
 
 
