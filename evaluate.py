@@ -141,27 +141,48 @@ def inception_features_and_logits(net, images, device, batch_size=100):
 
 
 def clip_network(spec, device):
-    """CLIP image tower (the paper: ViT-B/16, hub id openai/clip-vit-base-patch16) and its
-    preprocessing, from a local folder or the hub."""
+    """CLIP (the paper: ViT-B/16, hub id openai/clip-vit-base-patch16) with its image preprocessing
+    and tokenizer, from a local folder or the hub."""
     try:
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-        model = CLIPVisionModelWithProjection.from_pretrained(spec).to(device).eval()
-        return model, CLIPImageProcessor.from_pretrained(spec)
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        model = CLIPModel.from_pretrained(spec).to(device).eval()
+        return model, CLIPImageProcessor.from_pretrained(spec), CLIPTokenizer.from_pretrained(spec)
     except Exception as e:  # noqa: BLE001  (offline, missing folder, not a CLIP model)
         raise UsageError(f"cannot load a CLIP model from {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _unit(x):
+    return x / x.norm(dim=1, keepdim=True)
 
 
 @torch.no_grad()
 def clip_image_features(clip, images, device, batch_size=100):
     """uint8 NHWC -> L2-normalised CLIP image embeddings (float64)."""
-    model, processor = clip
+    model, processor, _ = clip
     out = []
     for start in range(0, len(images), batch_size):
         batch = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in images[start: start + batch_size]]
         pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-        emb = model(pixel_values=pixels).image_embeds.double()
-        out.append((emb / emb.norm(dim=1, keepdim=True)).cpu())
+        out.append(_unit(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).double()).cpu())
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def clip_text_features(clip, texts, device, batch_size=100):
+    """Captions -> L2-normalised CLIP text embeddings (float64), 77-token truncation."""
+    model, _, tokenizer = clip
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tok = tokenizer(texts[start: start + batch_size], padding=True, truncation=True,
+                        max_length=min(77, model.config.text_config.max_position_embeddings), return_tensors="pt").to(device)
+        pooled = model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
+        out.append(_unit(model.text_projection(pooled).double()).cpu())
+    return torch.cat(out).numpy()
+
+
+def clip_score(image_feats, text_feats):
+    """CLIP score (Hessel et al. 2021, as torchmetrics): mean of max(100 cos(image, caption), 0)."""
+    return float(np.maximum(100 * (image_feats * text_feats).sum(axis=1), 0).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,11 +251,17 @@ def evaluate(args):
     metrics = compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, args.mem_threshold)
     if labels is not None and features == "fmnist":
         metrics["accuracy"] = M.condition_accuracy(gen_logits, labels)
-    if clip:  # the paper's feature space for RMD, top-5 L2 and memorisation
+    prompts_file = os.path.join(folder, "prompts.txt")
+    if clip and os.path.exists(prompts_file):  # text models: agreement of each image with its caption
+        with open(prompts_file, encoding="utf-8") as f:
+            prompts = f.read().splitlines()[: len(images)]
+        metrics["clip_score"] = clip_score(clip_image_features(clip, images, device), clip_text_features(clip, prompts, device))
+    if clip and labels is not None:  # the paper's feature space for RMD, top-5 L2 and memorisation
         train_x, train_y = dataset_split(dataset, data_path, "train", run_config.get("image_size"))
         metrics.update({k: float(v) for k, v in diversity_metrics(
             clip_image_features(clip, images, device), labels, clip_image_features(clip, train_x, device), train_y,
             "_clip", args.mem_threshold).items()})
+    if clip:
         out["clip"] = args.clip
     out["metrics"] = metrics
     out["sample_config"] = config

@@ -20,11 +20,11 @@ embeddings `context` (N, L, text_dim) from a frozen text encoder and a 0/1 `cont
   "crossattn": the same c, plus in every block a cross-attention from the image tokens to the
                projected caption tokens between self-attention and MLP, whose zero-initialised output
                projection keeps the block the identity at init (adaLN-Zero spirit).
-The null condition is the empty caption, encoded by the caller. CEP on text perturbs every token
-embedding of the caption: the model (and only the model; the caller must not add it itself) adds
-`cond_noise` to every valid token of `context` before pooling and projection; a (N, text_dim) δ,
-what models/cep.py draws, is shared by all tokens of a caption, a (N, L, text_dim) δ is per token.
-Padding tokens (mask 0) are zeroed first, so neither their values nor their δ reach the output.
+The null condition is the empty caption, encoded by the caller (which gives its rows δ = 0, as for the
+null class). CEP on text perturbs every token embedding of the caption: the model, and only the model
+(the caller must not add it too), adds `cond_noise` to every valid token of `context` before pooling
+and projection; a (N, text_dim) δ, what models/cep.py draws, is shared by the tokens of a caption, a
+(N, L, text_dim) δ is per token. Padding (mask 0) is zeroed first: neither its values nor its δ count.
 `cond_dim` is then text_dim, the width of the embedding CEP perturbs.
 """
 import math
@@ -110,6 +110,31 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
+class CrossAttention(nn.Module):
+    """Queries from the image tokens x (N, T, D), keys and values from the caption tokens (N, L, D)
+    (already projected to width D); `mask` (N, L) bool, True = real token, False = padding, which
+    the softmax never sees. A caption without any real token contributes exactly zero."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)  # zero-initialised by DiT.initialize_weights: the gate of this branch
+
+    def forward(self, x, context, mask=None):
+        (B, T, D), L, H = x.shape, context.shape[1], self.num_heads
+        if mask is None:
+            mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
+        q = self.q(x).view(B, T, H, D // H).transpose(1, 2)
+        k, v = self.kv(context).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        any_token = mask.any(dim=1)
+        # an all-padding row would give softmax over nothing (NaN): let it attend anywhere, then zero it
+        keep = (mask | ~any_token[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D)) * any_token[:, None, None]
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden_dim):
         super().__init__()
@@ -124,19 +149,28 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the condition c (adaLN-Zero): shift,
     scale and a residual gate for both the attention and the MLP branch, regressed from c by a
-    zero-initialised linear so that every block starts as the identity."""
+    zero-initialised linear so that every block starts as the identity. With `cross_attn`, a
+    (LayerNorm -> cross-attention to the caption tokens) residual branch sits between the two; its
+    zero-initialised output projection keeps the block the identity at init."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cross_attn=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
+        if cross_attn:
+            self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, num_heads)
+        else:
+            self.cross_attn = None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c, context=None, context_mask=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -166,10 +200,24 @@ def sincos_pos_embed_2d(embed_dim, grid_size):
     return np.concatenate([one_axis(embed_dim // 2, grid_w), one_axis(embed_dim // 2, grid_h)], axis=1)
 
 
+TEXT_MODES = ("pooled", "crossattn")
+
+
 class DiT(nn.Module):
+    """Class-conditional (num_classes > 0, the default 1000) or text-conditional (text_dim > 0,
+    num_classes = 0 or None) DiT; see the module docstring. `t_freq_shift=1` reproduces the timestep
+    frequencies of diffusers' DiTTransformer2DModel (see `dit_state_dict_from_diffusers`)."""
+
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout=0.1, num_classes=1000, learn_sigma=True):
+                 mlp_ratio=4.0, class_dropout=0.1, num_classes=None, learn_sigma=True, text_dim=0,
+                 text_mode="pooled", t_freq_shift=0):
         super().__init__()
+        num_classes = (0 if text_dim else 1000) if num_classes is None else num_classes
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"unknown text_mode '{text_mode}'; choose one of {TEXT_MODES}")
+        if (text_dim > 0) == (num_classes > 0):
+            raise ValueError("a DiT is conditioned on class labels (num_classes > 0) or on text (text_dim > 0, "
+                             f"num_classes = 0), not {'both' if text_dim else 'neither'}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -177,22 +225,27 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.num_classes = num_classes
         self.hidden_size = hidden_size
+        self.text_dim, self.text_mode = text_dim, text_mode
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=t_freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout) if num_classes else None
+        cross = bool(text_dim) and text_mode == "crossattn"
+        self.text_pool = nn.Linear(text_dim, hidden_size) if text_dim else None  # masked-mean caption -> c
+        self.context_proj = nn.Linear(text_dim, hidden_size) if cross else None  # caption tokens for cross-attn
         num_patches = (input_size // patch_size) ** 2
         # fixed, not learned; kept as a frozen Parameter so the official state dict (which has it) loads
         pos = torch.from_numpy(sincos_pos_embed_2d(hidden_size, input_size // patch_size)).float()
         self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
         assert self.pos_embed.shape[1] == num_patches
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, cross) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     @property
     def cond_dim(self):
-        """Width d of the condition embedding that CEP perturbs."""
-        return self.hidden_size
+        """Width d of the condition embedding that CEP perturbs: the class embedding (hidden_size) or
+        the caption token embeddings (text_dim)."""
+        return self.text_dim or self.hidden_size
 
     def initialize_weights(self):
         def basic_init(module):
@@ -203,13 +256,16 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight  # init the patch conv like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every modulation and the output projection start at zero
+        # adaLN-Zero: every modulation, every cross-attention output and the output projection start at zero
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            zero = [block.adaLN_modulation[-1]] + ([block.cross_attn.proj] if block.cross_attn is not None else [])
+            for layer in zero:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -222,23 +278,47 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, cond_noise=None):
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (num_classes = null),
-        cond_noise: optional (N, hidden_size) CEP perturbation δ added to the class embedding."""
-        x = self.x_embedder(x) + self.pos_embed
-        y_emb = self.y_embedder(y)
+    def embed_text(self, context, context_mask=None, cond_noise=None):
+        """Caption tokens (N, L, text_dim) -> (pooled condition (N, D), tokens for cross-attention
+        (N, L, D) or None, bool mask (N, L)). CEP δ is added here to every valid token."""
+        if context is None:
+            raise ValueError("a text-conditioned DiT needs `context` (caption token embeddings)")
+        mask = (torch.ones(context.shape[:2], dtype=torch.bool, device=context.device) if context_mask is None
+                else context_mask.bool())
         if cond_noise is not None:
-            y_emb = y_emb + cond_noise.to(y_emb.dtype)  # CEP: c_θ(y) + δ  (Chen et al. 2024, Eq. 3)
-        c = self.t_embedder(t) + y_emb
+            noise = cond_noise.to(context.dtype)
+            context = context + (noise.unsqueeze(1) if noise.dim() == 2 else noise)
+        context = context.masked_fill(~mask.unsqueeze(-1), 0.0)  # padding carries nothing, whatever its values
+        pooled = context.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1).to(context.dtype)
+        tokens = self.context_proj(context) if self.context_proj is not None else None
+        return self.text_pool(pooled), tokens, mask
+
+    def forward(self, x, t, y=None, cond_noise=None, context=None, context_mask=None):
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (num_classes = null) of a class
+        model; context (N, L, text_dim) and context_mask (N, L) (1 = token, 0 = padding; None = all 1)
+        of a text model. cond_noise: optional CEP perturbation δ, (N, hidden_size) added to the class
+        embedding, or (N, text_dim) / (N, L, text_dim) added to every valid caption token."""
+        x = self.x_embedder(x) + self.pos_embed
+        tokens = mask = None
+        if self.text_dim:
+            cond, tokens, mask = self.embed_text(context, context_mask, cond_noise)
+        else:
+            if y is None:
+                raise ValueError("a class-conditional DiT needs labels `y`")
+            cond = self.y_embedder(y)
+            if cond_noise is not None:
+                cond = cond + cond_noise.to(cond.dtype)  # CEP: c_θ(y) + δ  (Chen et al. 2024, Eq. 3)
+        c = self.t_embedder(t) + cond
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, tokens, mask)
         return self.unpatchify(self.final_layer(x, c))
 
-    def flops_per_forward(self):
+    def flops_per_forward(self, context_len=77):
         """Matmul FLOPs (2 per multiply-add) of one forward pass for one image; a training step
-        costs about 3x this (forward + backward). Elementwise ops are ignored, as in MFU reports."""
+        costs about 3x this (forward + backward). Elementwise ops are ignored, as in MFU reports.
+        `context_len` is the (padded) caption length L a text model attends to."""
         D, T = self.hidden_size, self.pos_embed.shape[1]
-        p, depth = self.patch_size, len(self.blocks)
+        p, depth, L = self.patch_size, len(self.blocks), context_len
         mlp_hidden = self.blocks[0].mlp.fc1.out_features if depth else 0
         per_block = (2 * T * D * 3 * D          # qkv
                      + 2 * 2 * T * T * D        # q k^T and attn v
@@ -247,7 +327,14 @@ class DiT(nn.Module):
                      + 2 * D * 6 * D)           # adaLN modulation (once per image)
         embed = 2 * T * p * p * self.in_channels * D + 2 * (self.t_embedder.frequency_embedding_size * D + D * D)
         final = 2 * T * D * p * p * self.out_channels + 2 * D * 2 * D
-        return depth * per_block + embed + final
+        text = 2 * self.text_dim * D            # pooled caption projection
+        if self.context_proj is not None:
+            text += 2 * L * self.text_dim * D   # caption tokens -> width D
+            per_block += (2 * T * D * D         # cross-attention q
+                          + 2 * L * D * 2 * D   # k, v from the caption tokens
+                          + 2 * 2 * T * L * D   # q k^T and attn v
+                          + 2 * T * D * D)      # output projection
+        return depth * per_block + embed + final + text
 
 
 # depth, hidden size, heads of the DiT paper (Table 1), plus a tiny one for CPU runs
@@ -263,16 +350,20 @@ def build_dit(name, **kwargs):
 
 
 def config_from_state_dict(sd):
-    """Model config of an official DiT checkpoint (a bare state dict, e.g. DiT-XL-2-256x256.pt)."""
+    """Model config of a bare state dict: official DiT checkpoint (DiT-XL-2-256x256.pt) or our text model."""
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     name = next((n for n, c in DIT_CONFIGS.items() if (c["depth"], c["hidden_size"], c["patch_size"]) == (depth, hidden, patch)), None)
     if name is None:
         raise ValueError(f"no DiT config with depth {depth}, width {hidden}, patch {patch}")
     out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    return dict(name=name, input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch, in_channels=in_channels,
-                num_classes=rows - 1, class_dropout=0.1, learn_sigma=out_channels == 2 * in_channels)
+    config = dict(name=name, input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch, in_channels=in_channels)
+    if "text_pool.weight" in sd:
+        config.update(num_classes=0, text_dim=sd["text_pool.weight"].shape[1],
+                      text_mode="crossattn" if "context_proj.weight" in sd else "pooled")
+    else:
+        config.update(num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, class_dropout=0.1)
+    return dict(config, learn_sigma=out_channels == 2 * in_channels)
 
 
 def dit_from_checkpoint(ckpt, use_ema=True):
@@ -287,3 +378,47 @@ def dit_from_checkpoint(ckpt, use_ema=True):
     model = build_dit(config.pop("name"), **config)
     model.load_state_dict(weights)
     return model.eval()
+
+
+def dit_state_dict_from_diffusers(sd, sample_size=32):
+    """State dict of a diffusers `DiTTransformer2DModel` -> ours. Per block: attn1.to_q/k/v -> attn.qkv
+    (rows q, k, v), attn1.to_out.0 -> attn.proj, ff.net.0.proj / ff.net.2 -> mlp.fc1 / fc2, norm1.linear ->
+    adaLN_modulation.1 (same shift/scale/gate order); proj_out_1 / proj_out_2 -> final_layer.adaLN_modulation.1
+    / final_layer.linear. diffusers gives every block its own timestep and class embedder
+    (norm1.emb.timestep_embedder / class_embedder; the final layer reuses block 0's); ours shares one,
+    so all copies must be equal (as in converted official checkpoints), else ValueError. pos_embed is
+    a non-persistent buffer there: rebuilt here for the latent side `sample_size` (config.sample_size).
+    Conventions that differ (pinned down in tests/test_dit_diffusers.py):
+      * timestep frequencies: diffusers has downscale_freq_shift=1 (10000^(-i/127)), the official DiT
+        10000^(-i/128): build our DiT with t_freq_shift=1 to reproduce diffusers;
+      * the pre-MLP LayerNorm eps is diffusers' config.norm_eps (default 1e-5; 1e-6 in the official DiT
+        and ours): outputs agree exactly only for norm_eps=1e-6, otherwise to ~1e-6 relative;
+      * null class = row num_embeds_ada_norm in both, but diffusers' LabelEmbedding drops labels itself
+        in train() (p = 0.1, independently in every block's copy): compare in eval()."""
+    sd, out = dict(sd), {}
+    for src, dst in [("pos_embed.proj", "x_embedder.proj"), ("proj_out_1", "final_layer.adaLN_modulation.1"),
+                     ("proj_out_2", "final_layer.linear")]:
+        for kind in ("weight", "bias"):
+            out[f"{dst}.{kind}"] = sd.pop(f"{src}.{kind}")
+    depth = len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})
+    emb_keys = {f"timestep_embedder.linear_{j}.{k}": f"t_embedder.mlp.{2 * j - 2}.{k}"
+                for j in (1, 2) for k in ("weight", "bias")}
+    emb_keys["class_embedder.embedding_table.weight"] = "y_embedder.embedding_table.weight"
+    for i in range(depth):
+        b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+        for src, dst in emb_keys.items():
+            value = sd.pop(f"{b}norm1.emb.{src}")
+            if i == 0:
+                out[dst] = value
+            elif not torch.equal(value, out[dst]):
+                raise ValueError(f"block {i}'s norm1.emb.{src} differs from block 0's: our DiT shares one embedder")
+        for kind in ("weight", "bias"):
+            out[f"{o}attn.qkv.{kind}"] = torch.cat([sd.pop(f"{b}attn1.to_{n}.{kind}") for n in "qkv"], dim=0)
+            for src, dst in [("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                             ("norm1.linear", "adaLN_modulation.1")]:
+                out[f"{o}{dst}.{kind}"] = sd.pop(f"{b}{src}.{kind}")
+    if sd:
+        raise ValueError(f"diffusers keys with no counterpart in our DiT: {sorted(sd)[:8]}")
+    hidden, _, patch, _ = out["x_embedder.proj.weight"].shape
+    out["pos_embed"] = torch.from_numpy(sincos_pos_embed_2d(hidden, sample_size // patch)).float().unsqueeze(0)
+    return out

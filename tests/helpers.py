@@ -55,3 +55,30 @@ def tree_snapshot(root):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = hashlib.sha1(fh.read()).hexdigest()
     return out
+
+
+def make_tiny_clip(folder, seed=0):
+    """A randomly initialised tiny CLIPModel (text + vision towers) with a byte-level BPE tokenizer
+    of a few words and an image processor, saved like a hub folder, for offline tests."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    merges = ["p h", "ph o", "pho t", "phot o</w>", "o f</w>", "b a", "ba g</w>"]
+    tokens = letters + [c + "</w>" for c in letters] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
+                                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
+                        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2), projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)

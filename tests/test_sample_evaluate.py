@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import make_fake_fmnist, run_script, tree_snapshot  # noqa: E402
+from tests.helpers import make_fake_fmnist, make_tiny_clip, run_script, tree_snapshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +170,10 @@ def test_clip_diversity_metrics_with_a_tiny_random_clip(trained, tmp_path):
     """The CLIP path (the paper's feature space for RMD / top-5 L2 / memorisation) with a randomly
     initialised tiny CLIP vision tower saved offline, checked against the same metrics computed
     directly on its embeddings."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from models import metrics as M
     from evaluate import clip_image_features, clip_network
-    torch.manual_seed(0)
-    config = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
-    transformers.CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
+    make_tiny_clip(tmp_path / "clip")
     root, out = trained
     run_script("sample.py", ["--run", out / "demo", "--num-samples", "20", "--batch-size", "20", "--steps", "4", "--tag", "clip"])
     run_script("evaluate.py", ["--samples", out / "demo" / "samples" / "clip", "--clip", tmp_path / "clip"])

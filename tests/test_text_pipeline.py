@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import make_fake_fmnist, run_script  # noqa: E402
+from tests.helpers import make_fake_fmnist, make_tiny_clip, run_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,21 @@ def test_text_model_two_ranks_match_one_and_sample(data, model):
     prompts = (sdir / "prompts.txt").read_text().splitlines()
     assert len(prompts) == 6 and all(p.startswith(("a ", "an ")) for p in prompts)
     assert np.load(sdir / "samples.npz")["arr_1"].min() >= 0  # held-out captions carry their class
-    run_script("evaluate.py", ["--samples", sdir, "--data-path", data / "data"])
-    assert "accuracy" in json.loads((sdir / "metrics.json").read_text())["metrics"]
+    make_tiny_clip(data / f"clip-{tag}")
+    run_script("evaluate.py", ["--samples", sdir, "--data-path", data / "data", "--clip", data / f"clip-{tag}"])
+    metrics = json.loads((sdir / "metrics.json").read_text())["metrics"]
+    assert "accuracy" in metrics and 0 <= metrics["clip_score"] <= 100
+    # CLIP score against an independent computation with transformers' own CLIPModel forward
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    clip = CLIPModel.from_pretrained(data / f"clip-{tag}").eval()
+    images = [Image.fromarray(a[..., 0]).convert("RGB") for a in np.load(sdir / "samples.npz")["arr_0"]]
+    inputs = CLIPTokenizer.from_pretrained(data / f"clip-{tag}")(prompts, padding=True, return_tensors="pt")
+    inputs["pixel_values"] = CLIPImageProcessor.from_pretrained(data / f"clip-{tag}")(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        o = clip(**inputs)
+    cos = (o.image_embeds * o.text_embeds).sum(1) / (o.image_embeds.norm(dim=1) * o.text_embeds.norm(dim=1))
+    assert metrics["clip_score"] == pytest.approx(float((100 * cos).clamp(min=0).mean()), rel=1e-4, abs=1e-4)
 
 
 def test_prompts_file_and_bad_text_input(data, tmp_path):
