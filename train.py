@@ -344,7 +344,7 @@ def train(args, parser, rank, world, device):
             if text:
                 train_conditions = corrupt_captions(dataset.captions, args.corrupt, seed)[0]
             else:
-                resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, seed, args.corrupt_type, manifest["groups"])
+                resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, seed, manifest["corrupt_type"], manifest["groups"])
                 train_conditions = torch.from_numpy(resampled).to(device)
             conditions_epoch = epoch
         # every random draw of the step, for the global batch; this rank keeps rows rank::world
