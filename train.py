@@ -269,6 +269,8 @@ def train(args, parser, rank, world, device):
     text = is_text_dataset(dataset)
     if text and args.cep_fixed:
         raise UsageError("--cep-fixed is implemented for class labels only")
+    if text and args.corrupt_resample and manifest["corrupt_type"] == "rewrite":
+        raise UsageError("--corrupt-resample re-draws caption swaps; it does not apply to --corrupt-type rewrite")
     num_classes = 0 if text else len(dataset.classes)
     model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
                         num_classes=num_classes, class_dropout=args.class_dropout, learn_sigma=args.learn_sigma)
