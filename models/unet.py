@@ -30,25 +30,17 @@ condition embedding before it is used anywhere:
 As in dit.py, the caller draws δ (models/cep.py), passes zeros for rows dropped to the null class,
 and passes nothing at sampling.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.dit import LabelEmbedder, TimestepEmbedder
+
 CLASS_COND_MODES = ("crossattn", "add")
 
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal timestep features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / half)
-    (Vaswani et al. 2017; the cos-first order of ADM / LDM, which their checkpoints expect)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+# the sinusoidal timestep features and the class table are DiT's (cos-first order, as ADM / LDM)
+timestep_embedding = TimestepEmbedder.timestep_embedding
 
 
 def conv_flops(conv, out_h, out_w):
@@ -257,20 +249,6 @@ class EmbedSequential(nn.Sequential):
             elif isinstance(layer, Upsample):
                 size = 2 * size
         return total, size
-
-
-class LabelEmbedder(nn.Module):
-    """Class labels -> c_θ(y). Row `num_classes` is the null class of classifier-free guidance; it
-    exists only when the model is trained with label dropout (as in dit.py and LDM's ClassEmbedder,
-    which has 1001 rows for ImageNet)."""
-
-    def __init__(self, num_classes, dim, class_dropout):
-        super().__init__()
-        self.num_classes = num_classes
-        self.embedding_table = nn.Embedding(num_classes + int(class_dropout > 0), dim)
-
-    def forward(self, y):
-        return self.embedding_table(y)
 
 
 class UNet(nn.Module):
