@@ -31,7 +31,7 @@ from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_d
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed, run_main
 from models.diffusion import GaussianDiffusion
-from models.text import build_text_encoder, cep_on_tokens
+from models.text import FrozenTextCache, build_text_encoder, cep_on_tokens
 from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, build_model
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
@@ -332,6 +332,15 @@ def train(args, parser, rank, world, device):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     train_conditions = conditions if text else torch.from_numpy(conditions).to(device)
+    text_cache = None
+    if text and model.text_encoder.is_frozen:  # a frozen encoder (CLIP) runs once per distinct caption
+        cache_path = os.path.join(args.out_dir, "data", key, f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}")
+        strings = list(dataset.captions) + list(conditions)
+        if master:  # extract once, then every rank maps the file
+            FrozenTextCache(model.text_encoder, strings, cache_path)
+        if world > 1:
+            dist.barrier()
+        text_cache = FrozenTextCache(model.text_encoder, strings, cache_path)
     conditions_epoch = None
     B, share = args.global_batch_size, slice(rank, None, world)
     flops_per_image = 3 * model.flops_per_forward()
@@ -367,13 +376,14 @@ def train(args, parser, rank, world, device):
             captions = ["" if d else train_conditions[i] for i, d in zip(idx.tolist(), dropped.tolist())]
             tokens = model.tokenize(captions)
             cond = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            extra = {"context": text_cache.lookup(captions, device)} if text_cache else {}
             if args.cep:  # δ on every caption token (drawn for the global batch), none on padding or null rows
                 L = cond[0].shape[1]
                 delta = cep_on_tokens(torch.zeros(B, L, model.cond_dim, device=device), torch.ones(B, L), args.cep_gamma,
                                       args.cep_type, generator=g)[share]
                 delta = delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))
         else:
-            cond = (torch.where(dropped, num_classes, train_conditions[idx]),)
+            cond, extra = (torch.where(dropped, num_classes, train_conditions[idx]),), {}
             if args.cep:  # δ on the class embedding c_θ(y)
                 if args.cep_fixed:
                     delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
@@ -381,7 +391,7 @@ def train(args, parser, rank, world, device):
                     delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
                 delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
         with autocast:
-            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta), x, t, noise,
+            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
                                                args.input_perturbation, xi)
         loss = losses["loss"].mean()
         scaler.scale(loss).backward()

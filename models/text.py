@@ -289,8 +289,10 @@ class TextConditioned(nn.Module):
     def tokenize(self, captions):
         return self.text_encoder.tokenize(list(captions))
 
-    def forward(self, x, t, input_ids, attention_mask, cond_noise=None):
-        context = self.text_encoder(input_ids, attention_mask)
+    def forward(self, x, t, input_ids, attention_mask, cond_noise=None, context=None):
+        """context: pre-extracted encoder output (a frozen encoder, FrozenTextCache); else computed."""
+        if context is None:
+            context = self.text_encoder(input_ids, attention_mask)
         if cond_noise is not None:
             context = context + cond_noise.to(context.dtype)  # CEP on every caption token
         extra = {"context_mask": attention_mask} if self.takes_mask else {}
@@ -298,3 +300,41 @@ class TextConditioned(nn.Module):
 
     def flops_per_forward(self):
         return self.denoiser.flops_per_forward()  # the text encoder's cost is not counted
+
+
+class FrozenTextCache:
+    """Outputs of a frozen text encoder (CLIP), extracted once for every distinct caption string of
+    the training set (and the empty caption) into <path>.npy (float16) + <path>.json, then looked up
+    by string, so training never runs the encoder. Corrupted captions are other strings of the same
+    set (swaps) or extra strings (rewrites): pass all of them."""
+
+    def __init__(self, encoder, captions, path, batch_size=256):
+        import json
+        import numpy as np
+        self.strings = sorted(set(captions) | {""})
+        meta = {"encoder": encoder.config(), "strings": self.strings}
+        if os.path.exists(path + ".json") and os.path.exists(path + ".npy"):
+            with open(path + ".json") as f:
+                if json.load(f) != meta:
+                    raise ValueError(f"{path}.json holds embeddings of other captions or another encoder")
+        else:
+            param = next(encoder.parameters())
+            chunks = []
+            with torch.no_grad():
+                for start in range(0, len(self.strings), batch_size):
+                    tok = encoder.tokenize(self.strings[start: start + batch_size])
+                    chunks.append(encoder(tok["input_ids"].to(param.device), tok["attention_mask"].to(param.device)).half().cpu().numpy())
+            tmp = path + ".tmp.npy"
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            np.save(tmp, np.concatenate(chunks))
+            os.replace(tmp, path + ".npy")
+            with open(path + ".json.tmp", "w") as f:
+                json.dump(meta, f)
+            os.replace(path + ".json.tmp", path + ".json")
+        self.embeddings = np.load(path + ".npy", mmap_mode="r")
+        self.row = {s: i for i, s in enumerate(self.strings)}
+
+    def lookup(self, captions, device):
+        import numpy as np
+        rows = np.asarray([self.row[c] for c in captions])
+        return torch.from_numpy(np.ascontiguousarray(self.embeddings[rows])).float().to(device)

@@ -81,3 +81,25 @@ def test_prompts_file_and_bad_text_input(data, tmp_path):
     proc = run_script("train.py", ["--dataset", "fashion-mnist-captions", "--data-path", data / "data", "--out-dir", out,
                                    "--run", "bad", "--text-encoder", "clip:" + str(tmp_path / "nothing")], check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and not (out / "bad").exists()
+
+
+def test_frozen_clip_text_embeddings_are_extracted_once(data, tmp_path):
+    """With a frozen encoder (CLIP) train.py extracts the embeddings of every distinct caption once
+    (float16 file under <out-dir>/data/) and trains from them; they equal the encoder's output."""
+    from models.text import build_text_encoder
+    make_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "out"
+    run_script("train.py", ["--dataset", "fashion-mnist-captions", "--data-path", data / "data", "--model", "DiT-T/8",
+                            "--max-steps", "2", "--global-batch-size", "8", "--out-dir", out, "--run", "c", "--cep",
+                            "--text-encoder", f"clip:{tmp_path / 'clip'}", "--caption-length", "32", "--corrupt", "0.1"])
+    [meta] = list((out / "data" / "fashion-mnist-captions").glob("text-clip-*.json"))
+    strings = json.loads(meta.read_text())["strings"]
+    emb = np.load(str(meta)[:-5] + ".npy")
+    assert "" in strings and len(strings) == emb.shape[0] <= 51
+    encoder = build_text_encoder(f"clip:{tmp_path / 'clip'}", max_length=32)
+    tok = encoder.tokenize(strings)
+    with torch.no_grad():
+        ref = encoder(tok["input_ids"], tok["attention_mask"]).numpy()
+    assert np.allclose(emb, ref, rtol=2e-3, atol=2e-3)  # float16 storage
+    ck = torch.load(out / "c" / "ckpt" / "last.pt", weights_only=True)
+    assert ck["model_config"]["text_encoder"]["kind"] == "clip"
