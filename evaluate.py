@@ -19,6 +19,8 @@ precision / recall (k = 3), density / coverage (k = 5). Against the training set
 diversity and memorisation metrics): top-1 % RMD, mean top-5 L2 distance, memorisation ratio
 (nearest training image closer than --mem-threshold on L2-normalised features; 0.12 is the
 paper's value for CLIP features) and mean within-class pairwise distance.
+Samples of a Canny-adapted model (finetune.py, sample.py --control): control_f1, the F1 of the edge
+pixels of each image's Canny map against its requested map, within --edge-tolerance pixels.
 """
 import argparse
 import glob
@@ -32,6 +34,7 @@ from PIL import Image
 from models.data import load_dataset
 from models import metrics as M
 from models.classifier import features_and_logits, load_or_train_classifier
+from models.controls import canny, edge_f1
 from models.common import UsageError, atomic_write_json, atomic_write_text, run_main
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -49,6 +52,7 @@ def get_parser():
     a("--mem-threshold", type=float, default=0.12)
     a("--clip", default=None, help="CLIP model (folder or hub id, e.g. openai/clip-vit-base-patch16) for the *_clip diversity metrics")
     a("--compare", default=None, metavar="OUT_DIR", help="tabulate and plot every evaluated run under OUT_DIR")
+    a("--edge-tolerance", type=int, default=1, help="control fidelity: pixels an edge may be off (Canny controls)")
     a("--device", default="auto")
     return p
 
@@ -200,6 +204,17 @@ def diversity_metrics(gen_feats, labels, train_feats, train_labels, suffix, mem_
     return m
 
 
+def control_fidelity(images, controls_npz, run_config, tolerance):
+    """Beyond the paper: how well the images follow their Canny control. The Canny map of each
+    generated image (the run's thresholds) against the requested one: mean F1 of edge pixels
+    matched within `tolerance` pixels (models/controls.py)."""
+    with np.load(controls_npz) as data:
+        wanted = torch.from_numpy(data["arr_0"][: len(images)]).permute(0, 3, 1, 2)
+    gray = torch.from_numpy(images).permute(0, 3, 1, 2)
+    got = canny(gray, run_config.get("canny_low", 100.0), run_config.get("canny_high", 200.0))
+    return float(edge_f1(got, wanted, tolerance).mean())
+
+
 def compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, mem_threshold):
     m = {}
     m["fid" + suffix] = M.fid_from_features(gen_feats, ref_feats)
@@ -263,6 +278,9 @@ def evaluate(args):
             "_clip", args.mem_threshold).items()})
     if clip:
         out["clip"] = args.clip
+    adapter = ((config or {}).get("model_config") or {}).get("adapter")
+    if adapter and adapter["control"] == "canny" and os.path.exists(os.path.join(folder, "controls.npz")):
+        metrics["control_f1"] = control_fidelity(images, os.path.join(folder, "controls.npz"), run_config, args.edge_tolerance)
     out["metrics"] = metrics
     out["sample_config"] = config
     atomic_write_json(os.path.join(folder, "metrics.json"), out)

@@ -1,5 +1,5 @@
 """
-Stage 3: generate class-conditional images from a trained run, sharded over ranks.
+Stage 3: generate images from a trained (or adapted) run, sharded over ranks.
 
     python sample.py --run out/demo --num-samples 100 --sampler ddim --steps 25 --cfg-scale 1.5
     torchrun --nproc_per_node=2 sample.py --run out/demo ...          # same images, half the time each
@@ -10,8 +10,12 @@ and its own generator seeded by (seed, i) for its initial noise and every later 
 are sampled in fixed batches of consecutive indices, batch j on rank j mod W, so 1 or N ranks give
 byte-identical images; a rerun of the same command skips the images already written.
 
+Adapted models (finetune.py --method controlnet / t2i-adapter) need --control <folder>: image i
+follows control image i mod M (and takes its class), e.g. the held-out controls <run>/controls.
+
 Writes <run>/samples/<tag>/: images/<index>.png, samples.npz (ADM evaluator layout: arr_0 uint8
-N x H x W x C, arr_1 labels), grid.png and sample_config.json.
+N x H x W x C, arr_1 labels), grid.png and sample_config.json (and controls.npz: each image's
+control, for evaluate.py's control fidelity).
 """
 import argparse
 import json
@@ -53,7 +57,44 @@ def get_parser():
     a("--vae", default=None, help="autoencoder that decodes a latent model's samples (default: the run's --vae)")
     a("--prompts", default=None, help="text models: a file of captions, one per line (default: held-out captions)")
     a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
+    a("--control", default=None, help="adapted models (finetune.py): folder of control images, <label>/<name>.png "
+      "(or flat, labels i mod K), e.g. <run>/controls; image i gets control i mod M and its label")
     return p
+
+
+def read_controls(folder, model):
+    """The control images of a folder as uint8 (M, C, S, S) and their labels (from class-id
+    sub-folders; -1 when flat). Refuses controls of another kind than the model was adapted to."""
+    adapter = model.config
+    if not os.path.isdir(folder):
+        raise UsageError(f"--control {folder} is not a folder")
+    meta_path = os.path.join(folder, "control.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            kind = json.load(f).get("control")
+        if kind != adapter["control"]:
+            raise UsageError(f"this model was adapted to {adapter['control']} control; {folder} holds {kind} controls")
+    entries = []
+    for dirpath, _, files in sorted(os.walk(folder)):
+        rel = os.path.relpath(dirpath, folder)
+        for f in sorted(files):
+            if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")):
+                if rel != "." and not rel.isdigit():
+                    raise UsageError(f"--control: sub-folders name class ids (0, 1, ...), found {rel}")
+                entries.append((int(rel) if rel != "." else -1, os.path.join(dirpath, f)))
+    if not entries:
+        raise UsageError(f"--control {folder} holds no images")
+    entries.sort(key=lambda e: (e[0], e[1]))
+    mode = "L" if adapter["control_channels"] == 1 else "RGB"
+    maps, size = [], adapter["control_size"]
+    for _, path in entries:
+        with Image.open(path) as img:
+            if img.size != (size, size) or (img.mode == "L") != (mode == "L"):
+                raise UsageError(f"{path} is {img.mode} {img.size[0]}x{img.size[1]}; the model takes "
+                                 f"{adapter['control']} maps ({mode}) of {size}x{size}")
+            arr = np.asarray(img.convert(mode))
+        maps.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return np.stack(maps), np.array([label for label, _ in entries], dtype=np.int64)
 
 
 def load_model(args):
@@ -71,6 +112,11 @@ def load_model(args):
     if model.in_channels not in (1, 3) and not vae_spec:
         raise UsageError(f"{path} is a latent-space model ({model.in_channels} channels): pass --vae to decode its samples")
     args.vae = vae_spec
+    adapted = "adapter" in (ckpt.get("model_config") or {})
+    if adapted and not args.control:
+        raise UsageError(f"{path} was adapted to {ckpt['model_config']['adapter']['control']} control: pass --control <folder>")
+    if args.control and not adapted:
+        raise UsageError(f"--control: {path} is not an adapted model (finetune.py --method controlnet / t2i-adapter)")
     if "model_config" not in ckpt:  # an official DiT state dict: describe it like one of ours
         ckpt = {"model_config": config_from_state_dict(ckpt), "config": {}, "step": None}
     run_dir = args.run or os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -142,6 +188,11 @@ def main():
         raise UsageError("--prompts is for text models; this one is class-conditional")
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise UsageError(f"--class must be in [0, {num_classes})")
+    args.control_maps = args.control_labels = None
+    if args.control:
+        args.control_maps, args.control_labels = read_controls(args.control, model)
+        if num_classes and (args.control_labels >= num_classes).any():
+            raise UsageError(f"--control {args.control} has class folders beyond the model's {num_classes} classes")
     if num_classes and any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:
         raise UsageError("this model was trained without label dropout (no null class): use --cfg-scale 1")
 
@@ -170,6 +221,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
               "sampler": args.sampler, "steps": args.steps, "ddim_eta": args.ddim_eta, "cfg_scale": scale,
               "cfg_channels": args.cfg_channels, "vae": args.vae, "prompts": args.prompts, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
               "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed,
+              "control": os.path.abspath(args.control) if args.control else None,
               "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {})}
     config_path = os.path.join(out, "sample_config.json")
     if os.path.exists(config_path):
@@ -193,6 +245,12 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         labels = np.asarray([args.prompt_labels[i % len(args.prompt_list)] for i in range(args.num_samples)], dtype=np.int64)
     else:
         labels = image_labels(args.num_samples, model.num_classes, args.class_label)
+    controls = None
+    if args.control_maps is not None:  # image i gets control i mod M, and its class when the folder names one
+        rows = np.arange(args.num_samples) % len(args.control_maps)
+        controls = args.control_maps[rows]
+        if not text and args.class_label is None:
+            labels = np.where(args.control_labels[rows] >= 0, args.control_labels[rows], labels)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     shape = (model.in_channels, model.input_size, model.input_size)
     png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
@@ -203,12 +261,11 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
         if text:  # guidance against the empty caption
             tok, null = model.tokenize(prompts[idx.start: idx.stop]), model.tokenize([""] * len(idx))
-            cond = (tok["input_ids"].to(device), tok["attention_mask"].to(device))
-            model_fn = classifier_free_guidance(model, cond, (null["input_ids"].to(device), null["attention_mask"].to(device)),
-                                                scale, args.cfg_channels)
+            cond, null = (tok["input_ids"].to(device), tok["attention_mask"].to(device)), (null["input_ids"].to(device), null["attention_mask"].to(device))
         else:
-            y = torch.from_numpy(labels[idx.start: idx.stop]).to(device)
-            model_fn = classifier_free_guidance(model, y, model.num_classes, scale, args.cfg_channels)
+            cond, null = torch.from_numpy(labels[idx.start: idx.stop]).to(device), model.num_classes
+        extra = {"control": torch.from_numpy(controls[idx.start: idx.stop]).to(device).float() / 255} if controls is not None else {}
+        model_fn = classifier_free_guidance(model, cond, null, scale, args.cfg_channels, extra)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
         if vae is not None:
@@ -226,6 +283,10 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         os.replace(tmp, os.path.join(out, "samples.npz"))
         if text:
             atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
+        if controls is not None:  # what each image was asked to follow (evaluate.py: control fidelity)
+            tmp = os.path.join(out, "controls.tmp.npz")
+            np.savez(tmp, arr_0=controls.transpose(0, 2, 3, 1), arr_1=labels)
+            os.replace(tmp, os.path.join(out, "controls.npz"))
         grid = make_grid(images[:100], ncol=min(10, model.num_classes or 10) if args.class_label is None else 10)
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.path.join(out, "grid.png"))
         print(f"{args.num_samples} samples -> {out}")

@@ -205,14 +205,21 @@ def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, d
         if hasattr(dataset, "get_batch"):  # in-memory / memory-mapped data: vectorised gather, no workers
             for chunk in order.split(local_batch):
                 x = dataset.get_batch(chunk, flips[chunk]) if getattr(dataset, "random_flip", False) else dataset.get_batch(chunk)
-                yield x.to(device, non_blocking=True), chunk.to(device), epoch
+                yield to_device(x, device), chunk.to(device), epoch
         else:  # files: workers decode
             keys = [(i, bool(flips[i])) for i in order.tolist()]
             loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
                                 pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
             for x, idx in loader:
-                yield x.to(device, non_blocking=True), idx.to(device), epoch
+                yield to_device(x, device), idx.to(device), epoch
         step += steps_per_epoch - offset
+
+
+def to_device(x, device):
+    """A batch, or (batch, control images) from finetune.py's ControlData."""
+    if isinstance(x, (tuple, list)):
+        return tuple(v.to(device, non_blocking=True) for v in x)
+    return x.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -251,19 +258,45 @@ def main():
             dist.destroy_process_group()
 
 
-def train(args, parser, rank, world, device):
+def load_data(args):
+    """The training set (pre-extracted latents with --vae) and its folder name under <out-dir>/data."""
+    dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"))
+    key = dataset_key(args.dataset, dataset)
+    if args.vae:  # latent diffusion: the same examples and conditions, as pre-extracted latents
+        dataset = LatentDataset(latent_dir(args.out_dir, key, args.vae, dataset.image_size), dataset)
+    return dataset, key
+
+
+def new_model(args, dataset, text):
+    """A freshly initialised denoiser for the dataset, and the config that rebuilds it."""
+    model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
+                        num_classes=0 if text else len(dataset.classes), class_dropout=args.class_dropout,
+                        learn_sigma=args.learn_sigma)
+    if args.model in UNET_CONFIGS and not text:
+        model_config["class_cond"] = args.class_cond
+    torch.manual_seed(args.seed)  # same initial weights on every rank and every world size
+    try:
+        encoder = build_text_encoder(args.text_encoder, dataset.captions, args.caption_length) if text else None
+        model = build_model(**model_config, **({"text_encoder": encoder, "text_mode": args.text_mode} if text else {}))
+    except ValueError as e:  # an input size the U-Net's levels do not divide, a text encoder not found, ...
+        raise UsageError(f"--model {args.model}: {str(e).splitlines()[0]}")
+    if text:
+        model_config.update(text_encoder=encoder.config(), text_mode=args.text_mode, num_classes=0)
+    return model, model_config
+
+
+def train(args, parser, rank, world, device, stage=None):
+    """The training loop of train.py, and of finetune.py, whose `stage` supplies the data
+    (load_data), the model (new_model: the pre-trained one, adapted) and files to write (prepare)."""
     master = rank == 0
     # ---- check all input before writing anything -------------------------------------------
     run_dir, ckpt = resolve_run(args, parser)
     check_args(args)
     if args.global_batch_size % world:
         raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
-    dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"))
+    dataset, key = stage.load_data(args) if stage else load_data(args)
     if len(dataset) < args.global_batch_size:
         raise UsageError(f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} training examples")
-    key = dataset_key(args.dataset, dataset)
-    if args.vae:  # latent diffusion: the same examples and conditions, as pre-extracted latents
-        dataset = LatentDataset(latent_dir(args.out_dir, key, args.vae, dataset.image_size), dataset)
     conditions, manifest, manifest_file = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed,
                                                              args.corrupt_type, args.groups, args.rewrites)
     text = is_text_dataset(dataset)
@@ -272,18 +305,8 @@ def train(args, parser, rank, world, device):
     if text and args.corrupt_resample and manifest["corrupt_type"] == "rewrite":
         raise UsageError("--corrupt-resample re-draws caption swaps; it does not apply to --corrupt-type rewrite")
     num_classes = 0 if text else len(dataset.classes)
-    model_config = dict(name=args.model, input_size=dataset.image_size, in_channels=dataset.channels,
-                        num_classes=num_classes, class_dropout=args.class_dropout, learn_sigma=args.learn_sigma)
-    if args.model in UNET_CONFIGS and not text:
-        model_config["class_cond"] = args.class_cond
-    torch.manual_seed(args.seed)  # same initial weights on every rank and every world size
-    try:
-        encoder = build_text_encoder(args.text_encoder, dataset.captions, args.caption_length) if text else None
-        model = build_model(**model_config, **({"text_encoder": encoder, "text_mode": args.text_mode} if text else {})).to(device)
-    except ValueError as e:  # an input size the U-Net's levels do not divide, a text encoder not found, ...
-        raise UsageError(f"--model {args.model}: {str(e).splitlines()[0]}")
-    if text:
-        model_config.update(text_encoder=encoder.config(), text_mode=args.text_mode, num_classes=0)
+    model, model_config = stage.new_model(args, dataset, text) if stage else new_model(args, dataset, text)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
                             fused=device.type == "cuda")
@@ -315,8 +338,11 @@ def train(args, parser, rank, world, device):
             with open(log_path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
             atomic_write_text(log_path, "".join(kept))
+        if stage is not None:
+            stage.prepare(args, run_dir)
         print(manifest["summary"])
-        print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {world} rank(s) on {device.type}, "
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained), {world} rank(s) on {device.type}, "
               f"{precision}, global batch {args.global_batch_size}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else ""))
     if world > 1:
         dist.barrier()
@@ -350,6 +376,7 @@ def train(args, parser, rank, world, device):
     t_last, steps_since_log = time.perf_counter(), 0
     for step in range(start_step, args.max_steps):
         x, idx, epoch = next(data)
+        x, control = x if isinstance(x, tuple) else (x, None)  # finetune.py: control images beside the data
         if args.corrupt_resample and epoch != conditions_epoch:  # ablation: a fresh corrupted set each epoch
             seed = [args.seed, 0xC0FFEE, epoch]  # never the base seed's draw
             if text:
@@ -390,6 +417,8 @@ def train(args, parser, rank, world, device):
                 else:
                     delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
                 delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
+        if control is not None:  # kept for dropped conditions too: guidance is over the class / caption only
+            extra["control"] = control
         with autocast:
             losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
                                                args.input_perturbation, xi)

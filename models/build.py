@@ -2,6 +2,7 @@
 models/unet.py), and rebuild one from a checkpoint, for train.py / sample.py / finetune.py."""
 import torch.nn as nn
 
+from models.adapters import Adapted
 from models.dit import DIT_CONFIGS, build_dit, dit_from_checkpoint
 from models.text import TextConditioned, rebuild_text_encoder
 from models.unet import CLASS_COND_MODES, UNET_CONFIGS, build_unet  # noqa: F401
@@ -27,15 +28,18 @@ def build_model(name, text_encoder=None, text_mode="crossattn", **config):
 
 
 def model_from_checkpoint(ckpt, use_ema=True):
-    """The model a train.py checkpoint (or an official DiT state dict) describes, EMA weights by
-    default, in eval mode. ValueError for anything else."""
+    """The model a train.py / finetune.py checkpoint (or an official DiT state dict) describes, EMA
+    weights by default, in eval mode. ValueError for anything else."""
     config = ckpt.get("model_config", {}) if isinstance(ckpt, dict) else {}
-    if config.get("name") not in UNET_CONFIGS and "text_encoder" not in config:
+    if config.get("name") not in UNET_CONFIGS and "text_encoder" not in config and "adapter" not in config:
         return dit_from_checkpoint(ckpt, use_ema)
     weights = ckpt.get("ema" if use_ema else "model")
     if weights is None:
         raise ValueError("the checkpoint holds no model weights")
     config = dict(ckpt["model_config"])
+    adapter = config.pop("adapter", None)
     model = build_model(config.pop("name"), **config)
+    if adapter is not None:  # finetune.py --method controlnet / t2i-adapter: base + adapter
+        model = Adapted(model, **adapter)
     model.load_state_dict(weights)
     return model.eval()

@@ -287,3 +287,155 @@ def latent_dir(out_dir, key, vae_spec, image_size):
     """Where corrupt_data.py --vae stores, and train.py finds, the latents of a dataset."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(vae_spec)) if os.path.exists(vae_spec) else vae_spec)
     return os.path.join(out_dir, "data", key, f"latents-{name}-{image_size}")
+
+
+# ------------------------------------------------------------------------ downstream data (finetune.py)
+
+def read_class_list(path, classes):
+    """A class-list file (one class per line: a folder name such as n01440764, a Fashion-MNIST class
+    name, or a class index; IN-100 is such a list over IN-1K) -> sorted-unique class indices."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--classes {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    lookup = {name: k for k, name in enumerate(classes)}
+    picked = [lookup[n] if n in lookup else int(n) if n.isdigit() and int(n) < len(classes) else None for n in names]
+    unknown = [n for n, k in zip(names, picked) if k is None]
+    if unknown or not picked:
+        raise UsageError(f"--classes {path}: " + (f"{len(unknown)} unknown class(es), e.g. '{unknown[0]}'" if unknown else "no classes"))
+    return sorted(set(picked))
+
+
+class SubsetData(torch.utils.data.Dataset):
+    """Examples `indices` of a dataset; with relabel, labels become positions in `class_ids` (a new
+    class set: --method full), else they keep the base's class ids (controls on a base's classes)."""
+
+    def __init__(self, base, indices, class_ids=None):
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.source, self.image_size, self.channels = base.source, base.image_size, base.channels
+        self.random_flip = getattr(base, "random_flip", False)
+        self.captions = [base.captions[i] for i in self.indices] if getattr(base, "captions", None) is not None else None
+        self.labels, self.classes = None, base.classes
+        if base.labels is not None:
+            self.labels = base.labels[self.indices]
+            if class_ids is not None:
+                remap = np.full(len(base.classes), -1, dtype=np.int64)
+                remap[class_ids] = np.arange(len(class_ids))
+                self.labels, self.classes = remap[self.labels], [base.classes[k] for k in class_ids]
+        if hasattr(base, "get_batch"):
+            self.get_batch = lambda idx, *flips: base.get_batch(torch.from_numpy(self.indices[idx.cpu().numpy()]), *flips)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        i, flip = _key(key)
+        j = int(self.indices[i])
+        return self.base[(j, flip) if flip else j][0], i
+
+
+def load_seg_map(path, image_size):
+    """A segmentation colour map (SAM output rendered as colours) -> uint8 (3, S, S): the short side
+    resized with nearest neighbours (no blended colours), then the central square (as the images)."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        scale = image_size / min(img.size)
+        img = img.resize(tuple(max(image_size, round(x * scale)) for x in img.size), resample=Image.NEAREST)
+        arr = np.asarray(img)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size].transpose(2, 0, 1)
+
+
+def seg_map_paths(dataset, control_path, split):
+    """Where the segmentation map of each example lives: a folder mirroring the image folder (same
+    relative path, any image extension), or <control_path>/<split>/<index:05d>.png for Fashion-MNIST."""
+    if control_path is None or not os.path.isdir(control_path):
+        raise UsageError(f"--control seg needs --control-path, a folder of segmentation maps ({control_path} is not a folder)")
+    base = dataset
+    while isinstance(base, SubsetData):
+        base = base.base
+    if isinstance(base, FashionMNIST):
+        stems = [os.path.join(control_path, split, f"{i:05d}") for i in range(len(base))]
+    elif hasattr(base, "paths"):
+        root = base.source if os.path.isdir(base.source) else os.path.dirname(base.source)
+        stems = [os.path.join(control_path, os.path.splitext(os.path.relpath(p, root))[0]) for p in base.paths]
+    else:
+        raise UsageError("segmentation maps need an image dataset (fashion-mnist, imagefolder, captions)")
+    found = {}
+    for directory in {os.path.dirname(s) for s in stems}:
+        for f in os.listdir(directory) if os.path.isdir(directory) else []:
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                found[os.path.join(directory, stem)] = os.path.join(directory, f)
+    paths = [found.get(s) for s in stems]
+    missing = [s for s, p in zip(stems, paths) if p is None]
+    if missing:
+        raise UsageError(f"{len(missing)} of {len(stems)} images have no segmentation map in {control_path}, e.g. {missing[0]}.png")
+    return paths
+
+
+def image_uint8(dataset, indices, batch_size=256):
+    """uint8 (B, C, S, S) images of a dataset (pixels, before any latent encoding)."""
+    if hasattr(dataset, "get_batch"):
+        return torch.cat([((dataset.get_batch(torch.as_tensor(chunk)) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+                          for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size)))])
+    return torch.stack([((dataset[int(i)][0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for i in indices])
+
+
+def control_maps(kind, images_dataset, cache_path, control_path=None, split="train", low=100, high=200):
+    """The control image of every example, uint8 (N, C, S, S), computed once and kept in
+    cache_path (.npy, memory-mapped): Canny edges (1 channel, 0/255, OpenCV's thresholds) of the
+    uint8 image, or segmentation colour maps (3 channels) read from control_path."""
+    if os.path.exists(cache_path):
+        maps = np.load(cache_path, mmap_mode="r")
+        if len(maps) == len(images_dataset):
+            return maps
+    n, size = len(images_dataset), images_dataset.image_size
+    if kind == "seg":
+        paths = seg_map_paths(images_dataset, control_path, split)
+    from models.controls import canny
+    channels = 1 if kind == "canny" else 3
+    tmp = cache_path + ".tmp.npy"
+    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+    maps = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, channels, size, size))
+    for start in range(0, n, 1024):
+        rows = np.arange(start, min(start + 1024, n))
+        if kind == "canny":
+            maps[rows] = canny(image_uint8(images_dataset, rows), low, high).numpy()
+        else:
+            maps[rows] = np.stack([load_seg_map(paths[i], size) for i in rows])
+    maps.flush()
+    del maps
+    os.replace(tmp, cache_path)
+    return np.load(cache_path, mmap_mode="r")
+
+
+class ControlData(torch.utils.data.Dataset):
+    """A training dataset plus the control image of each example (float in [0, 1], at image
+    resolution, also when the training data are latents): get_batch / __getitem__ give
+    ((x, control), index); a horizontally flipped example gets its flipped control map."""
+
+    def __init__(self, dataset, maps, rows=None):
+        """maps: control maps of the full split (control_maps); rows: the map row of each example."""
+        self.dataset, self.maps = dataset, maps
+        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
+        for name in ("source", "labels", "classes", "captions", "image_size", "channels", "random_flip", "index"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
+        if hasattr(dataset, "get_batch"):
+            self.get_batch = self._get_batch
+
+    def control(self, indices, flips=None):
+        c = torch.from_numpy(np.ascontiguousarray(self.maps[self.rows[np.asarray(indices)]])).float() / 255.0
+        return c if flips is None else torch.where(torch.as_tensor(flips).view(-1, 1, 1, 1), c.flip(-1), c)
+
+    def _get_batch(self, indices, flips=None):
+        x = self.dataset.get_batch(indices, flips) if flips is not None else self.dataset.get_batch(indices)
+        return x, self.control(indices.cpu().numpy(), flips.cpu() if flips is not None else None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, flip = _key(key)
+        return (self.dataset[(i, flip) if flip else i][0], self.control([i], [flip] if flip else None)[0]), i

@@ -148,21 +148,24 @@ def dpm_solver_timesteps(num_timesteps, steps):
     return np.linspace(0, num_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64).tolist()
 
 
-def classifier_free_guidance(model, cond, null_cond, scale, guided_channels=None):
+def classifier_free_guidance(model, cond, null_cond, scale, guided_channels=None, model_kwargs=None):
     """A model function with guidance ε̃ = ε(∅) + s (ε(c) - ε(∅)) (Ho & Salimans, Eq. 6), the
     conditional and unconditional halves in one batched forward model(x, t, *cond). cond: the
     condition tensors (labels y, or caption ids and mask); null_cond: the null condition (the null
     class index for labels, or tensors like cond). All ε channels are guided unless
     guided_channels = k (DiT's legacy behaviour guides only the first 3 of 4 latent channels);
-    learned-variance channels come from the conditional half. scale = 1: no extra forward."""
+    learned-variance channels come from the conditional half. scale = 1: no extra forward.
+    model_kwargs: tensors both halves get unchanged (the control image of an adapted model)."""
     cond = cond if isinstance(cond, tuple) else (cond,)
     if not isinstance(null_cond, tuple):
         null_cond = (torch.full_like(cond[0], null_cond),) if isinstance(null_cond, int) else (null_cond,)
+    kwargs = model_kwargs or {}
     if scale == 1:
-        return lambda x, t: model(x, t, *cond)
+        return lambda x, t: model(x, t, *cond, **kwargs)
 
     def guided(x, t):
-        out = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([c, n]) for c, n in zip(cond, null_cond)))
+        out = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([c, n]) for c, n in zip(cond, null_cond)),
+                    **{k: torch.cat([v, v]) for k, v in kwargs.items()})
         c_out, u_out = out.chunk(2)
         k, C = guided_channels or x.shape[1], x.shape[1]
         eps = torch.cat([u_out[:, :k] + scale * (c_out[:, :k] - u_out[:, :k]), c_out[:, k:C]], dim=1)

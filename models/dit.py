@@ -293,12 +293,10 @@ class DiT(nn.Module):
         tokens = self.context_proj(context) if self.context_proj is not None else None
         return self.text_pool(pooled), tokens, mask
 
-    def forward(self, x, t, y=None, cond_noise=None, context=None, context_mask=None):
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (num_classes = null) of a class
-        model; context (N, L, text_dim) and context_mask (N, L) (1 = token, 0 = padding; None = all 1)
-        of a text model. cond_noise: optional CEP perturbation δ, (N, hidden_size) added to the class
-        embedding, or (N, text_dim) / (N, L, text_dim) added to every valid caption token."""
-        x = self.x_embedder(x) + self.pos_embed
+    def embed(self, x, t, y=None, cond_noise=None, context=None, context_mask=None):
+        """The block inputs: image tokens (N, T, D), the adaLN condition c = t_emb + c_θ(y) (+ δ),
+        and the caption tokens and mask of a text model (None for a class model)."""
+        h = self.x_embedder(x) + self.pos_embed
         tokens = mask = None
         if self.text_dim:
             cond, tokens, mask = self.embed_text(context, context_mask, cond_noise)
@@ -308,10 +306,21 @@ class DiT(nn.Module):
             cond = self.y_embedder(y)
             if cond_noise is not None:
                 cond = cond + cond_noise.to(cond.dtype)  # CEP: c_θ(y) + δ  (Chen et al. 2024, Eq. 3)
-        c = self.t_embedder(t) + cond
-        for block in self.blocks:
-            x = block(x, c, tokens, mask)
-        return self.unpatchify(self.final_layer(x, c))
+        return h, self.t_embedder(t) + cond, tokens, mask
+
+    def forward(self, x, t, y=None, cond_noise=None, context=None, context_mask=None, residuals=None):
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (num_classes = null) of a class
+        model; context (N, L, text_dim) and context_mask (N, L) (1 = token, 0 = padding; None = all 1)
+        of a text model. cond_noise: optional CEP perturbation δ, (N, hidden_size) added to the class
+        embedding, or (N, text_dim) / (N, L, text_dim) added to every valid caption token.
+        residuals: {block index i: (N, T, D)} added to the tokens entering block i (ControlNet and
+        T2I-Adapter, models/adapters.py)."""
+        h, c, tokens, mask = self.embed(x, t, y, cond_noise, context, context_mask)
+        for i, block in enumerate(self.blocks):
+            if residuals and i in residuals:
+                h = h + residuals[i].to(h.dtype)
+            h = block(h, c, tokens, mask)
+        return self.unpatchify(self.final_layer(h, c))
 
     def flops_per_forward(self, context_len=77):
         """Matmul FLOPs (2 per multiply-add) of one forward pass for one image; a training step

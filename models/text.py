@@ -289,14 +289,18 @@ class TextConditioned(nn.Module):
     def tokenize(self, captions):
         return self.text_encoder.tokenize(list(captions))
 
-    def forward(self, x, t, input_ids, attention_mask, cond_noise=None, context=None):
-        """context: pre-extracted encoder output (a frozen encoder, FrozenTextCache); else computed."""
+    def denoiser_inputs(self, input_ids, attention_mask, cond_noise=None, context=None):
+        """The denoiser's condition keywords. context: pre-extracted encoder output (a frozen
+        encoder, FrozenTextCache); else computed."""
         if context is None:
             context = self.text_encoder(input_ids, attention_mask)
         if cond_noise is not None:
             context = context + cond_noise.to(context.dtype)  # CEP on every caption token
-        extra = {"context_mask": attention_mask} if self.takes_mask else {}
-        return self.denoiser(x, t, context=context, **extra)
+        return {"context": context, **({"context_mask": attention_mask} if self.takes_mask else {})}
+
+    def forward(self, x, t, input_ids, attention_mask, cond_noise=None, context=None, residuals=None):
+        inputs = self.denoiser_inputs(input_ids, attention_mask, cond_noise, context)
+        return self.denoiser(x, t, **inputs, **({"residuals": residuals} if residuals else {}))
 
     def flops_per_forward(self):
         return self.denoiser.flops_per_forward()  # the text encoder's cost is not counted

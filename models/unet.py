@@ -296,6 +296,7 @@ class UNet(nn.Module):
         # down path: every block's output is kept as a skip connection for the up path
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_channels, ch, ds = [model_channels], model_channels, 1
+        self.level_ends = []  # index of the last input block of each level (before its Downsample)
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 layers = [ResBlock(ch, time_embed_dim, mult * model_channels, dropout)]
@@ -304,11 +305,13 @@ class UNet(nn.Module):
                     layers.append(attention(ch))
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_channels.append(ch)
+            self.level_ends.append(len(self.input_blocks) - 1)
             if level != len(channel_mult) - 1:
                 self.input_blocks.append(EmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
 
+        self.skip_channels = list(skip_channels)  # channels of each input block's output
         self.middle_block = EmbedSequential(ResBlock(ch, time_embed_dim, ch, dropout), attention(ch),
                                             ResBlock(ch, time_embed_dim, ch, dropout))
 
@@ -337,11 +340,9 @@ class UNet(nn.Module):
             return self.y_embedder.embedding_table.embedding_dim
         return self.context_dim
 
-    def forward(self, x, t, y=None, context=None, cond_noise=None):
-        """x: (N, C, H, W), t: (N,) timesteps, y: (N,) labels (num_classes = null) for a
-        class-conditional model, context: (N, L, context_dim) text tokens for a text model,
-        cond_noise: CEP δ, (N, cond_dim) for class models, (N, L, context_dim) for text models."""
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+    def embed(self, t, y=None, context=None, cond_noise=None, dtype=torch.float32):
+        """(timestep (+ class) embedding added in every ResBlock, cross-attention context)."""
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
         if self.num_classes:
             if y is None:
                 raise ValueError("class-conditional U-Net: labels y are required")
@@ -365,12 +366,27 @@ class UNet(nn.Module):
                 context = context + cond_noise.to(context.dtype)  # CEP on every text token
         elif y is not None or context is not None or cond_noise is not None:
             raise ValueError("unconditional U-Net: y, context and cond_noise must be None")
+        return emb, context
 
+    def forward(self, x, t, y=None, context=None, cond_noise=None, residuals=None):
+        """x: (N, C, H, W), t: (N,) timesteps, y: (N,) labels (num_classes = null) for a
+        class-conditional model, context: (N, L, context_dim) text tokens for a text model,
+        cond_noise: CEP δ, (N, cond_dim) for class models, (N, L, context_dim) for text models.
+        residuals (models/adapters.py): {"skips": one tensor per input block, added to the skip
+        connections only, "middle": added to the middle block's output} (ControlNet), or
+        {"features": {input block index: tensor}} added to the encoder's features (T2I-Adapter)."""
+        emb, context = self.embed(t, y, context, cond_noise, x.dtype)
+        residuals = residuals or {}
         skips, h = [], x
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i in residuals.get("features", {}):
+                h = h + residuals["features"][i].to(h.dtype)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if "skips" in residuals:
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, residuals["skips"])]
+            h = h + residuals["middle"].to(h.dtype)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)

@@ -1,0 +1,219 @@
+"""
+Stage 2b: adapt a pre-trained run to a downstream task (Chen et al. 2024, Sec. 2.3 / Table 2: the
+IN-1K and CC3M LDMs adapted with ControlNet and T2I-Adapter to Canny / SAM control on IN-100).
+
+    python finetune.py --init out/demo --method controlnet --control canny        # embedded default
+    python finetune.py --init out/demo --method full --classes classes.txt          # a new class set
+    torchrun --standalone --nproc_per_node=8 finetune.py --init out/ldm4-in1k/ckpt/last.pt \\
+        --method controlnet --control canny --dataset imagefolder --data-path /data/imagenet/train \\
+        --classes in100.txt --image-size 256 --vae <the run's VQ-f4> --cep              # see README
+
+--method controlnet | t2i-adapter: the pre-trained model is frozen and only the adapter trains
+(models/adapters.py; at step 0 the output equals the pre-trained model's). --method full: every
+weight trains; when the downstream classes differ (--classes), the class table is resized.
+--control canny: OpenCV's Canny (models/controls.py, thresholds 100/200 as the paper) of each image,
+computed once per split and cached under <out-dir>/data/<key>/; --control seg: segmentation colour
+maps (SAM's output) from --control-path, a folder that mirrors the image folder. Downstream data:
+--dataset / --data-path (default the init run's), Fashion-MNIST's held-out test split for the
+embedded default, and --classes FILE for a subset (IN-100 is a class list over IN-1K).
+
+The training loop is train.py's, unchanged: DDP, precision, EMA, CEP and the paper's other flags,
+--resume, logs and checkpoints. This file supplies the data, the model and the held-out control set:
+--val-size examples of the downstream set are kept out of training, and their control maps
+(<run>/controls/<label>/<index>.png + control.json) and images (<run>/controls/reference.npz) are
+written for `sample.py --control <run>/controls` and `evaluate.py --ref <run>/controls/reference.npz`.
+"""
+import hashlib
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import train
+from models.adapters import METHODS, Adapted, resize_class_table
+from models.build import model_from_checkpoint
+from models.common import UsageError, atomic_write_json, run_main
+from models.data import (ControlData, LatentDataset, SubsetData, control_maps, dataset_key, image_uint8, latent_dir,
+                         load_dataset, read_class_list)
+from models.dit import config_from_state_dict
+
+CONTROLS = ("canny", "seg")
+# the architecture comes from --init: these flags must agree with it (or be left out)
+ARCHITECTURE = ("model", "learn_sigma", "class_cond", "text_encoder", "text_mode", "caption_length")
+
+
+def get_parser():
+    p = train.get_parser()
+    p.description = "Adapt a pre-trained run: ControlNet, T2I-Adapter or full fine-tuning (with CEP, corruption, ...)."
+    a = p.add_argument_group("adaptation").add_argument
+    a("--init", default=None, help="the pre-trained run (<out-dir>/<run>: its ckpt/last.pt) or a checkpoint file")
+    a("--method", default="controlnet", choices=(*METHODS, "full"))
+    a("--control", default=None, choices=CONTROLS, help="controlnet / t2i-adapter: Canny edges or segmentation maps")
+    a("--control-path", default=None, help="--control seg: folder of segmentation maps mirroring the image folder")
+    a("--canny-low", type=float, default=100.0, help="Canny hysteresis thresholds (OpenCV's, on 0-255 images)")
+    a("--canny-high", type=float, default=200.0)
+    a("--split", default=None, choices=("train", "test"), help="fashion-mnist: which split to adapt on (default test, held out from pre-training)")
+    a("--classes", default=None, help="class-list file (folder names, class names or ids): adapt on these classes only")
+    a("--val-size", type=int, default=500, help="downstream examples held out for sampling with controls and evaluation")
+    a("--adapter-blocks", type=int, default=None, help="DiT: blocks the ControlNet copies (default half) / the adapter feeds (default 4)")
+    # downstream defaults (ControlNet: a small constant lr; the base stays as pre-trained)
+    p.set_defaults(lr=1e-4, max_steps=1000, ckpt_every=500, model=None, dataset=None, learn_sigma=None,
+                   class_cond=None, text_encoder=None, text_mode=None, caption_length=None)
+    return p
+
+
+def load_init(path):
+    """The pre-trained checkpoint --init names -> (checkpoint dict, its model_config, its run config)."""
+    ckpt_path = os.path.join(path, "ckpt", "last.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(ckpt_path):
+        raise UsageError(f"--init {path}: no checkpoint (expected a run folder with ckpt/last.pt or a .pt file)")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model_from_checkpoint(ckpt)  # readable as a model of this repo, or an official DiT state dict
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--init {ckpt_path} is not a checkpoint of train.py or DiT ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if "model_config" not in ckpt:  # an official DiT state dict
+        ckpt = {"ema": ckpt, "model_config": config_from_state_dict(ckpt), "config": {}}
+    if "adapter" in ckpt["model_config"]:
+        raise UsageError(f"--init {ckpt_path} is already an adapted model ({ckpt['model_config']['adapter']['method']}); adapt its pre-trained run")
+    return ckpt, ckpt["model_config"], ckpt.get("config") or {}
+
+
+class Finetune:
+    """What finetune.py changes in train.train: the data, the model and the held-out control set."""
+
+    def __init__(self, args):
+        if args.init is None:
+            raise UsageError("pass --init, the pre-trained run (<out-dir>/<run>) or checkpoint to adapt")
+        self.ckpt, self.init_config, init_run = load_init(args.init)
+        # the architecture is the pre-trained one; the data default to the pre-training data
+        saved = {**init_run, "model": self.init_config["name"], "learn_sigma": self.init_config.get("learn_sigma", True)}
+        for name in ARCHITECTURE:
+            given, pretrained = getattr(args, name), saved.get(name)
+            if given is not None and pretrained is not None and given != pretrained:
+                raise UsageError(f"--init {args.init} holds a model with --{name.replace('_', '-')} {pretrained}, not {given}")
+            setattr(args, name, given if given is not None else pretrained)
+        train_defaults = train.get_parser().parse_args([])
+        for name in ARCHITECTURE:  # an official DiT checkpoint has no run config: train.py's defaults
+            if getattr(args, name) is None:
+                setattr(args, name, getattr(train_defaults, name))
+        if args.dataset is None:
+            args.dataset = init_run.get("dataset", "fashion-mnist")
+            args.data_path = args.data_path or init_run.get("data_path")
+            args.image_size = args.image_size or init_run.get("image_size")
+            args.vae = args.vae or init_run.get("vae")
+        if args.method == "full" and args.control:
+            raise UsageError("--method full has no control input; --control is for controlnet / t2i-adapter")
+        if args.method != "full" and args.control is None:
+            raise UsageError(f"--method {args.method} needs --control ({' or '.join(CONTROLS)})")
+        if args.control == "seg" and not args.control_path:
+            raise UsageError("--control seg needs --control-path, the folder of segmentation maps")
+        if args.val_size < 0 or (args.adapter_blocks is not None and args.adapter_blocks < 1):
+            raise UsageError("--val-size must be >= 0 and --adapter-blocks >= 1")
+        fmnist = args.dataset.startswith("fashion-mnist")
+        if args.split is not None and not fmnist:
+            raise UsageError("--split is for fashion-mnist; for a folder dataset pass another --data-path")
+        self.split = (args.split or "test") if fmnist else "train"
+        args.split = self.split if fmnist else None
+        if args.run is None:
+            tag = f"{args.method}-{args.control}" if args.control else args.method
+            name = train.default_run_name(args).replace(f"{args.model.replace('/', '-')}_", "", 1)
+            args.run = f"{os.path.basename(os.path.normpath(args.init)).removesuffix('.pt')}_ft-{tag}_{name}"
+
+    def load_data(self, args):
+        images = load_dataset(args.dataset, args.data_path, args.image_size, split=self.split,
+                              download_root=os.path.join(args.out_dir, "data", "downloads"))
+        key = dataset_key(args.dataset, images) + ("-test" if self.split == "test" else "")
+        class_ids = read_class_list(args.classes, images.classes) if args.classes and images.labels is not None else None
+        if args.classes and images.labels is None:
+            raise UsageError("--classes needs a dataset with class labels")
+        rows = np.arange(len(images)) if class_ids is None else np.flatnonzero(np.isin(images.labels, class_ids))
+        if args.val_size >= len(rows):
+            raise UsageError(f"--val-size {args.val_size} leaves no training examples of the {len(rows)}")
+        held_out = np.zeros(len(rows), dtype=bool)
+        held_out[np.random.default_rng(args.seed).choice(len(rows), args.val_size, replace=False)] = True
+        self.images, self.val_rows, train_rows = images, rows[held_out], rows[~held_out]
+        self.relabel = class_ids if args.method == "full" else None
+        data = LatentDataset(latent_dir(args.out_dir, key, args.vae, images.image_size), images) if args.vae else images
+        dataset = SubsetData(data, train_rows, self.relabel)
+        digest = hashlib.sha1(np.concatenate([train_rows, class_ids if self.relabel is not None else []]).astype(np.int64).tobytes()).hexdigest()[:8]
+        self.maps = None
+        if args.control:
+            name = f"control-canny{args.canny_low:g}-{args.canny_high:g}" if args.control == "canny" else "control-seg"
+            self.maps = control_maps(args.control, images, os.path.join(args.out_dir, "data", key, f"{name}-{images.image_size}.npy"),
+                                     args.control_path, self.split, args.canny_low, args.canny_high)
+            dataset = ControlData(dataset, self.maps, train_rows)
+        return dataset, f"{key}-subset{digest}"  # corruption manifests of this subset live there
+
+    def new_model(self, args, dataset, text):
+        config = dict(self.init_config)
+        base = model_from_checkpoint(self.ckpt).train()  # the pre-trained EMA weights
+        if text != (config.get("num_classes", 1) == 0):
+            raise UsageError(f"--init holds a {'text' if not config.get('num_classes', 1) else 'class'}-conditional model; "
+                             f"{args.dataset} has {'captions' if text else 'class labels'}")
+        if (base.in_channels, base.input_size) != (dataset.channels, dataset.image_size):
+            raise UsageError(f"--init takes {base.in_channels}x{base.input_size}x{base.input_size} inputs; the data are "
+                             f"{dataset.channels}x{dataset.image_size}x{dataset.image_size} (--vae / --image-size of the pre-training?)")
+        torch.manual_seed(args.seed)  # the same new weights on every rank
+        if args.method == "full":
+            if not text and len(dataset.classes) != base.num_classes:
+                resize_class_table(base, len(dataset.classes))
+                config["num_classes"] = len(dataset.classes)
+            return base, config
+        if not text and len(dataset.classes) != base.num_classes:
+            raise UsageError(f"--init knows {base.num_classes} classes, the data {len(dataset.classes)}: controls keep the "
+                             "pre-trained classes (pick some with --classes), a new class set needs --method full")
+        try:
+            model = Adapted(base, args.method, args.control, self.maps.shape[1], self.images.image_size, args.adapter_blocks)
+        except ValueError as e:
+            raise UsageError(f"--method {args.method}: {e}")
+        return model, {**config, "adapter": model.config}
+
+    def prepare(self, args, run_dir):
+        """Rank 0, once every check has passed: the held-out controls and images, written to a
+        temporary folder and renamed into place (kept as they are on --resume)."""
+        out = os.path.join(run_dir, "controls")
+        if os.path.isdir(out) or not len(self.val_rows):
+            return
+        tmp = tempfile.mkdtemp(dir=run_dir, prefix=".controls-")
+        labels = self.images.labels[self.val_rows] if self.images.labels is not None else np.full(len(self.val_rows), -1)
+        if self.relabel is not None:
+            labels = np.searchsorted(self.relabel, labels)
+        try:
+            images = image_uint8(self.images, self.val_rows).permute(0, 2, 3, 1).numpy()
+            np.savez(os.path.join(tmp, "reference.npz"), arr_0=images, arr_1=labels)
+            if self.maps is not None:
+                for row, label in zip(self.val_rows, labels):
+                    os.makedirs(os.path.join(tmp, str(label)), exist_ok=True)
+                    arr = np.asarray(self.maps[row]).transpose(1, 2, 0)
+                    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(os.path.join(tmp, str(label), f"{row:06d}.png"))
+            atomic_write_json(os.path.join(tmp, "control.json"), {
+                "control": args.control, "canny": [args.canny_low, args.canny_high] if args.control == "canny" else None,
+                "dataset": args.dataset, "split": self.split, "classes": args.classes, "rows": self.val_rows.tolist(),
+                "captions": [self.images.captions[r] for r in self.val_rows] if getattr(self.images, "captions", None) else None})
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    parser = get_parser()
+    args = parser.parse_args()
+    if args.resume and args.run is not None:  # the run's config.json restores --init and the rest
+        train.resolve_run(args, parser)
+    stage = Finetune(args)
+    train.check_args(args)
+    rank, world, device = train.setup_distributed(args.device)
+    try:
+        train.train(args, parser, rank, world, device, stage)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
