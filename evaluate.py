@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.data import load_dataset
+from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
 from models import metrics as M
 from models.classifier import features_and_logits, load_or_train_classifier
 from models.controls import canny, edge_f1
@@ -204,6 +204,16 @@ def diversity_metrics(gen_feats, labels, train_feats, train_labels, suffix, mem_
     return m
 
 
+def fmnist_class_ids(labels, run_config):
+    """Labels of a model fine-tuned on a new class set (finetune.py --method full --classes FILE)
+    are positions in that list: map them back to Fashion-MNIST's ids for the classifier."""
+    if run_config.get("method") != "full" or not run_config.get("classes"):
+        return labels
+    if not os.path.isfile(run_config["classes"]):
+        raise UsageError(f"the run was fine-tuned on the classes in {run_config['classes']}, which no longer exists")
+    return np.asarray(read_class_list(run_config["classes"], FASHION_MNIST_CLASSES))[labels]
+
+
 def control_fidelity(images, controls_npz, run_config, tolerance):
     """Beyond the paper: how well the images follow their Canny control. The Canny map of each
     generated image (the run's thresholds) against the requested one: mean F1 of edge pixels
@@ -265,7 +275,7 @@ def evaluate(args):
     out["num_reference"] = int(len(ref_feats))
     metrics = compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, args.mem_threshold)
     if labels is not None and features == "fmnist":
-        metrics["accuracy"] = M.condition_accuracy(gen_logits, labels)
+        metrics["accuracy"] = M.condition_accuracy(gen_logits, fmnist_class_ids(labels, run_config))
     prompts_file = os.path.join(folder, "prompts.txt")
     if clip and os.path.exists(prompts_file):  # text models: agreement of each image with its caption
         with open(prompts_file, encoding="utf-8") as f:

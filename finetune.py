@@ -143,7 +143,8 @@ class Finetune:
         digest = hashlib.sha1(np.concatenate([train_rows, class_ids if self.relabel is not None else []]).astype(np.int64).tobytes()).hexdigest()[:8]
         self.maps = None
         if args.control:
-            name = f"control-canny{args.canny_low:g}-{args.canny_high:g}" if args.control == "canny" else "control-seg"
+            name = (f"control-canny{args.canny_low:g}-{args.canny_high:g}" if args.control == "canny" else
+                    "control-seg-" + hashlib.sha1(os.path.abspath(args.control_path).encode()).hexdigest()[:8])
             self.maps = control_maps(args.control, images, os.path.join(args.out_dir, "data", key, f"{name}-{images.image_size}.npy"),
                                      args.control_path, self.split, args.canny_low, args.canny_high)
             dataset = ControlData(dataset, self.maps, train_rows)

@@ -183,13 +183,13 @@ class Adapted(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown adaptation method '{method}'; choose one of {METHODS}")
-        self.base = base.requires_grad_(False)
         self.text = hasattr(base, "denoiser")
         denoiser = base.denoiser if self.text else base
         options = {"num_blocks": num_blocks} if isinstance(denoiser, DiT) else {}
         if num_blocks and not options:
             raise ValueError("the number of adapted blocks is a DiT option")
-        self.adapter = ADAPTERS[method, type(denoiser)](denoiser, control_channels, control_size, **options)
+        self.adapter = ADAPTERS[method, type(denoiser)](denoiser, control_channels, control_size, **options).requires_grad_(True)
+        self.base = base.requires_grad_(False)  # (after the copies: a ControlNet's copied blocks train)
         self.config = dict(method=method, control=control, control_channels=control_channels,
                            control_size=control_size, num_blocks=num_blocks)
         for name in ("in_channels", "out_channels", "input_size", "learn_sigma", "num_classes", "cond_dim"):

@@ -385,14 +385,15 @@ def image_uint8(dataset, indices, batch_size=256):
 def control_maps(kind, images_dataset, cache_path, control_path=None, split="train", low=100, high=200):
     """The control image of every example, uint8 (N, C, S, S), computed once and kept in
     cache_path (.npy, memory-mapped): Canny edges (1 channel, 0/255, OpenCV's thresholds) of the
-    uint8 image, or segmentation colour maps (3 channels) read from control_path."""
+    uint8 image, or segmentation colour maps (3 channels) read from control_path (name the cache
+    after the folder: finetune.py does)."""
+    if kind == "seg":  # checked every time: a map missing now is an error even with a cache
+        paths = seg_map_paths(images_dataset, control_path, split)
     if os.path.exists(cache_path):
         maps = np.load(cache_path, mmap_mode="r")
         if len(maps) == len(images_dataset):
             return maps
     n, size = len(images_dataset), images_dataset.image_size
-    if kind == "seg":
-        paths = seg_map_paths(images_dataset, control_path, split)
     from models.controls import canny
     channels = 1 if kind == "canny" else 3
     tmp = cache_path + ".tmp.npy"
