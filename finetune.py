@@ -145,8 +145,13 @@ class Finetune:
         if args.control:
             name = (f"control-canny{args.canny_low:g}-{args.canny_high:g}" if args.control == "canny" else
                     "control-seg-" + hashlib.sha1(os.path.abspath(args.control_path).encode()).hexdigest()[:8])
-            self.maps = control_maps(args.control, images, os.path.join(args.out_dir, "data", key, f"{name}-{images.image_size}.npy"),
-                                     args.control_path, self.split, args.canny_low, args.canny_high)
+            build = lambda: control_maps(args.control, images, os.path.join(args.out_dir, "data", key, f"{name}-{images.image_size}.npy"),  # noqa: E731
+                                         args.control_path, self.split, args.canny_low, args.canny_high)
+            first = not dist.is_initialized() or dist.get_rank() == 0
+            self.maps = build() if first else None  # rank 0 computes the cache once, the others then map it
+            if dist.is_initialized():
+                dist.barrier()
+            self.maps = self.maps if first else build()
             dataset = ControlData(dataset, self.maps, train_rows)
         return dataset, f"{key}-subset{digest}"  # corruption manifests of this subset live there
 

@@ -63,15 +63,17 @@ def get_parser():
 
 
 def read_controls(folder, model):
-    """The control images of a folder as uint8 (M, C, S, S) and their labels (from class-id
-    sub-folders; -1 when flat). Refuses controls of another kind than the model was adapted to."""
+    """The control images of a folder as uint8 (M, C, S, S), their labels (from class-id
+    sub-folders; -1 when flat) and, for finetune.py's held-out controls of a caption dataset, their
+    captions (else None). Refuses controls of another kind than the model was adapted to."""
     adapter = model.config
     if not os.path.isdir(folder):
         raise UsageError(f"--control {folder} is not a folder")
-    meta_path = os.path.join(folder, "control.json")
+    meta_path, meta = os.path.join(folder, "control.json"), {}
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            kind = json.load(f).get("control")
+            meta = json.load(f)
+        kind = meta.get("control")
         if kind != adapter["control"]:
             raise UsageError(f"this model was adapted to {adapter['control']} control; {folder} holds {kind} controls")
     entries = []
@@ -94,7 +96,13 @@ def read_controls(folder, model):
                                  f"{adapter['control']} maps ({mode}) of {size}x{size}")
             arr = np.asarray(img.convert(mode))
         maps.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return np.stack(maps), np.array([label for label, _ in entries], dtype=np.int64)
+    captions = None
+    if meta.get("captions"):  # files are named by their row in the dataset
+        caption_of = dict(zip(meta["rows"], meta["captions"]))
+        stems = [os.path.splitext(os.path.basename(path))[0] for _, path in entries]
+        if all(s.isdigit() and int(s) in caption_of for s in stems):
+            captions = [caption_of[int(s)] for s in stems]
+    return np.stack(maps), np.array([label for label, _ in entries], dtype=np.int64), captions
 
 
 def load_model(args):
@@ -180,17 +188,21 @@ def main():
         raise UsageError("--steps must be at most the 1000 training timesteps")
     model, ckpt, run_dir, ckpt_path = load_model(args)
     num_classes = model.num_classes
+    args.control_maps = args.control_labels = captions = None
+    if args.control:
+        args.control_maps, args.control_labels, captions = read_controls(args.control, model)
     if num_classes == 0:  # a text model: prompts instead of classes
         if args.class_label is not None:
             raise UsageError("--class is for class-conditional models; a text model takes --prompts")
-        args.prompt_list, args.prompt_labels = text_prompts(args, ckpt)
+        if captions is not None and not args.prompts:  # held-out controls (finetune.py) come with their captions
+            args.prompt_list, args.prompt_labels = captions, args.control_labels
+        else:
+            args.prompt_list, args.prompt_labels = text_prompts(args, ckpt)
     elif args.prompts:
         raise UsageError("--prompts is for text models; this one is class-conditional")
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise UsageError(f"--class must be in [0, {num_classes})")
-    args.control_maps = args.control_labels = None
     if args.control:
-        args.control_maps, args.control_labels = read_controls(args.control, model)
         if num_classes and (args.control_labels >= num_classes).any():
             raise UsageError(f"--control {args.control} has class folders beyond the model's {num_classes} classes")
     if num_classes and any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:

@@ -314,6 +314,8 @@ class SubsetData(torch.utils.data.Dataset):
         self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
         self.source, self.image_size, self.channels = base.source, base.image_size, base.channels
         self.random_flip = getattr(base, "random_flip", False)
+        if hasattr(base, "index"):  # latents: the autoencoder's scaling factor
+            self.index = base.index
         self.captions = [base.captions[i] for i in self.indices] if getattr(base, "captions", None) is not None else None
         self.labels, self.classes = None, base.classes
         if base.labels is not None:

@@ -214,6 +214,35 @@ def test_finetune_resume_is_exact(pretrained):
     assert log("straight") == log("halves")
 
 
+def test_two_ranks_match_one(pretrained):
+    """train.py's DDP loop under finetune.py: the global batch is split over 2 gloo ranks, the
+    control cache is built by rank 0 only, and the adapter ends where the 1-rank run ends."""
+    root, out = pretrained
+    args = ["--init", out / "unet", "--method", "controlnet", "--control", "canny", "--canny-low", "60", "--out-dir", out,
+            "--cep", "--global-batch-size", "8", "--log-every", "2", "--val-size", "12", "--lr", "1e-3", "--max-steps", "3"]
+    run_script("finetune.py", [*args, "--run", "one"])
+    run_script("finetune.py", [*args, "--run", "two"], nproc=2)
+    a, b = load(out / "one" / "ckpt" / "last.pt"), load(out / "two" / "ckpt" / "last.pt")
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-4
+    assert all(a["model"][k].abs().max() > 0 for k in a["model"] if k.startswith("adapter.zero") and k.endswith("weight"))
+
+
+def test_text_model_controlnet_samples_each_control_with_its_caption(tmp_path):
+    make_fake_fmnist(tmp_path / "data", n=128)
+    out = tmp_path / "out"
+    run_script("train.py", ["--dataset", "fashion-mnist-captions", "--data-path", tmp_path / "data", "--out-dir", out,
+                            "--run", "text", "--global-batch-size", "8", "--max-steps", "2", "--log-every", "1"])
+    run_script("finetune.py", ["--init", out / "text", "--method", "controlnet", "--control", "canny", "--out-dir", out,
+                               "--run", "tcn", "--cep", *FT, "--val-size", "6"])
+    meta = json.loads((out / "tcn" / "controls" / "control.json").read_text())
+    run_script("sample.py", ["--run", out / "tcn", "--control", out / "tcn" / "controls", "--num-samples", "6",
+                             "--steps", "2", "--tag", "s"])
+    prompts = (out / "tcn" / "samples" / "s" / "prompts.txt").read_text().splitlines()
+    files = sorted((out / "tcn" / "controls").glob("*/*.png"), key=lambda p: (int(p.parent.name), p.name))
+    caption_of = dict(zip(meta["rows"], meta["captions"]))
+    assert prompts == [caption_of[int(p.stem)] for p in files]
+
+
 def test_full_finetune_on_a_new_class_set(pretrained, tmp_path):
     root, out = pretrained
     classes = tmp_path / "shoes.txt"

@@ -98,3 +98,21 @@ def test_train_and_sample_on_latents(extracted):
     run_script("sample.py", ["--run", out / "lat", "--num-samples", "4", "--batch-size", "4", "--steps", "3", "--tag", "s"])
     data = np.load(out / "lat" / "samples" / "s" / "samples.npz")
     assert data["arr_0"].shape == (4, 32, 32, 3)  # decoded by the run's autoencoder
+
+
+def test_finetune_controlnet_on_latents(extracted):
+    """finetune.py on a latent model: Canny controls at image resolution (32) reach the 16x16x4
+    latent DiT's 8x8 token grid through the hint encoder; sample.py decodes with the run's VAE."""
+    root, _ = extracted
+    out = root / "out"
+    run_script("train.py", ["--data-path", root / "data", "--vae", root / "vae", "--out-dir", out, "--run", "lat-base",
+                            "--model", "DiT-T/2", "--global-batch-size", "16", "--max-steps", "2", "--log-every", "1"])
+    run_script("finetune.py", ["--init", out / "lat-base", "--split", "train", "--method", "controlnet", "--control", "canny",
+                               "--out-dir", out, "--run", "lat-cn", "--global-batch-size", "8", "--max-steps", "2",
+                               "--log-every", "1", "--val-size", "8"])
+    ck = torch.load(out / "lat-cn" / "ckpt" / "last.pt", weights_only=True)
+    assert ck["model_config"]["adapter"]["control_size"] == 32 and ck["model_config"]["in_channels"] == 4
+    assert ck["config"]["vae"] == str(root / "vae")  # inherited from the pre-training run
+    run_script("sample.py", ["--run", out / "lat-cn", "--control", out / "lat-cn" / "controls", "--num-samples", "4",
+                             "--batch-size", "4", "--steps", "2", "--tag", "s"])
+    assert np.load(out / "lat-cn" / "samples" / "s" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
