@@ -20,7 +20,8 @@ diversity and memorisation metrics): top-1 % RMD, mean top-5 L2 distance, memori
 (nearest training image closer than --mem-threshold on L2-normalised features; 0.12 is the
 paper's value for CLIP features) and mean within-class pairwise distance.
 Samples of a Canny-adapted model (finetune.py, sample.py --control): control_f1, the F1 of the edge
-pixels of each image's Canny map against its requested map, within --edge-tolerance pixels.
+pixels of each image's Canny map against its requested map, within --edge-tolerance pixels, and
+control_f1_chance, the same against the next image's control (what ignoring the control scores).
 """
 import argparse
 import glob
@@ -217,12 +218,13 @@ def fmnist_class_ids(labels, run_config):
 def control_fidelity(images, controls_npz, run_config, tolerance):
     """Beyond the paper: how well the images follow their Canny control. The Canny map of each
     generated image (the run's thresholds) against the requested one: mean F1 of edge pixels
-    matched within `tolerance` pixels (models/controls.py)."""
+    matched within `tolerance` pixels (models/controls.py); and the chance level: the same score
+    against the control of the next image (another object), which an image that ignores its
+    control gets as well. Returns (F1, chance F1)."""
     with np.load(controls_npz) as data:
         wanted = torch.from_numpy(data["arr_0"][: len(images)]).permute(0, 3, 1, 2)
-    gray = torch.from_numpy(images).permute(0, 3, 1, 2)
-    got = canny(gray, run_config.get("canny_low", 100.0), run_config.get("canny_high", 200.0))
-    return float(edge_f1(got, wanted, tolerance).mean())
+    got = canny(torch.from_numpy(images).permute(0, 3, 1, 2), run_config.get("canny_low", 100.0), run_config.get("canny_high", 200.0))
+    return float(edge_f1(got, wanted, tolerance).mean()), float(edge_f1(got, wanted.roll(1, 0), tolerance).mean())
 
 
 def compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, mem_threshold):
@@ -290,7 +292,8 @@ def evaluate(args):
         out["clip"] = args.clip
     adapter = ((config or {}).get("model_config") or {}).get("adapter")
     if adapter and adapter["control"] == "canny" and os.path.exists(os.path.join(folder, "controls.npz")):
-        metrics["control_f1"] = control_fidelity(images, os.path.join(folder, "controls.npz"), run_config, args.edge_tolerance)
+        metrics["control_f1"], metrics["control_f1_chance"] = control_fidelity(
+            images, os.path.join(folder, "controls.npz"), run_config, args.edge_tolerance)
     out["metrics"] = metrics
     out["sample_config"] = config
     atomic_write_json(os.path.join(folder, "metrics.json"), out)

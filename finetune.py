@@ -104,8 +104,8 @@ class Finetune:
         if args.dataset is None:
             args.dataset = init_run.get("dataset", "fashion-mnist")
             args.data_path = args.data_path or init_run.get("data_path")
-            args.image_size = args.image_size or init_run.get("image_size")
-            args.vae = args.vae or init_run.get("vae")
+        args.image_size = args.image_size or init_run.get("image_size")  # the model's input space, whatever the data
+        args.vae = args.vae or init_run.get("vae")
         if args.method == "full" and args.control:
             raise UsageError("--method full has no control input; --control is for controlnet / t2i-adapter")
         if args.method != "full" and args.control is None:
@@ -164,6 +164,8 @@ class Finetune:
         if (base.in_channels, base.input_size) != (dataset.channels, dataset.image_size):
             raise UsageError(f"--init takes {base.in_channels}x{base.input_size}x{base.input_size} inputs; the data are "
                              f"{dataset.channels}x{dataset.image_size}x{dataset.image_size} (--vae / --image-size of the pre-training?)")
+        if not text and args.class_dropout > 0 and base.y_embedder.embedding_table.num_embeddings == base.num_classes:
+            raise UsageError("--init was trained without label dropout (no null class): pass --class-dropout 0")
         torch.manual_seed(args.seed)  # the same new weights on every rank
         if args.method == "full":
             if not text and len(dataset.classes) != base.num_classes:

@@ -58,7 +58,7 @@ def get_parser():
     a("--prompts", default=None, help="text models: a file of captions, one per line (default: held-out captions)")
     a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
     a("--control", default=None, help="adapted models (finetune.py): folder of control images, <label>/<name>.png "
-      "(or flat, labels i mod K), e.g. <run>/controls; image i gets control i mod M and its label")
+      "(or flat, labels i mod K), e.g. <run>/controls; image i gets control i mod M and its label (classes interleaved)")
     return p
 
 
@@ -87,6 +87,11 @@ def read_controls(folder, model):
     if not entries:
         raise UsageError(f"--control {folder} holds no images")
     entries.sort(key=lambda e: (e[0], e[1]))
+    seen, keyed = {}, []
+    for label, path in entries:  # interleave the classes, so that any prefix of the samples is class-balanced
+        keyed.append((seen.get(label, 0), label, path))
+        seen[label] = seen.get(label, 0) + 1
+    entries = [(label, path) for _, label, path in sorted(keyed)]
     mode = "L" if adapter["control_channels"] == 1 else "RGB"
     maps, size = [], adapter["control_size"]
     for _, path in entries:

@@ -175,7 +175,9 @@ def test_finetune_trains_only_the_adapter_then_samples_and_evaluates(pretrained,
     samples = out / run / "samples" / "s"
     got = np.load(samples / "controls.npz")
     labels = np.load(samples / "samples.npz")["arr_1"]
-    assert np.array_equal(labels, got["arr_1"]) and np.array_equal(labels, np.sort(ref["arr_1"]))  # each control's class
+    assert np.array_equal(labels, got["arr_1"]) and np.array_equal(np.sort(labels), np.sort(ref["arr_1"]))  # each control's class
+    k = len(set(labels.tolist()))
+    assert len(set(labels[:k].tolist())) == k  # classes interleaved: a prefix is class-balanced
     run_script("evaluate.py", ["--samples", samples, "--ref", controls / "reference.npz"])
     metrics = json.loads((samples / "metrics.json").read_text())["metrics"]
     assert 0 <= metrics["control_f1"] <= 1 and np.isfinite(metrics["fid_fmnist"])
@@ -198,6 +200,8 @@ def test_control_f1_scores_the_requested_edges(pretrained, tmp_path):
     same = json.loads((tmp_path / "same" / "metrics.json").read_text())["metrics"]["control_f1"]
     shuffled = json.loads((tmp_path / "shuffled" / "metrics.json").read_text())["metrics"]["control_f1"]
     assert same == 1.0 and shuffled < 0.9
+    chance = json.loads((tmp_path / "same" / "metrics.json").read_text())["metrics"]["control_f1_chance"]
+    assert chance == pytest.approx(shuffled, abs=1e-6)  # images vs the next one's control: the shuffled case
 
 
 def test_finetune_resume_is_exact(pretrained):
@@ -239,8 +243,12 @@ def test_text_model_controlnet_samples_each_control_with_its_caption(tmp_path):
                              "--steps", "2", "--tag", "s"])
     prompts = (out / "tcn" / "samples" / "s" / "prompts.txt").read_text().splitlines()
     files = sorted((out / "tcn" / "controls").glob("*/*.png"), key=lambda p: (int(p.parent.name), p.name))
+    rank = {p: sum(q.parent == p.parent for q in files[:i]) for i, p in enumerate(files)}
+    files.sort(key=lambda p: (rank[p], int(p.parent.name)))  # classes interleaved
     caption_of = dict(zip(meta["rows"], meta["captions"]))
     assert prompts == [caption_of[int(p.stem)] for p in files]
+    got = np.load(out / "tcn" / "samples" / "s" / "controls.npz")["arr_0"][..., 0]
+    assert all(np.array_equal(g, np.asarray(Image.open(p))) for g, p in zip(got, files))
 
 
 def test_full_finetune_on_a_new_class_set(pretrained, tmp_path):
@@ -311,3 +319,16 @@ def test_segmentation_controls_and_bad_input(pretrained, tmp_path):
         proc = run_script("sample.py", [*args, "--num-samples", "2", "--steps", "2"], check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     assert tree_snapshot(out) == before  # nothing written or lost
+
+
+def test_init_without_null_class_needs_no_label_dropout(pretrained):
+    root, out = pretrained
+    run_script("train.py", ["--data-path", root / "data", "--out-dir", out, "--run", "nodrop", "--model", "DiT-T/8",
+                            "--class-dropout", "0", "--global-batch-size", "16", "--max-steps", "1"])
+    proc = run_script("finetune.py", ["--init", out / "nodrop", "--method", "t2i-adapter", "--control", "canny",
+                                      "--out-dir", out, "--run", "nd", *FT], check=False)
+    assert proc.returncode == 2 and "pass --class-dropout 0" in proc.stderr and not (out / "nd").exists()
+    run_script("finetune.py", ["--init", out / "nodrop", "--method", "t2i-adapter", "--control", "canny", "--class-dropout", "0",
+                               "--out-dir", out, "--run", "nd", *FT])
+    run_script("sample.py", ["--run", out / "nd", "--control", out / "nd" / "controls", "--cfg-scale", "1",
+                             "--num-samples", "2", "--steps", "2"])
