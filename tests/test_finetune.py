@@ -332,3 +332,41 @@ def test_init_without_null_class_needs_no_label_dropout(pretrained):
                                "--out-dir", out, "--run", "nd", *FT])
     run_script("sample.py", ["--run", out / "nd", "--control", out / "nd" / "controls", "--cfg-scale", "1",
                              "--num-samples", "2", "--steps", "2"])
+
+
+def test_imagefolder_subset_with_canny_and_seg_controls(tmp_path):
+    """The IN-100 path in miniature: an ImageFolder, a class-list file picking 2 of its 3 class
+    folders (labels keep the pre-trained ids), images decoded by DataLoader workers with their
+    controls (random flips flip both), Canny and mirrored segmentation folders."""
+    rng = np.random.default_rng(0)
+    data, seg = tmp_path / "imgs", tmp_path / "seg"
+    for k, name in enumerate(["n001", "n002", "n003"]):
+        (data / name).mkdir(parents=True)
+        (seg / name).mkdir(parents=True)
+        for i in range(12):
+            arr = rng.integers(0, 40, (40, 48, 3)).astype(np.uint8)
+            arr[8 + 6 * k: 20 + 6 * k, 10:38] = 200
+            Image.fromarray(arr).save(data / name / f"img{i}.jpg" if i % 2 else data / name / f"img{i}.png")
+            Image.fromarray(np.where(arr > 100, 255, 0).astype(np.uint8)).save(seg / name / f"img{i}.png")
+    out = tmp_path / "out"
+    common = ["--dataset", "imagefolder", "--data-path", data, "--image-size", "32", "--out-dir", out,
+              "--global-batch-size", "8", "--log-every", "1", "--num-workers", "2"]
+    run_script("train.py", [*common, "--run", "base", "--model", "DiT-T/8", "--max-steps", "2"])
+    (tmp_path / "in2.txt").write_text("n001\nn003\n")
+    for control in ("canny", "seg"):
+        run_script("finetune.py", [*common, "--init", out / "base", "--method", "controlnet", "--control", control,
+                                   "--control-path", seg, "--classes", tmp_path / "in2.txt", "--val-size", "4",
+                                   "--max-steps", "3", "--run", control])
+        ref = np.load(out / control / "controls" / "reference.npz")
+        assert ref["arr_0"].shape == (4, 32, 32, 3) and set(ref["arr_1"].tolist()) <= {0, 2}  # IN-1K-style ids kept
+        maps = sorted((out / control / "controls").glob("*/*.png"))
+        assert {p.parent.name for p in maps} <= {"0", "2"} and len(maps) == 4
+        first = np.asarray(Image.open(maps[0]))
+        assert first.shape == ((32, 32) if control == "canny" else (32, 32, 3)) and set(np.unique(first)) <= {0, 255}
+        run_script("sample.py", ["--run", out / control, "--control", out / control / "controls", "--num-samples", "4",
+                                 "--steps", "2", "--tag", "s"])
+        assert np.load(out / control / "samples" / "s" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
+    (tmp_path / "bad.txt").write_text("n001\nn999\n")
+    proc = run_script("finetune.py", [*common, "--init", out / "base", "--method", "controlnet", "--control", "canny",
+                                      "--classes", tmp_path / "bad.txt", "--run", "bad"], check=False)
+    assert proc.returncode == 2 and "unknown class(es), e.g. 'n999'" in proc.stderr
