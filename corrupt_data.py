@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from models.common import UsageError, atomic_write_json, run_main
-from models.data import DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, dataset_key, latent_dir, load_dataset
+from models.data import (DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, control_cache_path, control_maps, dataset_key,
+                         latent_dir, load_dataset, seg_map_paths)
 
 CORRUPT_TYPES = ("symmetric", "asymmetric", "swap", "rewrite")  # labels: the first two; captions: the last two
 
@@ -295,6 +296,11 @@ def main():
     p.add_argument("--vae", default=None, help="pre-extract latents with this autoencoder (diffusers folder or hub id)")
     p.add_argument("--vae-batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=50000, help="images per latent shard")
+    p.add_argument("--control", default=None, choices=("canny", "seg"), help="pre-compute finetune.py's control maps of the dataset")
+    p.add_argument("--control-path", default=None, help="--control seg: folder of segmentation maps mirroring the image folder")
+    p.add_argument("--canny-low", type=float, default=100.0, help="Canny thresholds (OpenCV's; the paper: 100 / 200)")
+    p.add_argument("--canny-high", type=float, default=200.0)
+    p.add_argument("--num-workers", type=int, default=4, help="image decoding workers (latents, control maps)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     if not 0 <= args.corrupt < 1:
@@ -303,14 +309,20 @@ def main():
     key = dataset_key(args.dataset, dataset)
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     vae = open_vae(args.vae, device) if args.vae else None  # checked before anything is written
+    if args.control == "seg":
+        seg_map_paths(dataset, args.control_path, "train")  # every image has its map
     _, manifest, path = prepare_corruption(dataset, key, args.out_dir, args.corrupt, args.seed, args.corrupt_type, args.groups, args.rewrites)
     atomic_write_json(path, manifest)
     print(manifest["summary"])
     print(f"manifest: {path}")
     if vae is not None:
         out = latent_dir(args.out_dir, key, args.vae, dataset.image_size)
-        index = extract_latents(dataset, vae, args.vae, out, args.vae_batch_size, args.shard_size)
+        index = extract_latents(dataset, vae, args.vae, out, args.vae_batch_size, args.shard_size, args.num_workers)
         print(f"latents: {out} ({index['num_examples']} images x 2 flips, {index['kind']}, shape {index['shape']})")
+    if args.control:  # the cache finetune.py --control reads (the training split)
+        cache = control_cache_path(args.out_dir, key, args.control, dataset.image_size, args.canny_low, args.canny_high, args.control_path)
+        maps = control_maps(args.control, dataset, cache, args.control_path, "train", args.canny_low, args.canny_high, args.num_workers)
+        print(f"control maps: {cache} ({maps.shape[0]} x {maps.shape[1]} x {maps.shape[2]} x {maps.shape[3]})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ IN-1K and CC3M LDMs adapted with ControlNet and T2I-Adapter to Canny / SAM contr
 (models/adapters.py; at step 0 the output equals the pre-trained model's). --method full: every
 weight trains; when the downstream classes differ (--classes), the class table is resized.
 --control canny: OpenCV's Canny (models/controls.py, thresholds 100/200 as the paper) of each image,
-computed once per split and cached under <out-dir>/data/<key>/; --control seg: segmentation colour
+computed once per split and cached under <out-dir>/data/<key>/ (or ahead of time by
+corrupt_data.py --control canny); --control seg: segmentation colour
 maps (SAM's output) from --control-path, a folder that mirrors the image folder. Downstream data:
 --dataset / --data-path (default the init run's), Fashion-MNIST's held-out test split for the
 embedded default, and --classes FILE for a subset (IN-100 is a class list over IN-1K).
@@ -37,8 +38,8 @@ import train
 from models.adapters import METHODS, Adapted, resize_class_table
 from models.build import model_from_checkpoint
 from models.common import UsageError, atomic_write_json, run_main
-from models.data import (ControlData, LatentDataset, SubsetData, control_maps, dataset_key, image_uint8, latent_dir,
-                         load_dataset, read_class_list)
+from models.data import (ControlData, LatentDataset, SubsetData, control_cache_path, control_maps, dataset_key, image_uint8,
+                         latent_dir, load_dataset, read_class_list)
 from models.dit import config_from_state_dict
 
 CONTROLS = ("canny", "seg")
@@ -143,10 +144,9 @@ class Finetune:
         digest = hashlib.sha1(np.concatenate([train_rows, class_ids if self.relabel is not None else []]).astype(np.int64).tobytes()).hexdigest()[:8]
         self.maps = None
         if args.control:
-            name = (f"control-canny{args.canny_low:g}-{args.canny_high:g}" if args.control == "canny" else
-                    "control-seg-" + hashlib.sha1(os.path.abspath(args.control_path).encode()).hexdigest()[:8])
-            build = lambda: control_maps(args.control, images, os.path.join(args.out_dir, "data", key, f"{name}-{images.image_size}.npy"),  # noqa: E731
-                                         args.control_path, self.split, args.canny_low, args.canny_high)
+            cache = control_cache_path(args.out_dir, key, args.control, images.image_size, args.canny_low, args.canny_high, args.control_path)
+            build = lambda: control_maps(args.control, images, cache, args.control_path, self.split,  # noqa: E731
+                                         args.canny_low, args.canny_high, args.num_workers)
             first = not dist.is_initialized() or dist.get_rank() == 0
             self.maps = build() if first else None  # rank 0 computes the cache once, the others then map it
             if dist.is_initialized():

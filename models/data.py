@@ -376,19 +376,31 @@ def seg_map_paths(dataset, control_path, split):
     return paths
 
 
-def image_uint8(dataset, indices, batch_size=256):
-    """uint8 (B, C, S, S) images of a dataset (pixels, before any latent encoding)."""
+def image_uint8(dataset, indices, batch_size=256, num_workers=0):
+    """uint8 (B, C, S, S) images of a dataset (pixels, before any latent encoding); files are
+    decoded by num_workers DataLoader workers."""
+    to_uint8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
     if hasattr(dataset, "get_batch"):
-        return torch.cat([((dataset.get_batch(torch.as_tensor(chunk)) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return torch.cat([to_uint8(dataset.get_batch(torch.as_tensor(chunk)))
                           for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size)))])
-    return torch.stack([((dataset[int(i)][0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for i in indices])
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [int(i) for i in indices]),
+                                         batch_size=batch_size, num_workers=num_workers)
+    return torch.cat([to_uint8(x) for x, _ in loader])
 
 
-def control_maps(kind, images_dataset, cache_path, control_path=None, split="train", low=100, high=200):
+def control_cache_path(out_dir, key, control, image_size, low=100, high=200, control_path=None):
+    """Where finetune.py (and corrupt_data.py --control, ahead of time) keep a dataset's control maps."""
+    import hashlib
+    name = (f"control-canny{low:g}-{high:g}" if control == "canny" else
+            "control-seg-" + hashlib.sha1(os.path.abspath(control_path).encode()).hexdigest()[:8])
+    return os.path.join(out_dir, "data", key, f"{name}-{image_size}.npy")
+
+
+def control_maps(kind, images_dataset, cache_path, control_path=None, split="train", low=100, high=200, num_workers=0):
     """The control image of every example, uint8 (N, C, S, S), computed once and kept in
     cache_path (.npy, memory-mapped): Canny edges (1 channel, 0/255, OpenCV's thresholds) of the
-    uint8 image, or segmentation colour maps (3 channels) read from control_path (name the cache
-    after the folder: finetune.py does)."""
+    uint8 image, or segmentation colour maps (3 channels) read from control_path (cache_path:
+    control_cache_path, which names a segmentation cache after its folder)."""
     if kind == "seg":  # checked every time: a map missing now is an error even with a cache
         paths = seg_map_paths(images_dataset, control_path, split)
     if os.path.exists(cache_path):
@@ -404,7 +416,7 @@ def control_maps(kind, images_dataset, cache_path, control_path=None, split="tra
     for start in range(0, n, 1024):
         rows = np.arange(start, min(start + 1024, n))
         if kind == "canny":
-            maps[rows] = canny(image_uint8(images_dataset, rows), low, high).numpy()
+            maps[rows] = canny(image_uint8(images_dataset, rows, num_workers=num_workers), low, high).numpy()
         else:
             maps[rows] = np.stack([load_seg_map(paths[i], size) for i in rows])
     maps.flush()

@@ -370,3 +370,22 @@ def test_imagefolder_subset_with_canny_and_seg_controls(tmp_path):
     proc = run_script("finetune.py", [*common, "--init", out / "base", "--method", "controlnet", "--control", "canny",
                                       "--classes", tmp_path / "bad.txt", "--run", "bad"], check=False)
     assert proc.returncode == 2 and "unknown class(es), e.g. 'n999'" in proc.stderr
+
+
+def test_corrupt_data_prebuilds_the_control_cache_finetune_reads(tmp_path):
+    make_fake_fmnist(tmp_path / "data", n=64)
+    out = tmp_path / "out"
+    seg = tmp_path / "seg"
+    proc = run_script("corrupt_data.py", ["--data-path", tmp_path / "data", "--out-dir", out, "--control", "seg",
+                                          "--control-path", seg], check=False)
+    assert proc.returncode == 2 and "segmentation" in proc.stderr and not out.exists()
+    run_script("corrupt_data.py", ["--data-path", tmp_path / "data", "--out-dir", out, "--control", "canny", "--canny-low", "30"])
+    cache = out / "data" / "fashion-mnist" / "control-canny30-200-32.npy"
+    ds = load_dataset("fashion-mnist", str(tmp_path / "data"))
+    assert np.array_equal(np.load(cache), canny(ds.images, 30, 200).numpy())
+    np.save(cache, np.zeros((64, 1, 32, 32), dtype=np.uint8))  # finetune.py must read this cache, not recompute it
+    run_script("train.py", ["--data-path", tmp_path / "data", "--out-dir", out, "--run", "b", "--model", "DiT-T/8",
+                            "--global-batch-size", "8", "--max-steps", "1"])
+    run_script("finetune.py", ["--init", out / "b", "--split", "train", "--method", "controlnet", "--control", "canny",
+                               "--canny-low", "30", "--out-dir", out, "--run", "c", *FT])
+    assert all(np.asarray(Image.open(p)).max() == 0 for p in (out / "c" / "controls").glob("*/*.png"))
