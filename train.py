@@ -10,6 +10,8 @@ for the whole global batch from a generator seeded by (seed, step), and each ran
 the data order is DistributedSampler's (seed, epoch) permutation. So a run is the same whatever the
 number of ranks, and --resume continues exactly where the checkpoint stopped.
 
+finetune.py runs this same loop, `train(..., stage)`, with its own data and (adapted) model.
+
 Output: <out-dir>/<run>/config.json, log.jsonl, ckpt/last.pt and ckpt/<step>.pt
 (model, ema, optimizer, scaler, step, RNG states, config; loadable with weights_only=True).
 """
