@@ -445,6 +445,8 @@ class ControlData(torch.utils.data.Dataset):
         return c if flips is None else torch.where(torch.as_tensor(flips).view(-1, 1, 1, 1), c.flip(-1), c)
 
     def _get_batch(self, indices, flips=None):
+        if not getattr(self.dataset, "random_flip", False):  # data that are never flipped keep their maps as they are
+            flips = None
         x = self.dataset.get_batch(indices, flips) if flips is not None else self.dataset.get_batch(indices)
         return x, self.control(indices.cpu().numpy(), flips.cpu() if flips is not None else None)
 

@@ -389,3 +389,26 @@ def test_corrupt_data_prebuilds_the_control_cache_finetune_reads(tmp_path):
     run_script("finetune.py", ["--init", out / "b", "--split", "train", "--method", "controlnet", "--control", "canny",
                                "--canny-low", "30", "--out-dir", out, "--run", "c", *FT])
     assert all(np.asarray(Image.open(p)).max() == 0 for p in (out / "c" / "controls").glob("*/*.png"))
+
+
+def test_control_data_flips_the_map_with_the_image(tmp_path):
+    """ControlData gives ((image, control), index); a flipped example (a file dataset's (i, True)
+    key, or get_batch's flips for in-memory data) gets the mirrored control map."""
+    from models.data import ControlData, ImageFolderData, SubsetData
+    rng = np.random.default_rng(1)
+    for k in range(2):
+        (tmp_path / "imgs" / f"c{k}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(tmp_path / "imgs" / f"c{k}" / f"{i}.png")
+    folder = ImageFolderData(str(tmp_path / "imgs"), 32)
+    maps = np.arange(6 * 32 * 32, dtype=np.int64).reshape(6, 1, 32, 32).astype(np.uint8)
+    data = ControlData(SubsetData(folder, [1, 4, 5]), maps, [1, 4, 5])
+    (x, c), i = data[(1, True)]
+    assert i == 1 and torch.equal(x, folder[(4, True)][0]) and torch.equal(c, torch.from_numpy(maps[4]).flip(-1).float() / 255)
+    (x, c), _ = data[2]
+    assert torch.equal(x, folder[5][0]) and torch.equal(c, torch.from_numpy(maps[5]).float() / 255)
+    make_fake_fmnist(tmp_path / "data", n=32)
+    fm = load_dataset("fashion-mnist", str(tmp_path / "data"))
+    x, c = ControlData(fm, maps.repeat(6, 0)[:32]).get_batch(torch.tensor([3, 7]), torch.tensor([True, False]))
+    assert torch.equal(x, fm.get_batch(torch.tensor([3, 7])))  # Fashion-MNIST is never flipped: nor are its maps
+    assert torch.equal(c, torch.from_numpy(maps.repeat(6, 0)[[3, 7]]).float() / 255)
