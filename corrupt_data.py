@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from models.common import UsageError, atomic_write_json, run_main
-from models.data import (DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, control_cache_path, control_maps, dataset_key,
-                         latent_dir, load_dataset, seg_map_paths)
+from models.controls import control_cache_path, control_maps, seg_map_paths
+from models.data import DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, dataset_key, latent_dir, load_dataset
 
 CORRUPT_TYPES = ("symmetric", "asymmetric", "swap", "rewrite")  # labels: the first two; captions: the last two
 

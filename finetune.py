@@ -37,9 +37,9 @@ from PIL import Image
 import train
 from models.adapters import METHODS, Adapted, resize_class_table
 from models.build import model_from_checkpoint
-from models.common import UsageError, atomic_write_json, run_main
-from models.data import (ControlData, LatentDataset, SubsetData, control_cache_path, control_maps, dataset_key, image_uint8,
-                         latent_dir, load_dataset, read_class_list)
+from models.common import UsageError, atomic_write_json, run_main, setup_distributed
+from models.controls import ControlData, control_cache_path, control_maps, image_uint8
+from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
 from models.dit import config_from_state_dict
 
 CONTROLS = ("canny", "seg")
@@ -215,7 +215,7 @@ def main():
         train.resolve_run(args, parser)
     stage = Finetune(args)
     train.check_args(args)
-    rank, world, device = train.setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device)
     try:
         train.train(args, parser, rank, world, device, stage)
     finally:

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from corrupt_data import open_vae
-from models.common import UsageError, atomic_write_json, atomic_write_text, derived_seed, run_main
+from models.common import UsageError, atomic_write_json, atomic_write_text, derived_seed, run_main, setup_distributed
 from models.data import load_dataset
 from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
 from models.build import model_from_checkpoint
@@ -213,13 +213,9 @@ def main():
     if num_classes and any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:
         raise UsageError("this model was trained without label dropout (no null class): use --cfg-scale 1")
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    vae = open_vae(args.vae, device) if args.vae else None  # a bad --vae fails before anything is written
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    rank, world, device = setup_distributed(args.device)
     try:
+        vae = open_vae(args.vae, device) if args.vae else None  # a bad --vae fails before anything is written
         for scale in scales:
             sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, world, device)
     finally:

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from corrupt_data import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
 from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
-from models.common import UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed, run_main
+from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed,
+                           measure_matmul_tflops, run_main, setup_distributed)
 from models.diffusion import GaussianDiffusion
 from models.text import FrozenTextCache, build_text_encoder, cep_on_tokens
 from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, build_model
@@ -114,22 +115,6 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.lr <= 0 or args.grad_clip < 0:
         raise UsageError("--lr must be > 0 and --grad-clip >= 0")
-
-
-def setup_distributed(device_flag):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python train.py` is one rank."""
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if device_flag not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {device_flag}")
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no GPU is visible")
-    rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return rank, world, device
 
 
 def default_run_name(args):
@@ -233,19 +218,6 @@ def update_ema(ema, model, decay):
 
 def ema_decay_at(step, decay, warmup):
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
-
-
-def measure_matmul_tflops(device, dtype=torch.bfloat16, n=8192, iters=20):
-    """Dense matmul rate of this GPU (the denominator of MFU), measured rather than looked up."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
 
 
 def main():

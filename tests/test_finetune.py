@@ -13,8 +13,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.adapters import Adapted, resize_class_table  # noqa: E402
 from models.build import build_model  # noqa: E402
-from models.controls import canny  # noqa: E402
-from models.data import control_maps, load_dataset  # noqa: E402
+from models.controls import canny, control_maps  # noqa: E402
+from models.data import load_dataset  # noqa: E402
 from models.text import build_text_encoder  # noqa: E402
 from tests.helpers import make_fake_fmnist, run_script, tree_snapshot  # noqa: E402
 
@@ -394,7 +394,8 @@ def test_corrupt_data_prebuilds_the_control_cache_finetune_reads(tmp_path):
 def test_control_data_flips_the_map_with_the_image(tmp_path):
     """ControlData gives ((image, control), index); a flipped example (a file dataset's (i, True)
     key, or get_batch's flips for in-memory data) gets the mirrored control map."""
-    from models.data import ControlData, ImageFolderData, SubsetData
+    from models.controls import ControlData
+    from models.data import ImageFolderData, SubsetData
     rng = np.random.default_rng(1)
     for k in range(2):
         (tmp_path / "imgs" / f"c{k}").mkdir(parents=True)
