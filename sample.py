@@ -27,13 +27,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from corrupt_data import open_vae
 from models.common import UsageError, atomic_write_json, atomic_write_text, derived_seed, run_main, setup_distributed
 from models.data import load_dataset
 from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
 from models.build import model_from_checkpoint
 from models.dit import config_from_state_dict
-from models.vae import decode_latents
+from models.vae import decode_latents, open_vae
 
 
 def get_parser():

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from corrupt_data import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
+from models.corruption import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
 from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed,

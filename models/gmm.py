@@ -39,7 +39,7 @@ paper). So the drop holds for c = γ√n below c* ≈ √(nτ*), τ* ≈ [2d/n +
 c* (MC/predicted), n = 100, d = 2/8/32: 2.1/2.1, 4.1/4.1, 8/9.7 at ‖μ‖ = 1; 1.4/1.5, 1.4/1.4, 1.1/1.3
 at μ = (1,…,1).
 
-Label flips (the repo's corrupt_data.corrupt_labels): exactly round(ηN) examples, chosen uniformly,
+Label flips (the repo's models.corruption.corrupt_labels): exactly round(ηN) examples, chosen uniformly,
 each sent from class j to k ≠ j with probability w_k/(1 − w_j). At n → ∞ the examples labelled k form
 P̃_k = Σ_j π_kj N(μ_j, I), π_kk ∝ (1−η)w_k, π_kj ∝ η w_j w_k/(1 − w_j).
 - The optimal (memorising) score regenerates the corrupted training points (entropy −∞); at n → ∞ it
@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from scipy import stats
 from scipy.special import logsumexp
 
-from corrupt_data import corrupt_count, corrupt_labels
+from models.corruption import corrupt_count, corrupt_labels
 from models.diffusion import GaussianDiffusion, Sampler
 
 ETAS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)

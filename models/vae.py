@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.common import UsageError
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks: LDM's encoder/decoder (taming-transformers' ResnetBlock / AttnBlock / Down- and
 # Upsample), named as in diffusers (ResnetBlock2D, Attention, DownEncoderBlock2D, UpDecoderBlock2D).
@@ -367,7 +369,7 @@ def load_vae(spec, kind=None, subfolder=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# What corrupt_data.py / sample.py call
+# What corrupt_data.py / train.py / sample.py call
 
 
 @torch.no_grad()
@@ -398,3 +400,10 @@ def decode_latents(vae, z, force_not_quantize=False):
     if isinstance(vae, VQModel):
         return vae.decode(z, force_not_quantize=force_not_quantize)
     return vae.decode(z)
+
+
+def open_vae(spec, device="cpu"):
+    try:
+        return load_vae(spec).to(device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--vae: {str(e).splitlines()[0]}")

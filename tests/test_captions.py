@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from corrupt_data import caption_swap_pairs, corrupt_captions, corrupt_count, rewrite_captions  # noqa: E402
+from models.corruption import caption_swap_pairs, corrupt_captions, corrupt_count, rewrite_captions  # noqa: E402
 from models.common import UsageError  # noqa: E402
 from models.data import CAPTION_TEMPLATES, CaptionImages, FashionMNISTCaptions  # noqa: E402
 from tests.helpers import make_fake_fmnist, run_script, tree_snapshot  # noqa: E402

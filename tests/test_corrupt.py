@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from scipy import stats
 
-import corrupt_data as cd
+import models.corruption as cd
 import models.data as md  # noqa: E402
-from corrupt_data import (FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS, corrupt_count, corrupt_labels,
-                          load_groups)
-from models.common import UsageError
+from models.corruption import corrupt_count, corrupt_labels, load_groups
+from models.data import FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS
+from models.common import UsageError, atomic_write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FMNIST_DIR = pathlib.Path(md.FASHION_MNIST_SYSTEM_DIR)
@@ -62,6 +62,22 @@ LABELS_10K, COUNTS_10K = imbalanced_labels(10000, [30, 20, 12, 10, 8, 7, 5, 4, 3
 def test_corrupt_count_rounds_halves_up(eta, n, expected):
     # 0.5*5 = 2.5 -> 3 (Python's round would give 2), 0.25*10 = 2.5 -> 3
     assert corrupt_count(eta, n) == expected
+
+
+@pytest.mark.parametrize("eta,n,expected", [(0.000525, 60000, 32), (0.145, 100, 15), (0.285, 100, 29),
+                                            (0.5005, 1000, 501)])
+def test_corrupt_count_decimal_halfway_cases(eta, n, expected):
+    """Half-way products that binary floats put just below .5 (0.145 * 100 = 14.499999999999998):
+    the decimal ratio the user typed rounds up, as the README promises."""
+    assert int(eta * n + 0.5) == expected - 1  # what floor(η·n + 0.5) in binary floats gives
+    assert corrupt_count(eta, n) == expected == round_half_up(eta, n)
+
+
+def test_corrupt_count_matches_exact_rounding_on_a_grid():
+    rng = np.random.default_rng(0)
+    for eta in [round(float(v), k) for v in rng.random(300) for k in (2, 3, 4, 5)]:
+        for n in (7, 100, 1000, 1281167):
+            assert corrupt_count(eta, n) == round_half_up(eta, n), (eta, n)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.0001, 0.00005, 0.025, 0.05, 0.2, 0.5, 0.73, 0.999])
@@ -126,7 +142,7 @@ def test_pure_function_same_bytes_in_subprocess():
     """A fresh interpreter (as another rank would be) produces the same bytes."""
     new, chosen = corrupt_labels(LABELS_10K, K, 0.1, seed=9)
     here = hashlib.sha256(new.tobytes() + chosen.astype(np.int64).tobytes()).hexdigest()
-    code = ("import sys, hashlib, numpy as np; sys.path.insert(0, %r); import corrupt_data as cd\n"
+    code = ("import sys, hashlib, numpy as np; sys.path.insert(0, %r); import models.corruption as cd\n"
             "labels = np.load(sys.argv[1])\n"
             "new, chosen = cd.corrupt_labels(labels, 10, 0.1, seed=9)\n"
             "print(hashlib.sha256(new.tobytes() + chosen.astype(np.int64).tobytes()).hexdigest())\n" % str(REPO))
@@ -551,7 +567,7 @@ def test_prepare_corruption_existing_manifest_checks(tmp_path):
     assert not os.path.exists(out), "prepare_corruption writes nothing"
     assert path == os.path.join(out, "data", "fashion-mnist", "corrupt_symmetric_eta0.1_seed2.json")
     assert m["num_corrupted"] == 30 and np.array_equal(np.flatnonzero(new != ds.labels), m["indices"])
-    cd.atomic_write_json(path, m)
+    atomic_write_json(path, m)
     cd.prepare_corruption(ds, "fashion-mnist", out, 0.1, 2)  # same corruption: accepted
     with pytest.raises(UsageError, match="different corruption"):
         cd.prepare_corruption(md.FashionMNIST(str(other)), "fashion-mnist", out, 0.1, 2)

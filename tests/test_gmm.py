@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from corrupt_data import corrupt_labels
+from models.corruption import corrupt_labels
 from models import gmm
 from models.diffusion import GaussianDiffusion
 from models.metrics import frechet_distance
