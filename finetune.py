@@ -36,15 +36,16 @@ from PIL import Image
 
 import train
 from models.adapters import METHODS, Adapted, resize_class_table
-from models.build import model_from_checkpoint
+from models.build import FINETUNE_RECIPES, model_from_checkpoint, recipe_table
 from models.common import UsageError, atomic_write_json, run_main, setup_distributed
 from models.controls import ControlData, control_cache_path, control_maps, image_uint8
 from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
+from models.diffusion import DEFAULT_DIFFUSION
 from models.dit import config_from_state_dict
 
 CONTROLS = ("canny", "seg")
 # the architecture comes from --init: these flags must agree with it (or be left out)
-ARCHITECTURE = ("model", "learn_sigma", "class_cond", "text_encoder", "text_mode", "caption_length")
+ARCHITECTURE = ("model", "learn_sigma", "class_cond", "text_encoder", "text_mode", "caption_length", "schedule", "beta_start", "beta_end")
 
 
 def get_parser():
@@ -61,9 +62,11 @@ def get_parser():
     a("--classes", default=None, help="class-list file (folder names, class names or ids): adapt on these classes only")
     a("--val-size", type=int, default=500, help="downstream examples held out for sampling with controls and evaluation")
     a("--adapter-blocks", type=int, default=None, help="DiT: blocks the ControlNet copies (default half) / the adapter feeds (default 4)")
-    # downstream defaults (ControlNet: a small constant lr; the base stays as pre-trained)
-    p.set_defaults(lr=1e-4, max_steps=1000, ckpt_every=500, model=None, dataset=None, learn_sigma=None,
-                   class_cond=None, text_encoder=None, text_mode=None, caption_length=None)
+    # the optimisation defaults are --method's recipe (models/build.py FINETUNE_RECIPES); the
+    # architecture and the diffusion schedule are the pre-trained run's
+    p.set_defaults(model=None, dataset=None, class_cond=None, text_encoder=None, text_mode=None, caption_length=None)
+    p.epilog = recipe_table(FINETUNE_RECIPES, "defaults (tiny: UNet-T, UNet-S, DiT-T/*; stock: the other models' controlnet /"
+                                              " t2i-adapter; stock-full: their --method full), overridden by any flag given:")
     return p
 
 
@@ -91,8 +94,10 @@ class Finetune:
         if args.init is None:
             raise UsageError("pass --init, the pre-trained run (<out-dir>/<run>) or checkpoint to adapt")
         self.ckpt, self.init_config, init_run = load_init(args.init)
+        self.diffusion = {**DEFAULT_DIFFUSION, **self.ckpt.get("diffusion", {})}  # older checkpoints: DDPM linear
         # the architecture is the pre-trained one; the data default to the pre-training data
-        saved = {**init_run, "model": self.init_config["name"], "learn_sigma": self.init_config.get("learn_sigma", True)}
+        saved = {**init_run, **{k: v for k, v in self.diffusion.items() if k in ARCHITECTURE},
+                 "model": self.init_config["name"], "learn_sigma": self.init_config.get("learn_sigma", True)}
         for name in ARCHITECTURE:
             given, pretrained = getattr(args, name), saved.get(name)
             if given is not None and pretrained is not None and given != pretrained:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from models.common import UsageError, atomic_write_json, atomic_write_text, derived_seed, run_main, setup_distributed
 from models.data import load_dataset
-from models.diffusion import SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
+from models.diffusion import DEFAULT_DIFFUSION, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
 from models.build import model_from_checkpoint
 from models.dit import config_from_state_dict
 from models.vae import decode_latents, open_vae
@@ -234,7 +234,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
               "cfg_channels": args.cfg_channels, "vae": args.vae, "prompts": args.prompts, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
               "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed,
               "control": os.path.abspath(args.control) if args.control else None,
-              "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {})}
+              "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {}),
+              "diffusion": {**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})}}
     config_path = os.path.join(out, "sample_config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -249,7 +250,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         dist.barrier()
 
     model.to(device)
-    diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma)
+    diffusion = GaussianDiffusion.from_config(ckpt.get("diffusion"), learn_sigma=model.learn_sigma)  # the run's schedule
     sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised)
     text = model.num_classes == 0
     if text:  # image i gets prompt i mod P; its label (held-out class, or -1) goes to arr_1

@@ -33,13 +33,15 @@ from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_d
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed,
                            measure_matmul_tflops, run_main, setup_distributed)
-from models.diffusion import GaussianDiffusion
+from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import FrozenTextCache, build_text_encoder, cep_on_tokens
-from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, build_model
+from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
-NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers"}
-NOT_SAVED = {"resume", "out_dir", "run"}  # where the run is, not what it is
+NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
+NOT_SAVED = {"resume", "out_dir", "run", "dry_run"}  # where the run is, not what it is
+# what runs saved before these flags existed were trained with (their config.json lacks them)
+LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0)
 
 
 def get_parser():
@@ -54,7 +56,11 @@ def get_parser():
     a("--text-encoder", default="scratch", help="scratch (offline default) | bert[:dir|hub id] (trained jointly, the paper) | clip[:dir|hub id] (frozen)")
     a("--text-mode", default="crossattn", choices=("crossattn", "pooled"), help="DiT on text: cross-attention or pooled caption embedding")
     a("--caption-length", type=int, default=32, help="tokens per caption (padded / truncated)")
-    a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True, help="predict the variance too (hybrid loss)")
+    # the diffusion (defaults: the model family's recipe, see the table below)
+    a("--schedule", default=None, choices=SCHEDULES, help="β schedule: linear (DDPM/DiT) or scaled_linear (LDM's \"linear\": √β linear)")
+    a("--beta-start", type=float, default=None, help="β_1 of the schedule")
+    a("--beta-end", type=float, default=None, help="β_T of the schedule")
+    a("--learn-sigma", action=argparse.BooleanOptionalAction, default=None, help="predict the variance too (hybrid loss L_simple + L_vb)")
     a("--vae", default=None, help="train on the latents corrupt_data.py --vae pre-extracted with this autoencoder")
     # condition corruption (corrupt_data.py)
     a("--corrupt", type=float, default=0.0, help="ratio η of training labels to corrupt, in [0, 1)")
@@ -68,20 +74,21 @@ def get_parser():
     a("--cep-gamma", type=float, default=1.0, help="CEP magnitude γ: δ scale is γ/√d")
     a("--cep-fixed", action="store_true", help="ablation: one δ per training example, drawn once")
     a("--input-perturbation", type=float, default=0.0, help="IP baseline (Ning et al. 2023): λ in x_t from ε + λξ")
-    a("--class-dropout", type=float, default=0.1, help="condition dropout to the null class / empty caption (classifier-free guidance)")
-    # optimisation
+    a("--class-dropout", type=float, default=None, help="condition dropout to the null class / empty caption (classifier-free guidance)")
+    # optimisation (defaults: the model family's recipe)
     a("--seed", type=int, default=0)
-    a("--global-batch-size", type=int, default=64, help="summed over all ranks; fixed whatever the world size")
-    a("--lr", type=float, default=3e-4, help="constant learning rate (the paper: 1e-4 for DiT-XL/2 and LDM-4)")
-    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
-    a("--max-steps", type=int, default=1500)
-    a("--ema-decay", type=float, default=0.9999)
-    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+    a("--global-batch-size", type=int, default=None, help="summed over all ranks; fixed whatever the world size")
+    a("--lr", type=float, default=None, help="constant learning rate of AdamW")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=None, help="max gradient norm (0 = no clipping)")
+    a("--max-steps", type=int, default=None)
+    a("--ema-decay", type=float, default=None, help="EMA of the weights (0 = no EMA: the EMA copy is the weights)")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
       help="use decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA")
     a("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model")
     # bookkeeping
-    a("--ckpt-every", type=int, default=500, help="numbered checkpoint (and last.pt) every N steps")
+    a("--ckpt-every", type=int, default=None, help="numbered checkpoint (and last.pt) every N steps")
     a("--log-every", type=int, default=50)
     a("--num-workers", type=int, default=4, help="data-loader workers per rank (imagefolder)")
     a("--out-dir", default="out")
@@ -90,14 +97,18 @@ def get_parser():
     a("--run", "--run-name", dest="run", default=None, help="run name (default: built from model, dataset, η, CEP, seed)")
     a("--resume", action="store_true", help="continue <out-dir>/<run> from ckpt/last.pt")
     a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
+    a("--dry-run", action="store_true", help="check the input, print the effective configuration and exit (writes nothing)")
+    p.epilog = recipe_table()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
 
 def check_args(args):
-    if not 0 <= args.corrupt < 1:
-        raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
     if args.model not in MODEL_NAMES:
         raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODEL_NAMES)}")
+    apply_recipe(args)
+    if not 0 <= args.corrupt < 1:
+        raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
     if args.cep_gamma < 0 or not math.isfinite(args.cep_gamma):
         raise UsageError(f"--cep-gamma must be >= 0, got {args.cep_gamma}")
     if (args.cep_type is not None or args.cep_fixed) and not args.cep:
@@ -113,8 +124,10 @@ def check_args(args):
     for name in ("global_batch_size", "max_steps", "ckpt_every", "log_every"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if args.lr <= 0 or args.grad_clip < 0:
-        raise UsageError("--lr must be > 0 and --grad-clip >= 0")
+    if args.lr <= 0 or args.grad_clip < 0 or args.weight_decay < 0:
+        raise UsageError(f"--lr must be > 0, --grad-clip and --weight-decay >= 0 (got {args.lr:g}, {args.grad_clip:g}, {args.weight_decay:g})")
+    if not 0 < args.beta_start < args.beta_end < 1:
+        raise UsageError(f"the schedule needs 0 < --beta-start < --beta-end < 1, got {args.beta_start:g}, {args.beta_end:g}")
 
 
 def default_run_name(args):
@@ -148,6 +161,7 @@ def resolve_run(args, parser):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume: cannot read {config_path}: {e}")
+    saved = {**LEGACY_RUN, **saved}
     parser.set_defaults(**saved)
     fresh = vars(parser.parse_args())  # the saved config, overridden by the flags given now
     conflicts = [k for k, v in saved.items() if k not in NON_RUN_FLAGS and fresh.get(k) != v]
@@ -259,6 +273,103 @@ def new_model(args, dataset, text):
     return model, model_config
 
 
+def diffusion_config(args):
+    """What the checkpoint records so sample.py / finetune.py rebuild this run's diffusion."""
+    return dict(schedule=args.schedule, beta_start=args.beta_start, beta_end=args.beta_end, num_timesteps=1000,
+                learn_sigma=args.learn_sigma, loss="hybrid" if args.learn_sigma else "simple")
+
+
+# ---- randomness outside the per-step generator: dropout (BERT), DataLoader worker seeds ----------
+
+def seed_rank(seed, rank, step=0):
+    """Each rank's global RNG from (seed, rank, step): different dropout masks on every rank."""
+    torch.manual_seed(derived_seed(seed, rank, step, 0x52414E4B))
+
+
+def rng_states(device, world):
+    """Every rank's RNG state, gathered (a list indexed by rank, the same on every rank)."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(saved, rank, world, seed, step, device):
+    """This rank's own saved RNG state; a checkpoint of another world size (or of the old single-
+    state format on several ranks) reseeds from (seed, rank, step) instead. True if restored."""
+    states = saved if isinstance(saved, list) else [saved]  # older checkpoints: rank 0's state only
+    if len(states) != world:
+        seed_rank(seed, rank, step)
+        return False
+    torch.set_rng_state(states[rank]["torch"])
+    if device.type == "cuda" and "cuda" in states[rank]:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True
+
+
+# ---- one step's inputs --------------------------------------------------------------------------
+
+def latents_from_stats(stats, scaling_factor, g, B, share):
+    """--vae data hold (mean, logvar) of the KL posterior, or (h,) for VQ: z = scale * a sample."""
+    x = stats[:, 0]
+    if stats.shape[1] == 2:  # the posterior noise, drawn for the global batch
+        posterior = torch.randn((B, *x.shape[1:]), generator=g, device=x.device)[share]
+        x = x + torch.exp(0.5 * stats[:, 1].clamp(-30, 20)) * posterior
+    return x * scaling_factor
+
+
+def step_conditions(args, model, conditions, idx, dropped, g, B, share, text_cache):
+    """The condition of each example of this rank's share: (cond, extra model kwargs, CEP δ or None).
+    Dropped rows (classifier-free guidance) get the null condition, never perturbed. CEP (Chen et al.
+    2024, Eq. 4) adds δ to the condition embedding c_θ(y), drawn for the global batch."""
+    device = idx.device
+    if isinstance(conditions, torch.Tensor):  # class labels: the null class is num_classes
+        cond = (torch.where(dropped, model.num_classes, conditions[idx]),)
+        if not args.cep:
+            return cond, {}, None
+        if args.cep_fixed:  # ablation: one δ per training example, drawn once
+            delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
+        else:
+            delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
+        return cond, {}, delta * (~dropped).unsqueeze(1)
+    captions = ["" if d else conditions[i] for i, d in zip(idx.tolist(), dropped.tolist())]  # "": the null caption
+    tokens = model.tokenize(captions)
+    cond = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    extra = {"context": text_cache.lookup(captions, device)} if text_cache else {}
+    if not args.cep:
+        return cond, extra, None
+    L = cond[0].shape[1]  # δ on every caption token, none on padding or null rows
+    delta = cep_on_tokens(torch.zeros(B, L, model.cond_dim, device=device), torch.ones(B, L), args.cep_gamma,
+                          args.cep_type, generator=g)[share]
+    return cond, extra, delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))
+
+
+def resampled_conditions(args, dataset, manifest, epoch, device):
+    """--corrupt-resample: a fresh corrupted set each epoch (never the base seed's draw)."""
+    seed = [args.seed, 0xC0FFEE, epoch]
+    if is_text_dataset(dataset):
+        return corrupt_captions(dataset.captions, args.corrupt, seed)[0]
+    labels, _ = corrupt_labels(dataset.labels, len(dataset.classes), args.corrupt, seed, manifest["corrupt_type"], manifest["groups"])
+    return torch.from_numpy(labels).to(device)
+
+
+def frozen_text_cache(args, model, dataset, key, conditions, master, world):
+    """A frozen text encoder (CLIP) runs once per distinct caption: rank 0 extracts, every rank maps."""
+    if not (is_text_dataset(dataset) and model.text_encoder.is_frozen):
+        return None
+    path = os.path.join(args.out_dir, "data", key, f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}")
+    strings = list(dataset.captions) + list(conditions)
+    if master:
+        FrozenTextCache(model.text_encoder, strings, path)
+    if world > 1:
+        dist.barrier()
+    return FrozenTextCache(model.text_encoder, strings, path)
+
+
 def train(args, parser, rank, world, device, stage=None):
     """The training loop of train.py, and of finetune.py, whose `stage` supplies the data
     (load_data), the model (new_model: the pre-trained one, adapted) and files to write (prepare)."""
@@ -278,15 +389,15 @@ def train(args, parser, rank, world, device, stage=None):
         raise UsageError("--cep-fixed is implemented for class labels only")
     if text and args.corrupt_resample and manifest["corrupt_type"] == "rewrite":
         raise UsageError("--corrupt-resample re-draws caption swaps; it does not apply to --corrupt-type rewrite")
-    num_classes = 0 if text else len(dataset.classes)
     model, model_config = stage.new_model(args, dataset, text) if stage else new_model(args, dataset, text)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_step, loss_acc = 0, torch.zeros(2, dtype=torch.float64)
+    seed_rank(args.seed, rank)  # the weights are built (the same on every rank): from here each rank draws its own
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -297,9 +408,15 @@ def train(args, parser, rank, world, device, stage=None):
         scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
         loss_acc = ckpt["loss_acc"].clone() if master else loss_acc
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        rng_restored = restore_rng(ckpt["rng"], rank, world, args.seed, start_step, device)
+    startup = (f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
+               f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), {world} rank(s) on {device.type}, "
+               f"{precision}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else "")
+               + ("" if ckpt is None or rng_restored else " (RNG reseeded: the checkpoint has another number of ranks)"))
+    if args.dry_run:
+        if master:
+            print(f"{manifest['summary']}\n{startup}\n{describe_recipe(args)}\ndry run: nothing written")
+        return
 
     # ---- all checks passed: write the manifest, config and (on resume) the trimmed log ------
     config = run_config(args)
@@ -314,15 +431,12 @@ def train(args, parser, rank, world, device, stage=None):
             atomic_write_text(log_path, "".join(kept))
         if stage is not None:
             stage.prepare(args, run_dir)
-        print(manifest["summary"])
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters ({trainable:,} trained), {world} rank(s) on {device.type}, "
-              f"{precision}, global batch {args.global_batch_size}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else ""))
+        print(f"{manifest['summary']}\n{startup}\n{describe_recipe(args)}", flush=True)
     if world > 1:
         dist.barrier()
 
     # ---- the training loop -------------------------------------------------------------------
-    diffusion = GaussianDiffusion(learn_sigma=args.learn_sigma)
+    diffusion = GaussianDiffusion.from_config(diffusion_config(args), learn_sigma=args.learn_sigma)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -332,15 +446,7 @@ def train(args, parser, rank, world, device, stage=None):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     train_conditions = conditions if text else torch.from_numpy(conditions).to(device)
-    text_cache = None
-    if text and model.text_encoder.is_frozen:  # a frozen encoder (CLIP) runs once per distinct caption
-        cache_path = os.path.join(args.out_dir, "data", key, f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}")
-        strings = list(dataset.captions) + list(conditions)
-        if master:  # extract once, then every rank maps the file
-            FrozenTextCache(model.text_encoder, strings, cache_path)
-        if world > 1:
-            dist.barrier()
-        text_cache = FrozenTextCache(model.text_encoder, strings, cache_path)
+    text_cache = frozen_text_cache(args, model, dataset, key, conditions, master, world)
     conditions_epoch = None
     B, share = args.global_batch_size, slice(rank, None, world)
     flops_per_image = 3 * model.flops_per_forward()
@@ -351,46 +457,17 @@ def train(args, parser, rank, world, device, stage=None):
     for step in range(start_step, args.max_steps):
         x, idx, epoch = next(data)
         x, control = x if isinstance(x, tuple) else (x, None)  # finetune.py: control images beside the data
-        if args.corrupt_resample and epoch != conditions_epoch:  # ablation: a fresh corrupted set each epoch
-            seed = [args.seed, 0xC0FFEE, epoch]  # never the base seed's draw
-            if text:
-                train_conditions = corrupt_captions(dataset.captions, args.corrupt, seed)[0]
-            else:
-                resampled, _ = corrupt_labels(dataset.labels, num_classes, args.corrupt, seed, manifest["corrupt_type"], manifest["groups"])
-                train_conditions = torch.from_numpy(resampled).to(device)
-            conditions_epoch = epoch
+        if args.corrupt_resample and epoch != conditions_epoch:
+            train_conditions, conditions_epoch = resampled_conditions(args, dataset, manifest, epoch, device), epoch
         # every random draw of the step, for the global batch; this rank keeps rows rank::world
         g = step_generator(args.seed, step, device)
-        if args.vae:  # x holds (mean, logvar) of the KL posterior, or (h,) for VQ: z = scale * sample
-            stats = x
-            x = stats[:, 0]
-            if stats.shape[1] == 2:
-                posterior = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
-                x = x + torch.exp(0.5 * stats[:, 1].clamp(-30, 20)) * posterior
-            x = x * dataset.index["scaling_factor"]
+        if args.vae:
+            x = latents_from_stats(x, dataset.index["scaling_factor"], g, B, share)
         t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
         noise = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
         dropped = (torch.rand(B, generator=g, device=device) < args.class_dropout)[share]
         xi = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share] if args.input_perturbation else None
-        delta = None
-        if text:  # dropped rows get the empty caption, the null condition
-            captions = ["" if d else train_conditions[i] for i, d in zip(idx.tolist(), dropped.tolist())]
-            tokens = model.tokenize(captions)
-            cond = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-            extra = {"context": text_cache.lookup(captions, device)} if text_cache else {}
-            if args.cep:  # δ on every caption token (drawn for the global batch), none on padding or null rows
-                L = cond[0].shape[1]
-                delta = cep_on_tokens(torch.zeros(B, L, model.cond_dim, device=device), torch.ones(B, L), args.cep_gamma,
-                                      args.cep_type, generator=g)[share]
-                delta = delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))
-        else:
-            cond, extra = (torch.where(dropped, num_classes, train_conditions[idx]),), {}
-            if args.cep:  # δ on the class embedding c_θ(y)
-                if args.cep_fixed:
-                    delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
-                else:
-                    delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
-                delta = delta * (~dropped).unsqueeze(1)  # the null embedding is not perturbed
+        cond, extra, delta = step_conditions(args, model, train_conditions, idx, dropped, g, B, share, text_cache)
         if control is not None:  # kept for dropped conditions too: guidance is over the class / caption only
             extra["control"] = control
         with autocast:
@@ -432,13 +509,11 @@ def train(args, parser, rank, world, device, stage=None):
             acc = loss_acc.clone()
             if world > 1:
                 dist.all_reduce(acc)  # so a resume mid-interval logs the same mean
+            rng = rng_states(device, world)  # every rank's, so a resume restores each rank's own
             if master:
-                rng = {"torch": torch.get_rng_state()}
-                if device.type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state(device)
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "scaler": scaler.state_dict(), "step": done, "rng": rng, "loss_acc": acc,
-                         "config": config, "model_config": model_config}
+                         "config": config, "model_config": model_config, "diffusion": diffusion_config(args)}
                 ckpt_dir = os.path.join(run_dir, "ckpt")
                 if done % args.ckpt_every == 0:
                     atomic_torch_save(os.path.join(ckpt_dir, f"{done:07d}.pt"), state)

@@ -43,3 +43,90 @@ def model_from_checkpoint(ckpt, use_ema=True):
         model = Adapted(model, **adapter)
     model.load_state_dict(weights)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training recipes: each family's defaults, as its original code and the paper ran it. train.py /
+# finetune.py flags override any entry; the start-up line prints the effective values.
+#   schedule, beta_start, beta_end: the β schedule over 1000 steps (models/diffusion.beta_schedule)
+#   learn_sigma: predict the variance too, trained by the hybrid loss L_simple + L_vb (else L_simple)
+#   ema_decay 0: no EMA (the "EMA" copy sample.py uses is then the weights themselves)
+#   global_batch_size: summed over all GPUs; class_dropout: label dropout for classifier-free guidance
+#   (not stated by the paper nor cin256-v2; DiT's 0.1 for every family)
+TRAINING_RECIPES = {
+    # facebookresearch/DiT train.py (AdamW lr 1e-4, no weight decay, no clipping, EMA 0.9999 from
+    # step 0, batch 256) with the paper's DiT-XL/2 length: 400 K steps at 32 per GPU x 8 A100
+    "DiT": dict(schedule="linear", beta_start=1e-4, beta_end=0.02, learn_sigma=True, lr=1e-4, weight_decay=0.0,
+                grad_clip=0.0, ema_decay=0.9999, ema_warmup=False, global_batch_size=256, max_steps=400_000,
+                class_dropout=0.1, ckpt_every=50_000),
+    # CompVis latent-diffusion configs/latent-diffusion/cin256-v2.yaml: LDM's "linear" schedule
+    # 0.0015 -> 0.0195 (√β linear), 3 output channels (eps, L_simple only), base_learning_rate 1e-4,
+    # use_ema False, AdamW at torch's default weight decay 0.01, no clipping (Lightning's default);
+    # the paper: lr 1e-4, 64 per GPU x 8 A100, 178 K steps on ImageNet-1K (396 K on CC3M)
+    "LDM": dict(schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, learn_sigma=False, lr=1e-4,
+                weight_decay=0.01, grad_clip=0.0, ema_decay=0.0, ema_warmup=False, global_batch_size=512,
+                class_dropout=0.1, max_steps=178_000, ckpt_every=10_000),
+    # the tiny CPU models (DiT-T/*, UNet-T/S) of the embedded Fashion-MNIST run
+    "tiny": dict(schedule="linear", beta_start=1e-4, beta_end=0.02, learn_sigma=True, lr=3e-4, weight_decay=0.0,
+                 grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64, class_dropout=0.1, max_steps=1500,
+                 ckpt_every=500),
+}
+# finetune.py: the schedule and learn_sigma are the pre-trained model's; these set the optimisation.
+# Stock diffusers examples (train_controlnet.py, train_t2i_adapter_sdxl.py; the paper adapts with
+# them at their default lr and batch): AdamW lr 5e-6, weight decay 1e-2, max_grad_norm 1.0, constant
+# lr, no EMA, no prompt dropout (proportion_empty_prompts 0), 4 images per GPU (x 8 GPUs = 32).
+# train_text_to_image.py (full fine-tuning): lr 1e-4, 16 per GPU (x 8 = 128), the rest the same.
+# max_steps 40 K is about the paper's 10 epochs of ImageNet-100 (126,689 images) at batch 32.
+STOCK_ADAPTATION = dict(lr=5e-6, weight_decay=0.01, grad_clip=1.0, ema_decay=0.0, ema_warmup=False, global_batch_size=32,
+                        class_dropout=0.0, max_steps=40_000, ckpt_every=500)
+FINETUNE_RECIPES = {
+    "stock": STOCK_ADAPTATION,
+    "stock-full": {**STOCK_ADAPTATION, "lr": 1e-4, "global_batch_size": 128, "max_steps": 10_000},
+    "tiny": dict(lr=1e-4, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64,
+                 class_dropout=0.1, max_steps=1000, ckpt_every=500),
+}
+TINY_MODELS = ("UNet-T", "UNet-S", *(n for n in DIT_CONFIGS if n.startswith("DiT-T/")))
+
+
+def recipe_family(name):
+    return "tiny" if name in TINY_MODELS else "DiT" if name in DIT_CONFIGS else "LDM"
+
+
+def training_recipe(name, method=None):
+    """The defaults of pre-training model `name` (method None), or of adapting it with finetune.py's
+    --method (controlnet / t2i-adapter / full)."""
+    if method is None:
+        return TRAINING_RECIPES[recipe_family(name)]
+    if recipe_family(name) == "tiny":
+        return FINETUNE_RECIPES["tiny"]
+    return FINETUNE_RECIPES["stock-full" if method == "full" else "stock"]
+
+
+def recipe_table(recipes=TRAINING_RECIPES, title="defaults by model family (tiny: UNet-T, UNet-S, DiT-T/*; DiT: the "
+                 "other DiT-*; LDM: LDM-4), overridden by any flag given:"):
+    """The per-family defaults as the text table --help shows."""
+    keys = list(dict.fromkeys(k for r in recipes.values() for k in r))
+    rows = [["family", *keys]] + [[name, *(f"{r[k]:g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)]
+                                  for name, r in recipes.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return title + "\n  " + "\n  ".join(lines)
+
+
+def apply_recipe(args):
+    """Fill every flag left unset from the model family's recipe (finetune.py: its --method's)."""
+    recipe = training_recipe(args.model, getattr(args, "method", None))
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return recipe
+
+
+def describe_recipe(args):
+    """One line of the effective diffusion and optimisation settings."""
+    ema = f"EMA {args.ema_decay:g}" + (" (warm-up)" if args.ema_warmup else "") if args.ema_decay else "no EMA"
+    return (f"{args.schedule} β {args.beta_start:g} -> {args.beta_end:g}, "
+            + ("learn_sigma (L_simple + L_vb)" if args.learn_sigma else "fixed variance (L_simple)")
+            + f", AdamW lr {args.lr:g} weight decay {args.weight_decay:g}, "
+            + (f"grad clip {args.grad_clip:g}" if args.grad_clip else "no grad clip")
+            + f", {ema}, class dropout {args.class_dropout:g}, global batch {args.global_batch_size}, {args.max_steps} steps")

@@ -14,10 +14,26 @@ import numpy as np
 import torch
 
 
+SCHEDULES = ("linear", "scaled_linear")
+# what a checkpoint without a "diffusion" entry was trained with (the only schedule before it was stored)
+DEFAULT_DIFFUSION = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
+
+
 def linear_beta_schedule(num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
     """The DDPM linear schedule, rescaled to num_timesteps as in ADM (float64)."""
     scale = 1000 / num_timesteps
     return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+
+
+def beta_schedule(schedule="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000):
+    """β_1..β_T in float64. "linear": DDPM / ADM / DiT (β linear in t). "scaled_linear": what LDM's
+    code calls "linear" (√β linear in t, then squared; cin256-v2 uses 0.0015 -> 0.0195), also
+    diffusers' "scaled_linear" and Stable Diffusion's schedule."""
+    if schedule == "linear":
+        return linear_beta_schedule(num_timesteps, beta_start, beta_end)
+    if schedule == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+    raise ValueError(f"unknown schedule '{schedule}'; choose one of {SCHEDULES}")
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -44,6 +60,14 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 class GaussianDiffusion:
+    @classmethod
+    def from_config(cls, config=None, learn_sigma=True):
+        """The diffusion a checkpoint's "diffusion" entry describes (DEFAULT_DIFFUSION for older
+        checkpoints, which had no other schedule); learn_sigma is the model's."""
+        config = {**DEFAULT_DIFFUSION, **(config or {})}
+        betas = beta_schedule(config["schedule"], config["beta_start"], config["beta_end"], config["num_timesteps"])
+        return cls(betas, learn_sigma=learn_sigma)
+
     def __init__(self, betas=None, learn_sigma=True):
         betas = linear_beta_schedule() if betas is None else np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(betas)
