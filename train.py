@@ -389,12 +389,17 @@ def train(args, parser, rank, world, device, stage=None):
         raise UsageError("--cep-fixed is implemented for class labels only")
     if text and args.corrupt_resample and manifest["corrupt_type"] == "rewrite":
         raise UsageError("--corrupt-resample re-draws caption swaps; it does not apply to --corrupt-type rewrite")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.dry_run:
+        if master:
+            print(f"{manifest['summary']}\n{args.model}, {world} rank(s) on {device.type}, {precision}, run {run_dir}\n"
+                  f"{describe_recipe(args)}\ndry run: nothing written")
+        return
     model, model_config = stage.new_model(args, dataset, text) if stage else new_model(args, dataset, text)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_step, loss_acc = 0, torch.zeros(2, dtype=torch.float64)
     seed_rank(args.seed, rank)  # the weights are built (the same on every rank): from here each rank draws its own
@@ -413,10 +418,6 @@ def train(args, parser, rank, world, device, stage=None):
                f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), {world} rank(s) on {device.type}, "
                f"{precision}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else "")
                + ("" if ckpt is None or rng_restored else " (RNG reseeded: the checkpoint has another number of ranks)"))
-    if args.dry_run:
-        if master:
-            print(f"{manifest['summary']}\n{startup}\n{describe_recipe(args)}\ndry run: nothing written")
-        return
 
     # ---- all checks passed: write the manifest, config and (on resume) the trimmed log ------
     config = run_config(args)

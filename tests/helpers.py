@@ -82,3 +82,19 @@ def make_tiny_clip(folder, seed=0):
                                            num_hidden_layers=2, num_attention_heads=2), projection_dim=16)
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def make_tiny_bert(folder):
+    """A randomly initialised tiny BertModel (dropout 0.1, as bert-base) and its WordPiece vocabulary."""
+    import torch
+    from transformers import BertConfig, BertModel
+    folder = Path(folder)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "##s", "shirt", "t", "-"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    model = BertModel(cfg).eval()
+    model.save_pretrained(folder)
+    return model, {w: i for i, w in enumerate(words)}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.cep import cep_noise
+from tests.helpers import make_tiny_bert
 from models.text import (BOS, EOS, PAD, UNK, SPECIAL_TOKENS, build_text_encoder, cep_on_tokens,
                          rebuild_text_encoder)
 
@@ -140,19 +141,6 @@ def test_clip_matches_transformers_and_is_frozen(tmp_path):
     assert enc.config() == dict(kind="clip", spec=f"clip:{tmp_path / 'clip'}", max_length=10, width=32)
     re_enc = rebuild_text_encoder(json.loads(json.dumps(enc.config())), enc.state_dict())
     torch.testing.assert_close(re_enc(ids, mask), out, rtol=0, atol=0)
-
-
-def make_tiny_bert(folder):
-    from transformers import BertConfig, BertModel
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "##s", "shirt", "t", "-"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32)
-    model = BertModel(cfg).eval()
-    model.save_pretrained(folder)
-    return model, {w: i for i, w in enumerate(words)}
 
 
 def test_bert_matches_transformers_and_is_trainable(tmp_path):
