@@ -6,7 +6,8 @@ Stage 3: generate images from a trained (or adapted) run, sharded over ranks.
     python sample.py --run out/demo --cfg-scale 1.5,2,3,4              # a guidance sweep: one folder each
 
 Every image has a global index i, a class (i mod K, so any prefix is class-balanced, or --class)
-and its own generator seeded by (seed, i) for its initial noise and every later noise draw. Images
+and its own noise stream (PCG64 seeded by the full (seed, i), models.common.ImageNoise) for its
+initial noise and every later noise draw, so no two images share noise. Images
 are sampled in fixed batches of consecutive indices, batch j on rank j mod W, so 1 or N ranks give
 byte-identical images; a rerun of the same command skips the images already written.
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models.common import UsageError, atomic_write_json, atomic_write_text, derived_seed, run_main, setup_distributed
+from models.common import ImageNoise, UsageError, atomic_write_json, atomic_write_text, run_main, setup_distributed
 from models.data import load_dataset
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
 from models.build import model_from_checkpoint
@@ -270,8 +271,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % world == rank and not all(os.path.exists(png(i)) for i in b)]
     for idx in tqdm(mine, desc=f"{tag} rank {rank}", disable=rank != 0):
-        gens = [torch.Generator().manual_seed(derived_seed(args.seed, i)) for i in idx]
-        draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
+        draw = ImageNoise(args.seed, idx, shape, device)  # image i's noise depends on (seed, i) only
         if text:  # guidance against the empty caption
             tok, null = model.tokenize(prompts[idx.start: idx.stop]), model.tokenize([""] * len(idx))
             cond, null = (tok["input_ids"].to(device), tok["attention_mask"].to(device)), (null["input_ids"].to(device), null["attention_mask"].to(device))

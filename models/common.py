@@ -1,6 +1,7 @@
 """Small helpers shared by the stage scripts: atomic writes, the one-line error convention, the
-torchrun process group and the GPU's measured matmul rate."""
+torchrun process group, the GPU's measured matmul rate and per-image sampling noise."""
 import json
+import math
 import os
 import sys
 import tempfile
@@ -59,6 +60,52 @@ def derived_seed(*keys):
     """A well-mixed 64-bit seed from integers (e.g. seed, step). Torch's CPU generator keeps only
     the low 32 bits of a seed, so `(seed << 32) + step` would silently ignore the seed there."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+
+
+class ImageNoise:
+    """N(0, I) noise for a batch of images, each from its own stream: image i of `idx` draws from
+    PCG64 seeded by SeedSequence([seed, i]) (128-bit state that keeps every bit of seed and i), so its
+    noise depends on (seed, i) and on how many draws came before, never on the batch it sits in (nor
+    the rank, world size or batch size). Each call returns the next float32 draw, (len(idx), *shape),
+    on `device`. (Torch's CPU generator keeps only 32 bits of a seed: at 50 K images some pairs would
+    share their noise.) The random bits are the same on every machine; the float32 log/cos/sin may
+    differ in the last bit between CPU instruction sets (numpy's SIMD dispatch)."""
+
+    def __init__(self, seed, idx, shape, device="cpu"):
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.gens = [np.random.PCG64(np.random.SeedSequence([int(seed), int(i)])) for i in idx]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self):
+        n, B = math.prod(self.shape), len(self.gens)
+        m = (n + 1) // 2  # Box-Muller pairs per image; one 64-bit word (two 32-bit uniforms) per pair
+        z = np.empty((B, 2, m), np.float32)  # image b's noise: m values r cos θ, then m values r sin θ
+        rows = max(1, 2 ** 16 // m)  # images per block: each work array stays in cache (256 KB)
+        for s in range(0, B, rows):
+            words = np.stack([g.random_raw(m) for g in self.gens[s: s + rows]])
+            box_muller(words.astype("<u8", copy=False).view("<u4"), z[s: s + rows])
+        z = np.ascontiguousarray(z.reshape(B, 2 * m)[:, :n])  # odd n: drop the last sine
+        return torch.from_numpy(z).view(B, *self.shape).to(self.device)
+
+
+def box_muller(bits, out):
+    """Box & Muller (1958): u, v uniform ⇒ r = √(−2 log u), θ = 2πv give independent N(0, 1) r cos θ
+    and r sin θ. bits (B, 2m) uint32 (u from the first m, v from the last m) -> out (B, 2, m) float32.
+    Elementwise on contiguous arrays, so every value is computed alike wherever it sits in the batch."""
+    m = bits.shape[1] // 2
+    r = bits[:, :m].astype(np.float32)
+    r += 0.5
+    r *= 2 ** -32  # u = (k + ½) / 2³² in (0, 1]: |z| ≤ 6.8
+    np.log(r, out=r)
+    r *= -2
+    np.sqrt(r, out=r)
+    theta = bits[:, m:].astype(np.float32)
+    theta *= 2 * math.pi * 2 ** -32  # θ in [0, 2π]
+    cos = np.cos(theta)
+    np.sin(theta, out=theta)
+    np.multiply(r, cos, out=out[:, 0])
+    np.multiply(r, theta, out=out[:, 1])
 
 
 def setup_distributed(device_flag):
