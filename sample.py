@@ -191,6 +191,8 @@ def main():
         raise UsageError("--cfg-scale must be >= 1; --num-samples, --batch-size, --steps positive; --ddim-eta >= 0")
     if args.steps > 1000:
         raise UsageError("--steps must be at most the 1000 training timesteps")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     model, ckpt, run_dir, ckpt_path = load_model(args)
     num_classes = model.num_classes
     args.control_maps = args.control_labels = captions = None
@@ -233,7 +235,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     config = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "ema": not args.no_ema,
               "sampler": args.sampler, "steps": args.steps, "ddim_eta": args.ddim_eta, "cfg_scale": scale,
               "cfg_channels": args.cfg_channels, "vae": args.vae, "prompts": args.prompts, "clip_denoised": args.clip_denoised, "num_samples": args.num_samples,
-              "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed,
+              "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed, "noise": "pcg64-box-muller",
               "control": os.path.abspath(args.control) if args.control else None,
               "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {}),
               "diffusion": {**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})}}

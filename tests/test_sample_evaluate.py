@@ -75,7 +75,7 @@ def test_sampler_options_and_sweep(trained):
     assert not np.array_equal(a, b)  # guidance changes the images
 
 
-@pytest.mark.parametrize("args", [["--cfg-scale", "0.5"], ["--steps", "0"], ["--class", "10"], ["--cfg-scale", "a,b"]])
+@pytest.mark.parametrize("args", [["--cfg-scale", "0.5"], ["--steps", "0"], ["--class", "10"], ["--cfg-scale", "a,b"], ["--seed", "-1"]])
 def test_sample_bad_input(trained, args):
     _, out = trained
     before = tree_snapshot(out)
