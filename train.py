@@ -26,13 +26,12 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 
 from models.corruption import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
-from models.data import DATASETS, LatentDataset, dataset_key, latent_dir, load_dataset
+from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
-from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, derived_seed,
-                           measure_matmul_tflops, run_main, setup_distributed)
+from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, measure_matmul_tflops,
+                           restore_rng, rng_states, run_main, seed_rank, setup_distributed, step_generator)
 from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import FrozenTextCache, build_text_encoder, cep_on_tokens
 from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
@@ -184,45 +183,6 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
 
 
-def step_generator(seed, step, device):
-    """The generator for everything random in one optimisation step, same on every rank."""
-    return torch.Generator(device=device).manual_seed(derived_seed(seed, step))
-
-
-def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, device):
-    """Yield (images, example indices, epoch) of this rank's share of each global batch, from
-    start_step on. Rank r takes positions r, r+W, r+2W, ... of DistributedSampler's permutation,
-    so the union over ranks of batch s is the same for every world size."""
-    local_batch = global_batch // world
-    steps_per_epoch = len(dataset) // global_batch
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))[offset * local_batch: steps_per_epoch * local_batch]
-        # horizontal flips (ImageFolder data and latents) fixed by (seed, epoch): resume and world size don't change them
-        flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(derived_seed(seed, epoch, 1))) < 0.5
-        if hasattr(dataset, "get_batch"):  # in-memory / memory-mapped data: vectorised gather, no workers
-            for chunk in order.split(local_batch):
-                x = dataset.get_batch(chunk, flips[chunk]) if getattr(dataset, "random_flip", False) else dataset.get_batch(chunk)
-                yield to_device(x, device), chunk.to(device), epoch
-        else:  # files: workers decode
-            keys = [(i, bool(flips[i])) for i in order.tolist()]
-            loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
-                                pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
-            for x, idx in loader:
-                yield to_device(x, device), idx.to(device), epoch
-        step += steps_per_epoch - offset
-
-
-def to_device(x, device):
-    """A batch, or (batch, control images) from finetune.py's ControlData."""
-    if isinstance(x, (tuple, list)):
-        return tuple(v.to(device, non_blocking=True) for v in x)
-    return x.to(device, non_blocking=True)
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
@@ -277,38 +237,6 @@ def diffusion_config(args):
     """What the checkpoint records so sample.py / finetune.py rebuild this run's diffusion."""
     return dict(schedule=args.schedule, beta_start=args.beta_start, beta_end=args.beta_end, num_timesteps=1000,
                 learn_sigma=args.learn_sigma, loss="hybrid" if args.learn_sigma else "simple")
-
-
-# ---- randomness outside the per-step generator: dropout (BERT), DataLoader worker seeds ----------
-
-def seed_rank(seed, rank, step=0):
-    """Each rank's global RNG from (seed, rank, step): different dropout masks on every rank."""
-    torch.manual_seed(derived_seed(seed, rank, step, 0x52414E4B))
-
-
-def rng_states(device, world):
-    """Every rank's RNG state, gathered (a list indexed by rank, the same on every rank)."""
-    mine = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    if world == 1:
-        return [mine]
-    states = [None] * world
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def restore_rng(saved, rank, world, seed, step, device):
-    """This rank's own saved RNG state; a checkpoint of another world size (or of the old single-
-    state format on several ranks) reseeds from (seed, rank, step) instead. True if restored."""
-    states = saved if isinstance(saved, list) else [saved]  # older checkpoints: rank 0's state only
-    if len(states) != world:
-        seed_rank(seed, rank, step)
-        return False
-    torch.set_rng_state(states[rank]["torch"])
-    if device.type == "cuda" and "cuda" in states[rank]:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return True
 
 
 # ---- one step's inputs --------------------------------------------------------------------------
@@ -368,6 +296,20 @@ def frozen_text_cache(args, model, dataset, key, conditions, master, world):
     if world > 1:
         dist.barrier()
     return FrozenTextCache(model.text_encoder, strings, path)
+
+
+def log(log_path, record):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"step {record['step']:7d} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | {record['img_per_s']:8.1f} img/s"
+          + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""), flush=True)
+
+
+def save_checkpoint(run_dir, state, numbered):
+    """ckpt/last.pt (and ckpt/<step>.pt every --ckpt-every steps), each written atomically."""
+    if numbered:
+        atomic_torch_save(os.path.join(run_dir, "ckpt", f"{state['step']:07d}.pt"), state)
+    atomic_torch_save(os.path.join(run_dir, "ckpt", "last.pt"), state)
 
 
 def train(args, parser, rank, world, device, stage=None):
@@ -492,17 +434,13 @@ def train(args, parser, rank, world, device, stage=None):
                 dist.all_reduce(total)  # sum over ranks of (sum of local mean losses, count)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t_last
-            img_per_s = B * steps_since_log / elapsed
+            img_per_s = B * steps_since_log / (time.perf_counter() - t_last)
             record = {"step": done, "epoch": epoch, "loss": total[0].item() / total[1].item(), "grad_norm": grad_norm.item(),
                       "lr": args.lr, "img_per_s": round(img_per_s, 2), "time": round(time.time(), 1)}
             if peak_tflops:
                 record["mfu"] = round(flops_per_image * img_per_s / world / (peak_tflops * 1e12), 4)
             if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                print(f"step {done:7d} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | {img_per_s:8.1f} img/s"
-                      + (f" | MFU {record['mfu']:.1%}" if peak_tflops else ""), flush=True)
+                log(log_path, record)
             loss_acc.zero_()
             t_last, steps_since_log = time.perf_counter(), 0
 
@@ -515,10 +453,7 @@ def train(args, parser, rank, world, device, stage=None):
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "scaler": scaler.state_dict(), "step": done, "rng": rng, "loss_acc": acc,
                          "config": config, "model_config": model_config, "diffusion": diffusion_config(args)}
-                ckpt_dir = os.path.join(run_dir, "ckpt")
-                if done % args.ckpt_every == 0:
-                    atomic_torch_save(os.path.join(ckpt_dir, f"{done:07d}.pt"), state)
-                atomic_torch_save(os.path.join(ckpt_dir, "last.pt"), state)
+                save_checkpoint(run_dir, state, numbered=done % args.ckpt_every == 0)
     if master:
         print(f"done: {run_dir}")
 

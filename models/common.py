@@ -135,3 +135,40 @@ def measure_matmul_tflops(device, dtype=torch.bfloat16, n=8192, iters=20):
         a @ b
     torch.cuda.synchronize(device)
     return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+# ---- training randomness: one generator per step for the global batch; each rank's own global RNG
+
+def step_generator(seed, step, device):
+    """The generator for everything random in one optimisation step, same on every rank."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step))
+
+
+def seed_rank(seed, rank, step=0):
+    """Each rank's global RNG from (seed, rank, step): different dropout masks on every rank."""
+    torch.manual_seed(derived_seed(seed, rank, step, 0x52414E4B))
+
+
+def rng_states(device, world):
+    """Every rank's RNG state, gathered (a list indexed by rank, the same on every rank)."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(saved, rank, world, seed, step, device):
+    """This rank's own saved RNG state; a checkpoint of another world size (or of the old single-
+    state format on several ranks) reseeds from (seed, rank, step) instead. True if restored."""
+    states = saved if isinstance(saved, list) else [saved]  # older checkpoints: rank 0's state only
+    if len(states) != world:
+        seed_rank(seed, rank, step)
+        return False
+    torch.set_rng_state(states[rank]["torch"])
+    if device.type == "cuda" and "cuda" in states[rank]:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True

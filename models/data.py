@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.common import UsageError
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models.common import UsageError, derived_seed
 
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian: apt-get install dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -334,3 +336,37 @@ class SubsetData(torch.utils.data.Dataset):
         i, flip = _key(key)
         j = int(self.indices[i])
         return self.base[(j, flip) if flip else j][0], i
+
+
+def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, device):
+    """Yield (images, example indices, epoch) of this rank's share of each global batch, from
+    start_step on. Rank r takes positions r, r+W, r+2W, ... of DistributedSampler's permutation,
+    so the union over ranks of batch s is the same for every world size."""
+    local_batch = global_batch // world
+    steps_per_epoch = len(dataset) // global_batch
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))[offset * local_batch: steps_per_epoch * local_batch]
+        # horizontal flips (ImageFolder data and latents) fixed by (seed, epoch): resume and world size don't change them
+        flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(derived_seed(seed, epoch, 1))) < 0.5
+        if hasattr(dataset, "get_batch"):  # in-memory / memory-mapped data: vectorised gather, no workers
+            for chunk in order.split(local_batch):
+                x = dataset.get_batch(chunk, flips[chunk]) if getattr(dataset, "random_flip", False) else dataset.get_batch(chunk)
+                yield to_device(x, device), chunk.to(device), epoch
+        else:  # files: workers decode
+            keys = [(i, bool(flips[i])) for i in order.tolist()]
+            loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
+                                pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
+            for x, idx in loader:
+                yield to_device(x, device), idx.to(device), epoch
+        step += steps_per_epoch - offset
+
+
+def to_device(x, device):
+    """A batch, or (batch, control images) from finetune.py's ControlData."""
+    if isinstance(x, (tuple, list)):
+        return tuple(v.to(device, non_blocking=True) for v in x)
+    return x.to(device, non_blocking=True)

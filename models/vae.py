@@ -307,7 +307,7 @@ VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # attention names of diffusers < 0.14 checkpoints -> current names (diffusers renames them on load too)
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^([\w.-]+/[\w.-]+)(?:/([\w.-]+))?$")  # owner/name, or owner/name/subfolder
 
 
 def _download(repo_id, subfolder):
@@ -328,14 +328,16 @@ def _download(repo_id, subfolder):
 
 def load_vae(spec, kind=None, subfolder=None):
     """A frozen (eval, no grad) first stage from a diffusers `save_pretrained` folder, or from a hub id
-    'owner/name' (+ subfolder, e.g. 'vae' / 'vqvae') when online or cached. `kind` ('AutoencoderKL' /
+    'owner/name' (+ subfolder, e.g. 'vae' / 'vqvae', also written 'owner/name/vqvae') when online or
+    cached. `kind` ('AutoencoderKL' /
     'VQModel') is read from the config's _class_name when not given."""
     spec = os.fspath(spec)
     folder = os.path.join(spec, subfolder) if subfolder else spec
     if not os.path.exists(folder):
-        if os.path.exists(spec) or not HUB_ID.match(spec):
+        hub = HUB_ID.match(spec)
+        if os.path.exists(spec) or not hub:
             raise FileNotFoundError(f"no such VAE folder: {folder}")
-        folder = _download(spec, subfolder)
+        folder = _download(hub.group(1), subfolder or hub.group(2))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"a VAE must be a folder with config.json and weights, not {folder}")
     config_path = os.path.join(folder, "config.json")

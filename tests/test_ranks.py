@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
+from models.common import restore_rng, seed_rank  # noqa: E402
 from tests.helpers import REPO, make_fake_fmnist, make_tiny_bert, run_script  # noqa: E402
 
 
@@ -24,10 +24,10 @@ def test_rank_seeds_give_different_dropout_masks():
     def masks(seed, rank):
         torch.manual_seed(seed)
         weights = torch.nn.Linear(8, 8).weight.detach().clone()  # the build
-        train.seed_rank(seed, rank)
+        seed_rank(seed, rank)
         return weights, torch.nn.functional.dropout(torch.ones(4096), 0.1, training=True) == 0
     (w0, m0), (w1, m1), (w0b, m0b) = masks(3, 0), masks(3, 1), masks(3, 0)
-    assert torch.equal(w0, w1) and torch.equal(m0, m0b)
+    assert torch.equal(w0, w1) and torch.equal(w0, w0b) and torch.equal(m0, m0b)
     assert 250 < m0.sum() < 570 and 250 < m1.sum() < 570  # ≈ 410 ± 19 dropped: dropout works
     assert (m0 != m1).sum() > 500, "ranks share their dropout masks"  # independent: ≈ 740 disagree
 
@@ -105,12 +105,12 @@ def test_restore_rng_own_state_or_reseed():
     cpu = torch.device("cpu")
     states = []
     for rank in range(2):
-        train.seed_rank(0, rank)
+        seed_rank(0, rank)
         states.append({"torch": torch.get_rng_state()})
     for rank in range(2):
-        assert train.restore_rng(states, rank, 2, 0, 5, cpu) and torch.equal(torch.get_rng_state(), states[rank]["torch"])
-    assert train.restore_rng(states[1], 0, 1, 0, 5, cpu) and torch.equal(torch.get_rng_state(), states[1]["torch"])
-    assert not train.restore_rng(states, 3, 4, 0, 5, cpu)
+        assert restore_rng(states, rank, 2, 0, 5, cpu) and torch.equal(torch.get_rng_state(), states[rank]["torch"])
+    assert restore_rng(states[1], 0, 1, 0, 5, cpu) and torch.equal(torch.get_rng_state(), states[1]["torch"])
+    assert not restore_rng(states, 3, 4, 0, 5, cpu)
     reseeded = torch.get_rng_state()
-    train.seed_rank(0, 3, 5)
+    seed_rank(0, 3, 5)
     assert torch.equal(reseeded, torch.get_rng_state())

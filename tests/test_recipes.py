@@ -1,7 +1,6 @@
 """Per-family training recipes (models/build.py), the β schedules, and the schedule a run was
 trained with travelling in its checkpoint to sample.py and finetune.py."""
 import json
-import os
 import shutil
 import sys
 from pathlib import Path

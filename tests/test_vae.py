@@ -211,6 +211,14 @@ def test_load_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="could not be fetched from the Hugging Face Hub"):
         load_vae("no-such-user-0/no-such-vae-0")
+    # owner/name/subfolder: the subfolder of a hub pipeline (e.g. an LDM pipeline's vqvae)
+    import models.vae as vae_module
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(config))
+    fetched = []
+    monkeypatch.setattr(vae_module, "_download", lambda repo, sub: fetched.append((repo, sub)) or str(tmp_path / "tiny"))
+    assert isinstance(load_vae("some-org/some-ldm/vqvae"), AutoencoderKL) and fetched == [("some-org/some-ldm", "vqvae")]
+    with pytest.raises(FileNotFoundError, match="no such VAE folder"):
+        load_vae("a/b/c/d")
 
 
 # ---------------------------------------------------------------------------------------------------
