@@ -350,3 +350,85 @@ def condition_accuracy(logits, labels):
     """Share of samples whose argmax class equals the label they were generated for."""
     pred = _np64(logits).argmax(1)
     return float((pred == np.asarray(labels).ravel()).mean())
+
+
+# ----------------------------------------------------------------------------------------- TopP&R
+def _kernel(d2, h, kernel):
+    """K(‖·‖/h) from squared distances, unnormalised (constants cancel against the band):
+    cosine K(u) = cos(πu/2)·1[u < 1] (compact support), gaussian K(u) = exp(−u²/2)."""
+    u2 = d2 / (h * h)
+    if kernel == "cosine":
+        return torch.where(u2 < 1, torch.cos(0.5 * math.pi * u2.clamp_max(1).sqrt()), torch.zeros_like(u2))
+    if kernel == "gaussian":
+        return torch.exp(-0.5 * u2)
+    raise ValueError(f"unknown kernel {kernel!r} (cosine, gaussian)")
+
+
+def _kde(points, data, h, kernel, weights, batch):
+    """(len(points), W) kernel density estimates at `points` of `data` weighted by each column of
+    `weights` (len(data), W): p̂_w(x) = (1/n) Σ_i w_i K(‖x − X_i‖/h); blocks of the kernel matrix only."""
+    out = torch.zeros(len(points), weights.shape[1], dtype=torch.float64, device=weights.device)
+    for i, j, d2 in _sq_dist_blocks(points, data, batch):
+        out[i:i + d2.shape[0]] += _kernel(d2, h, kernel) @ weights[j:j + d2.shape[1]]
+    return out / len(data)
+
+
+def _kde_support(x, alpha, kernel, k, num_boot, seed, batch):
+    """Topologically significant support of a point cloud (TopP&R, Kim et al. 2023, Sec. 3):
+    bandwidth h = median distance to the k-th nearest neighbour (itself excluded); the KDE p̂ at
+    the points; the confidence band c_α = (1 − α) quantile over `num_boot` bootstrap resamples of
+    sup_i |p̂*(X_i) − p̂(X_i)| (a resample is a multinomial reweighting of the points, so all of
+    them come out of one pass over the kernel matrix). Density within the band of zero is not
+    significant: the support is {x : p̂(x) > c_α}. Returns (in-support mask, h, c_α)."""
+    h = float(np.median(_knn_sq(x, x, k, batch, exclude_self=True)[:, -1].sqrt().cpu().numpy()))
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    boot = torch.from_numpy(rng.multinomial(n, np.full(n, 1.0 / n), size=num_boot).T.astype(np.float64)).to(x.device)
+    weights = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=x.device), boot], 1)
+    dens = _kde(x, x, h, kernel, weights, batch) - weights / n  # leave-one-out: drop each point's own K(0) = 1
+    sups = (dens[:, 1:] - dens[:, :1]).abs().max(0).values.cpu().numpy()
+    c = float(np.quantile(sups, 1 - alpha))
+    return dens[:, 0] > c, h, c
+
+
+def top_pr(real, fake, alpha=0.1, kernel="cosine", k=10, num_boot=50, proj_dim=32, max_points=10000,
+           seed=0, batch=1024):
+    """TopP&R (Kim et al., NeurIPS 2023): precision and recall on topologically significant supports.
+    Each set's support is estimated on its own (`_kde_support`); then
+        TopP = #{Y_j in supp(Q̂) and in supp(P̂)} / #{Y_j in supp(Q̂)}
+        TopR = #{X_i in supp(P̂) and in supp(Q̂)} / #{X_i in supp(P̂)},
+    x ∈ supp(P̂) meaning p̂_X(x) > c_α^X (the real KDE at x above the real band), so points off
+    either support (outliers, noise) count nowhere. F1 = 2PR / (P + R).
+    Features of more than `proj_dim` dims are first mapped by a seeded Gaussian random projection
+    (as the authors' package does) and at most `max_points` points of each set are used (seeded
+    subsets, read row by row from memmaps). Returns (precision, recall, F1)."""
+    rng = np.random.default_rng(seed)
+    sets = []
+    for a in (real, fake):
+        rows = np.sort(rng.choice(len(a), max_points, replace=False)) if len(a) > max_points else slice(None)
+        sets.append(_t64(a[rows]))
+    x, y = sets
+    if x.shape[1] > proj_dim:
+        proj = torch.from_numpy(rng.standard_normal((x.shape[1], proj_dim)) / math.sqrt(proj_dim)).to(x.device)
+        x, y = x @ proj, y.to(x.device) @ proj
+    x_in, hx, cx = _kde_support(x, alpha, kernel, k, num_boot, seed, batch)
+    y_in, hy, cy = _kde_support(y, alpha, kernel, k, num_boot, seed, batch)
+    ones = lambda t: torch.ones(len(t), 1, dtype=torch.float64, device=t.device)  # noqa: E731
+    y_in_p = _kde(y, x, hx, kernel, ones(x), batch)[:, 0] > cx  # fake points inside the real support
+    x_in_q = _kde(x, y, hy, kernel, ones(y), batch)[:, 0] > cy  # real points inside the fake support
+    p = (y_in & y_in_p).sum().item() / max(y_in.sum().item(), 1)
+    r = (x_in & x_in_q).sum().item() / max(x_in.sum().item(), 1)
+    return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
+
+
+# ------------------------------------------------------------------------------ VQ codebook usage
+def codebook_usage(counts):
+    """Usage of a VQ codebook from the counts of each code over all images and positions:
+    entropy H = −Σ p_k log2 p_k in bits, perplexity 2^H (the effective number of codes) and the
+    share of the K codes used at least once."""
+    c = _np64(counts).ravel()
+    if c.sum() <= 0:
+        raise ValueError("no codes counted")
+    p = c[c > 0] / c.sum()
+    h = float(-(p * np.log2(p)).sum())
+    return h, float(2.0 ** h), float((c > 0).mean())
