@@ -124,7 +124,7 @@ def image_batches(source, batch_size, num_workers):
         return source.batches(batch_size)
     if isinstance(source, FileImages):
         return torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=num_workers)
-    return (torch.from_numpy(np.ascontiguousarray(source[s:s + batch_size])) for s in range(0, len(source), batch_size))
+    return (torch.from_numpy(np.array(source[s:s + batch_size])) for s in range(0, len(source), batch_size))  # a copy: memmaps are read-only
 
 
 # ------------------------------------------------------------------------------------- identities
@@ -152,7 +152,7 @@ def module_digest(module, extra=""):
     h = hashlib.sha1(extra.encode())
     for name, t in module.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().data if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
     return h.hexdigest()
 
 
