@@ -262,6 +262,12 @@ def evaluate(args):
     fmnist = dataset is not None and dataset.startswith("fashion-mnist")  # labels or captions: the same images
     features = args.features if args.features != "auto" else ("fmnist" if fmnist else "inception")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    data_path = args.data_path or run_config.get("data_path")
+    if args.ref is None and not fmnist:
+        raise UsageError(f"--features {features} needs --ref (a folder or .npz of real images) for samples not of Fashion-MNIST")
+    ref_name, ref_source, pre = load_reference(args.ref, data_path)
+    if pre and features != "inception":
+        raise UsageError(f"--ref {args.ref}: precomputed mu/sigma are Inception statistics; use --features inception")
     clip = ClipNet(args.clip, device) if args.clip else None  # fail early, before the slow part
     if features == "clip" and clip is None:
         raise UsageError("--features clip needs --clip MODEL")
@@ -269,11 +275,9 @@ def evaluate(args):
         raise UsageError(f"--train-data {args.train_data} is not a directory of class sub-folders")
     vq = open_vq(config, device)
     out_dir = args.out_dir or (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(folder)))) if config else "out")
-    data_path = args.data_path or run_config.get("data_path")
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     out = {"samples": os.path.abspath(args.samples), "num_samples": int(len(images)), "features": features}
     notes, timings = [], {}
-    ref_name, ref_source, pre = load_reference(args.ref, data_path)
     if features == "fmnist":
         classifier, out["classifier_test_accuracy"] = load_or_train_classifier(
             os.path.join(out_dir, "classifier", "fashion-mnist.pt"), lambda split: dataset_split("fashion-mnist", data_path, split))
@@ -282,13 +286,9 @@ def evaluate(args):
         if shapes != {(32, 32, 1)}:
             raise UsageError(f"the fmnist classifier takes 32x32x1 images, got {sorted(shapes)}")
     elif features == "inception":
-        if args.ref is None and not fmnist:
-            raise UsageError("--features inception needs --ref (a folder or .npz of real images)")
         net, suffix = InceptionNet(inception_path(args.inception), device), ""
     else:
         net, suffix = clip, "_clip"
-    if pre and features != "inception":
-        raise UsageError(f"--ref {args.ref}: precomputed mu/sigma are Inception statistics; use --features inception")
     gen, gen_stats = extract(net, images, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
     ref_feats, ref_stats = None, {}
     if ref_source is not None:

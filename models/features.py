@@ -248,6 +248,8 @@ class ClipNet:
     def __init__(self, spec, device):
         try:
             from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()  # stderr stays for errors
             self.model = CLIPModel.from_pretrained(spec).to(device).eval()
             self.processor = CLIPImageProcessor.from_pretrained(spec)
             self.tokenizer = CLIPTokenizer.from_pretrained(spec)
