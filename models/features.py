@@ -302,7 +302,7 @@ def extract(net, source, keep=("feat",), stats=("feat",), labels=None, folder=No
         start += len(x)
     if start != n:
         raise UsageError(f"expected {n} images, read {start}")
-    return arrays, gauss
+    return arrays, {k: g for k, g in gauss.items() if g.n == n}  # a kind the network dropped midway is no statistic
 
 
 def cached(net, source, root, name, keep=("feat",), stats=("feat",), labels=None, log=print, **kw):
