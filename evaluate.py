@@ -145,6 +145,8 @@ def training_set(args, run_config, dataset, data_path, image_size):
         return f"train-{os.path.basename(os.path.normpath(args.train_data))}", dataset_images(ds), ds.labels
     if dataset is None:
         raise UsageError("the training-set metrics need samples written by sample.py (their run names the training set) or --train-data")
+    if not data_path and not dataset.startswith("fashion-mnist"):
+        raise UsageError(f"the run's training set ({dataset}) has no data path: pass --train-data PATH")
     ds = load_dataset(dataset, data_path, run_config.get("image_size"), split="train")
     return f"{dataset}-train", dataset_images(ds), ds.labels
 
