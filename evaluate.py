@@ -2,26 +2,30 @@
 Stage 4: score generated images, and compare evaluated runs.
 
     python evaluate.py --samples out/demo/samples/<tag>            # writes <tag>/metrics.json, prints a table
-    python evaluate.py --samples x.npz --ref ref.npz --features inception --inception /path/inception-2015-12-05.pt
+    python evaluate.py --samples x.npz --ref VIRTUAL_imagenet256_labeled.npz --features inception --inception inception-2015-12-05.pt
+    python evaluate.py --samples out/in1k/samples/<tag> --clip openai/clip-vit-base-patch16 --train-data /data/imagenet/train
     python evaluate.py --compare out                                # out/comparison.md + plots over η and guidance
 
-Feature networks
+Feature networks (--features)
 - fmnist (offline default for the embedded dataset): a small CNN trained once on the clean
   Fashion-MNIST training set, cached in <out-dir>/classifier/; metrics carry the suffix _fmnist
-  and are not comparable with Inception numbers. Its logits give IS and the condition accuracy
-  (share of samples classified as the class they were generated for).
+  and are not comparable with Inception numbers. Its logits give IS and the condition accuracy.
 - inception: the StyleGAN2-ADA TorchScript Inception-v3 that clean-fid downloads
-  (inception-2015-12-05.pt; --inception PATH, else clean-fid's cache/download): pool3 features
-  (resized to 299 inside the network, as the ADM evaluator) for FID / KID / precision-recall, and
-  its softmax without output bias for IS.
-Against the reference set (--ref; default the dataset's test split): FID, KID, IS (10 splits),
-precision / recall (k = 3), density / coverage (k = 5). Against the training set (the paper's
-diversity and memorisation metrics): top-1 % RMD, mean top-5 L2 distance, memorisation ratio
-(nearest training image closer than --mem-threshold on L2-normalised features; 0.12 is the
-paper's value for CLIP features) and mean within-class pairwise distance.
-Samples of a Canny-adapted model (finetune.py, sample.py --control): control_f1, the F1 of the edge
-pixels of each image's Canny map against its requested map, within --edge-tolerance pixels, and
-control_f1_chance, the same against the next image's control (what ignoring the control scores).
+  (inception-2015-12-05.pt; --inception PATH): pool3 for FID / KID / precision-recall / TopP&R,
+  softmax without output bias for IS, mixed_6/conv[..., :7] for sFID (as the ADM evaluator).
+- clip: the --clip model's image embeddings for everything (suffix _clip).
+Against the reference set (--ref: the dataset's test split by default, a folder, or an .npz with
+arr_0 uint8 NHWC images and/or ADM's precomputed mu / sigma / mu_s / sigma_s): FID, sFID, KID,
+IS (10 splits), precision / recall (k = 3), density / coverage (k = 5), TopP&R precision / recall
+/ F1. Against the training set (the run's, or --train-data): top-1 % RMD, mean top-5 L2 distance,
+memorisation ratio (nearest training image closer than --mem-threshold on L2-normalised features;
+0.12 is the paper's value for CLIP) and mean within-class distance; with --clip in CLIP space.
+Runs on VQ latents (their --vae is a VQModel): vq_entropy, the entropy in bits of the codebook
+indices of the generated images re-encoded by that autoencoder (all images and positions), with
+vq_perplexity = 2^H and vq_code_usage, the share of codes used.
+Reference and training features are streamed by a DataLoader into a float16 cache under
+<out-dir>/features/ (models/features.py), so a second evaluation against the same sets only reads.
+Samples of a Canny-adapted model (finetune.py, sample.py --control): control_f1 and control_f1_chance.
 """
 import argparse
 import glob
@@ -32,28 +36,34 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
 from models import metrics as M
-from models.classifier import features_and_logits, load_or_train_classifier
-from models.controls import canny, edge_f1
+from models.classifier import load_or_train_classifier
 from models.common import UsageError, atomic_write_json, atomic_write_text, run_main
+from models.controls import canny, edge_f1
+from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
+from models.features import (ClipNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached, dataset_images,
+                             extract, folder_files, npz_member)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ADM_STATS = {"feat": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # keys of precomputed reference statistics
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="FID / IS / precision-recall and the paper's diversity metrics.")
+    p = argparse.ArgumentParser(description="FID / sFID / IS / precision-recall / TopP&R and the paper's diversity metrics.")
     a = p.add_argument
     a("--samples", default=None, help="a sample.py folder, a folder of images, or an .npz (arr_0 uint8 NHWC, arr_1 labels)")
-    a("--ref", default=None, help="reference images: fashion-mnist (test split; default), a folder, an .npz")
-    a("--features", default="auto", choices=("auto", "fmnist", "inception"))
+    a("--ref", default=None, help="reference images: fashion-mnist (test split; default), a folder, an .npz (arr_0 and/or mu, sigma, mu_s, sigma_s)")
+    a("--features", default="auto", choices=("auto", "fmnist", "inception", "clip"))
     a("--inception", default=None, help="path of inception-2015-12-05.pt (default: clean-fid's cache, else download)")
-    a("--data-path", default=None, help="Fashion-MNIST IDX folder (default: Debian's copy)")
-    a("--out-dir", default=None, help="where the classifier is cached (default: the run's out-dir)")
+    a("--data-path", default=None, help="Fashion-MNIST IDX folder (default: the run's, else Debian's copy)")
+    a("--train-data", default=None, help="training set of the diversity metrics: an ImageFolder (class sub-folders); default: the run's")
+    a("--image-size", type=int, default=None, help="centre-crop size of --train-data images (default: the samples' size)")
+    a("--out-dir", default=None, help="where the classifier and the feature cache live (default: the run's out-dir, else ./out)")
     a("--mem-threshold", type=float, default=0.12)
     a("--clip", default=None, help="CLIP model (folder or hub id, e.g. openai/clip-vit-base-patch16) for the *_clip diversity metrics")
     a("--compare", default=None, metavar="OUT_DIR", help="tabulate and plot every evaluated run under OUT_DIR")
     a("--edge-tolerance", type=int, default=1, help="control fidelity: pixels an edge may be off (Canny controls)")
+    a("--batch-size", type=int, default=100, help="images per forward pass of the feature network")
+    a("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers decoding image files")
     a("--device", default="auto")
     return p
 
@@ -63,10 +73,7 @@ def get_parser():
 
 
 def read_image_folder(folder):
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and f != "grid.png")
-    if not files:
-        raise UsageError(f"no images in {folder}")
-    arrays = [np.asarray(Image.open(os.path.join(folder, f))) for f in files]
+    arrays = [np.asarray(Image.open(f)) for f in folder_files(folder)]
     if len({a.shape for a in arrays}) != 1:
         raise UsageError(f"images in {folder} have different sizes")
     images = np.stack(arrays)
@@ -74,7 +81,8 @@ def read_image_folder(folder):
 
 
 def load_samples(path):
-    """-> (uint8 NHWC images, labels or None, folder for metrics.json, sample_config or None)."""
+    """-> (uint8 NHWC images (a memmap for an uncompressed .npz), labels or None, folder for
+    metrics.json, sample_config or None)."""
     if path is None or not os.path.exists(path):
         raise UsageError(f"--samples {path} does not exist")
     folder = os.path.dirname(os.path.abspath(path)) if path.endswith(".npz") else path
@@ -83,42 +91,67 @@ def load_samples(path):
         with open(os.path.join(folder, "sample_config.json")) as f:
             config = json.load(f)
     npz = path if path.endswith(".npz") else os.path.join(folder, "samples.npz")
+    labels = None
     if os.path.exists(npz):
-        with np.load(npz) as data:
-            images = data["arr_0"]
-            labels = data["arr_1"] if "arr_1" in data else None
+        images = npz_member(npz, "arr_0")
+        if images is None:
+            raise UsageError(f"{npz} has no arr_0")
+        if isinstance(images, NpzStream):  # compressed: read it whole
+            images = np.load(npz)["arr_0"]
+        labels = npz_member(npz, "arr_1")
+        labels = None if labels is None else np.asarray(np.load(npz)["arr_1"])
     else:
         images = read_image_folder(os.path.join(folder, "images") if os.path.isdir(os.path.join(folder, "images")) else folder)
-        labels = None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UsageError(f"{path}: expected uint8 images N x H x W x C, got {images.dtype} {images.shape}")
     return images, labels, folder, config
 
 
 def dataset_split(name, data_path, split, image_size=None):
-    """Clean images (uint8 NHWC) and labels of a dataset split."""
+    """Clean images (uint8 NHWC) and labels of a small in-memory split (the classifier's training)."""
     ds = load_dataset(name, data_path, image_size, split=split)
-    if hasattr(ds, "images"):
-        return ds.images.permute(0, 2, 3, 1).numpy(), ds.labels
-    return np.stack([((ds[i][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy() for i in range(len(ds))]), ds.labels
+    return ds.images.permute(0, 2, 3, 1).numpy(), ds.labels
+
+
+def image_shape(source):
+    """H x W x C of a source's images (reads one file at most)."""
+    return tuple(source[0].shape) if isinstance(source, FileImages) else tuple(source.shape[1:])
 
 
 def load_reference(ref, data_path):
+    """-> (cache name, image source or None, {kind: (mu, sigma)} precomputed in an ADM .npz)."""
     if ref in (None, "fashion-mnist"):
-        return dataset_split("fashion-mnist", data_path, "test")[0]
+        return "fashion-mnist-test", dataset_images(load_dataset("fashion-mnist", data_path, split="test")), {}
     if not os.path.exists(ref):
         raise UsageError(f"--ref {ref} does not exist")
-    if ref.endswith(".npz"):
-        with np.load(ref) as data:
-            return data["arr_0"]
-    return read_image_folder(ref)
+    name = "ref-" + os.path.basename(os.path.normpath(ref))
+    if not ref.endswith(".npz"):
+        return name, FileImages(folder_files(ref)), {}
+    pre = {}
+    with np.load(ref) as data:
+        for kind, (mu, sigma) in ADM_STATS.items():
+            if mu in data and sigma in data:
+                pre[kind] = (data[mu].astype(np.float64), data[sigma].astype(np.float64))
+    images = npz_member(ref, "arr_0")
+    if images is None and not pre:
+        raise UsageError(f"--ref {ref} holds neither arr_0 images nor mu/sigma statistics")
+    return name, images, pre
 
 
-# ---------------------------------------------------------------------------------------------
-# feature networks
+def training_set(args, run_config, dataset, data_path, image_size):
+    """-> (cache name, image source, labels) of the training set the diversity metrics compare with."""
+    if args.train_data:
+        ds = load_dataset("imagefolder", args.train_data, args.image_size or image_size)
+        return f"train-{os.path.basename(os.path.normpath(args.train_data))}", dataset_images(ds), ds.labels
+    if dataset is None:
+        raise UsageError("the training-set metrics need samples written by sample.py (their run names the training set) or --train-data")
+    if not data_path and not dataset.startswith("fashion-mnist"):
+        raise UsageError(f"the run's training set ({dataset}) has no data path: pass --train-data PATH")
+    ds = load_dataset(dataset, data_path, run_config.get("image_size"), split="train")
+    return f"{dataset}-train", dataset_images(ds), ds.labels
 
 
-def inception_network(path, device):
+def inception_path(path):
     if path is None:
         path = "/tmp/inception-2015-12-05.pt"  # where clean-fid caches it on Linux
         if not os.path.exists(path):
@@ -129,60 +162,24 @@ def inception_network(path, device):
                 raise UsageError(f"Inception weights not available ({type(e).__name__}); pass --inception PATH or use --features fmnist")
     if not os.path.exists(path):
         raise UsageError(f"--inception {path} does not exist")
-    return torch.jit.load(path, map_location=device).eval()
+    return path
 
 
-@torch.no_grad()
-def inception_features_and_logits(net, images, device, batch_size=100):
-    """uint8 NHWC -> pool3 features (N, 2048) and log-probabilities over its 1008 classes."""
-    feats, logp = [], []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start: start + batch_size])).permute(0, 3, 1, 2).float().to(device)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        feats.append(net(x, return_features=True).double().cpu())
-        logp.append(net(x, no_output_bias=True).double().clamp_min(1e-30).log().cpu())
-    return torch.cat(feats).numpy(), torch.cat(logp).numpy()
-
-
-def clip_network(spec, device):
-    """CLIP (the paper: ViT-B/16, hub id openai/clip-vit-base-patch16) with its image preprocessing
-    and tokenizer, from a local folder or the hub."""
+def open_vq(config, device):
+    """The run's autoencoder when it is a VQ model (LDM-4), else None."""
+    spec = (config or {}).get("vae")
+    if not spec:
+        return None
+    from models.vae import VQModel, load_vae
     try:
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-        model = CLIPModel.from_pretrained(spec).to(device).eval()
-        return model, CLIPImageProcessor.from_pretrained(spec), CLIPTokenizer.from_pretrained(spec)
-    except Exception as e:  # noqa: BLE001  (offline, missing folder, not a CLIP model)
-        raise UsageError(f"cannot load a CLIP model from {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        vae = load_vae(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"the run's --vae {spec}: {str(e).splitlines()[0]}")
+    return vae.to(device) if isinstance(vae, VQModel) else None
 
 
-def _unit(x):
-    return x / x.norm(dim=1, keepdim=True)
-
-
-@torch.no_grad()
-def clip_image_features(clip, images, device, batch_size=100):
-    """uint8 NHWC -> L2-normalised CLIP image embeddings (float64)."""
-    model, processor, _ = clip
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in images[start: start + batch_size]]
-        pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-        out.append(_unit(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).double()).cpu())
-    return torch.cat(out).numpy()
-
-
-@torch.no_grad()
-def clip_text_features(clip, texts, device, batch_size=100):
-    """Captions -> L2-normalised CLIP text embeddings (float64), 77-token truncation."""
-    model, _, tokenizer = clip
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tok = tokenizer(texts[start: start + batch_size], padding=True, truncation=True,
-                        max_length=min(77, model.config.text_config.max_position_embeddings), return_tensors="pt").to(device)
-        pooled = model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
-        out.append(_unit(model.text_projection(pooled).double()).cpu())
-    return torch.cat(out).numpy()
+# ---------------------------------------------------------------------------------------------
+# metrics
 
 
 def clip_score(image_feats, text_feats):
@@ -190,18 +187,37 @@ def clip_score(image_feats, text_feats):
     return float(np.maximum(100 * (image_feats * text_feats).sum(axis=1), 0).mean())
 
 
-# ---------------------------------------------------------------------------------------------
+def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes):
+    """FID / sFID from the Gaussians (precomputed ones from an ADM .npz first, as its evaluator
+    does), the k-NN metrics and TopP&R against the reference features (a memmap) when there are
+    reference images."""
+    m = {}
+    for kind, name in (("feat", "fid"), ("spatial", "sfid")):
+        ref_gauss = pre.get(kind) or (ref_stats[kind].mean_cov() if kind in ref_stats else None)
+        if kind in gen_stats and ref_gauss is not None:
+            m[name + suffix] = M.frechet_distance(*gen_stats[kind].mean_cov(), *ref_gauss)
+    if pre:
+        notes.append(f"reference statistics precomputed in the .npz: {', '.join(ADM_STATS[k][0] for k in pre)}")
+    if ref_feats is None:
+        notes.append("the reference holds statistics only: KID, precision/recall, density/coverage and TopP&R skipped")
+        return m
+    m["kid" + suffix], _ = M.kernel_inception_distance(gen, ref_feats)
+    m["precision" + suffix], m["recall" + suffix] = M.precision_recall(ref_feats, gen, k=3)
+    m["density" + suffix], m["coverage" + suffix] = M.density_coverage(ref_feats, gen, k=5)
+    if min(len(gen), len(ref_feats)) > 10:  # TopP&R's bandwidth is a 10-NN radius
+        m["toppr_precision" + suffix], m["toppr_recall" + suffix], m["toppr_f1" + suffix] = M.top_pr(ref_feats, gen)
+    return m
 
 
-def diversity_metrics(gen_feats, labels, train_feats, train_labels, suffix, mem_threshold):
-    """The paper's diversity / memorisation metrics against the training set."""
-    unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    m = {"top5_l2" + suffix: M.topk_l2(unit(train_feats), unit(gen_feats), k=5),
-         "memorization" + suffix: M.memorization_ratio(unit(train_feats), unit(gen_feats), mem_threshold)}
+def diversity_metrics(gen, labels, train_feats, train_stats, suffix, mem_threshold):
+    """The paper's diversity / memorisation metrics against the training set, read from its feature
+    cache in chunks (k-NN) and from its streamed class Gaussians (RMD)."""
+    m = {"top5_l2" + suffix: M.topk_l2(train_feats, gen, k=5, unit=True),
+         "memorization" + suffix: M.memorization_ratio(train_feats, gen, mem_threshold, unit=True)}
     if labels is not None:
-        m["rmd_top1" + suffix] = M.top_fraction_mean(M.rmd(train_feats, train_labels, gen_feats, labels), 0.01)
+        m["rmd_top1" + suffix] = M.top_fraction_mean(M.rmd_from_stats(train_stats, gen, labels), 0.01)
         if np.bincount(labels).max() >= 2:  # defined once some class has two samples
-            m["intra_class_l2" + suffix] = M.intra_class_distance(gen_feats, labels)
+            m["intra_class_l2" + suffix] = M.intra_class_distance(gen, labels)
     return m
 
 
@@ -223,20 +239,20 @@ def control_fidelity(images, controls_npz, run_config, tolerance):
     control gets as well. Returns (F1, chance F1)."""
     with np.load(controls_npz) as data:
         wanted = torch.from_numpy(data["arr_0"][: len(images)]).permute(0, 3, 1, 2)
-    got = canny(torch.from_numpy(images).permute(0, 3, 1, 2), run_config.get("canny_low", 100.0), run_config.get("canny_high", 200.0))
+    got = canny(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2), run_config.get("canny_low", 100.0), run_config.get("canny_high", 200.0))
     return float(edge_f1(got, wanted, tolerance).mean()), float(edge_f1(got, wanted.roll(1, 0), tolerance).mean())
 
 
-def compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, mem_threshold):
-    m = {}
-    m["fid" + suffix] = M.fid_from_features(gen_feats, ref_feats)
-    m["kid" + suffix], _ = M.kernel_inception_distance(gen_feats, ref_feats)
-    m["is" + suffix], m["is_std" + suffix] = M.inception_score(gen_logits, splits=min(10, len(gen_logits)))
-    m["precision" + suffix], m["recall" + suffix] = M.precision_recall(ref_feats, gen_feats, k=3)
-    m["density" + suffix], m["coverage" + suffix] = M.density_coverage(ref_feats, gen_feats, k=5)
-    if train_feats is not None:
-        m.update(diversity_metrics(gen_feats, labels, train_feats, train_labels, suffix, mem_threshold))
-    return {k: float(v) for k, v in m.items()}
+@torch.no_grad()
+def vq_codebook_metrics(vae, images, batch_size):
+    """Entropy (bits), perplexity and share used of the VQ codebook over the generated images."""
+    from models.vae import vq_code_indices
+    counts = torch.zeros(vae.quantize.embedding.num_embeddings, dtype=torch.int64)
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        counts += torch.bincount(vq_code_indices(vae, x).flatten().cpu(), minlength=len(counts))
+    h, ppl, used = M.codebook_usage(counts.numpy())
+    return {"vq_entropy": h, "vq_perplexity": ppl, "vq_code_usage": used}
 
 
 def evaluate(args):
@@ -248,57 +264,79 @@ def evaluate(args):
     fmnist = dataset is not None and dataset.startswith("fashion-mnist")  # labels or captions: the same images
     features = args.features if args.features != "auto" else ("fmnist" if fmnist else "inception")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    clip = clip_network(args.clip, device) if args.clip else None  # fail early, before the slow part
-    if clip and dataset is None:
-        raise UsageError("--clip needs samples written by sample.py (their run names the training set)")
-    out = {"samples": os.path.abspath(args.samples), "num_samples": int(len(images)), "features": features}
     data_path = args.data_path or run_config.get("data_path")
+    if args.ref is None and not fmnist:
+        raise UsageError(f"--features {features} needs --ref (a folder or .npz of real images) for samples not of Fashion-MNIST")
+    ref_name, ref_source, pre = load_reference(args.ref, data_path)
+    if pre and features != "inception":
+        raise UsageError(f"--ref {args.ref}: precomputed mu/sigma are Inception statistics; use --features inception")
+    clip = ClipNet(args.clip, device) if args.clip else None  # fail early, before the slow part
+    if features == "clip" and clip is None:
+        raise UsageError("--features clip needs --clip MODEL")
+    if args.train_data and not os.path.isdir(args.train_data):
+        raise UsageError(f"--train-data {args.train_data} is not a directory of class sub-folders")
+    vq = open_vq(config, device)
+    out_dir = args.out_dir or (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(folder)))) if config else "out")
+    kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+    out = {"samples": os.path.abspath(args.samples), "num_samples": int(len(images)), "features": features}
+    notes, timings = [], {}
     if features == "fmnist":
-        out_dir = args.out_dir or (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(folder)))) if config else "out")
-        classifier, test_acc = load_or_train_classifier(os.path.join(out_dir, "classifier", "fashion-mnist.pt"),
-                                                        lambda split: dataset_split("fashion-mnist", data_path, split))
-        ref = load_reference(args.ref, data_path)
-        train_x, train_y = dataset_split("fashion-mnist", data_path, "train")
-        if images.shape[1:] != train_x.shape[1:] or ref.shape[1:] != train_x.shape[1:]:
-            raise UsageError(f"the fmnist classifier takes 32x32x1 images, got samples {images.shape[1:]}, ref {ref.shape[1:]}")
-        gen_feats, gen_logits = features_and_logits(classifier, images)
-        ref_feats, _ = features_and_logits(classifier, ref)
-        train_feats, _ = features_and_logits(classifier, train_x)
-        out["classifier_test_accuracy"] = test_acc
-        suffix, train_labels = "_fmnist", train_y
+        classifier, out["classifier_test_accuracy"] = load_or_train_classifier(
+            os.path.join(out_dir, "classifier", "fashion-mnist.pt"), lambda split: dataset_split("fashion-mnist", data_path, split))
+        net, suffix = FmnistNet(classifier), "_fmnist"
+        shapes = {images.shape[1:]} | ({image_shape(ref_source)} if ref_source is not None else set())
+        if shapes != {(32, 32, 1)}:
+            raise UsageError(f"the fmnist classifier takes 32x32x1 images, got {sorted(shapes)}")
+    elif features == "inception":
+        net, suffix = InceptionNet(inception_path(args.inception), device), ""
     else:
-        net = inception_network(args.inception, device)
-        if args.ref is None and not fmnist:
-            raise UsageError("--features inception needs --ref (a folder or .npz of real images)")
-        gen_feats, gen_logits = inception_features_and_logits(net, images, device)
-        ref_feats, _ = inception_features_and_logits(net, load_reference(args.ref, data_path), device)
-        train_feats = train_labels = None
-        suffix = ""
-    out["num_reference"] = int(len(ref_feats))
-    metrics = compute_metrics(gen_feats, gen_logits, labels, ref_feats, train_feats, train_labels, suffix, args.mem_threshold)
-    if labels is not None and features == "fmnist":
-        metrics["accuracy"] = M.condition_accuracy(gen_logits, fmnist_class_ids(labels, run_config))
+        net, suffix = clip, "_clip"
+    gen, gen_stats = extract(net, images, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
+    ref_feats, ref_stats = None, {}
+    if ref_source is not None:
+        ref_arrays, ref_stats, timings["reference"] = cached(net, ref_source, out_dir, ref_name, stats=("feat", "spatial"), **kw)
+        ref_feats = ref_arrays["feat"]
+    out["num_reference"] = int(len(ref_source)) if ref_source is not None else None
+    metrics = reference_metrics(gen["feat"], gen_stats, ref_feats, ref_stats, pre, suffix, notes)
+    if getattr(net, "note", None):
+        notes.append(net.note)
+    if "logits" in gen:
+        metrics["is" + suffix], _ = M.inception_score(gen["logits"], splits=min(10, len(gen["logits"])))
+    if features == "fmnist" and labels is not None:
+        metrics["accuracy"] = M.condition_accuracy(gen["logits"], fmnist_class_ids(labels, run_config))
+    train_nets = ([net] if features == "fmnist" else []) + ([clip] if clip is not None and labels is not None else [])
+    for tnet in train_nets:  # the training set: fmnist features always, CLIP for class-conditional runs
+        if tnet is net and features == "fmnist":
+            ds = load_dataset("fashion-mnist", data_path)
+            name, source, train_labels = "fashion-mnist-train", dataset_images(ds), ds.labels
+        else:
+            name, source, train_labels = training_set(args, run_config, dataset, data_path, images.shape[1])
+        tf, ts, timings[f"train_{tnet.name}"] = cached(tnet, source, out_dir, name, labels=train_labels, **kw)
+        g = gen["feat"] if tnet is net else extract(tnet, images, **kw)[0]["feat"]
+        tsuffix = "_fmnist" if tnet.name == "fmnist" else "_clip"
+        metrics.update(diversity_metrics(g, labels, tf["feat"], ts["feat"], tsuffix, args.mem_threshold))
     prompts_file = os.path.join(folder, "prompts.txt")
     if clip and os.path.exists(prompts_file):  # text models: agreement of each image with its caption
         with open(prompts_file, encoding="utf-8") as f:
             prompts = f.read().splitlines()[: len(images)]
-        metrics["clip_score"] = clip_score(clip_image_features(clip, images, device), clip_text_features(clip, prompts, device))
-    if clip and labels is not None:  # the paper's feature space for RMD, top-5 L2 and memorisation
-        train_x, train_y = dataset_split(dataset, data_path, "train", run_config.get("image_size"))
-        metrics.update({k: float(v) for k, v in diversity_metrics(
-            clip_image_features(clip, images, device), labels, clip_image_features(clip, train_x, device), train_y,
-            "_clip", args.mem_threshold).items()})
+        g = gen["feat"] if net is clip else extract(clip, images, **kw)[0]["feat"]
+        metrics["clip_score"] = clip_score(g.astype(np.float64), clip.text_features(prompts))
     if clip:
         out["clip"] = args.clip
+    if vq is not None:
+        metrics.update(vq_codebook_metrics(vq, images, args.batch_size))
     adapter = ((config or {}).get("model_config") or {}).get("adapter")
     if adapter and adapter["control"] == "canny" and os.path.exists(os.path.join(folder, "controls.npz")):
         metrics["control_f1"], metrics["control_f1_chance"] = control_fidelity(
             images, os.path.join(folder, "controls.npz"), run_config, args.edge_tolerance)
-    out["metrics"] = metrics
+    out["metrics"] = {k: float(v) for k, v in metrics.items()}
+    out["notes"], out["timings"] = notes, timings
     out["sample_config"] = config
     atomic_write_json(os.path.join(folder, "metrics.json"), out)
-    print(f"{len(images)} samples vs {len(ref_feats)} reference images, {features} features")
-    for k, v in metrics.items():
+    print(f"{len(images)} samples vs {out['num_reference']} reference images, {features} features")
+    for note in notes:
+        print(f"  note: {note}")
+    for k, v in out["metrics"].items():
         print(f"  {k:24s} {v:10.4f}")
     print(f"-> {os.path.join(folder, 'metrics.json')}")
 
@@ -325,7 +363,8 @@ def compare(out_dir):
                      "sampler": f"{sc.get('sampler', '?')}-{sc.get('steps', '?')}", "cfg": sc.get("cfg_scale"), **m["metrics"]})
     if not rows:
         raise UsageError(f"no evaluated samples (metrics.json) under {out_dir}/*/samples/")
-    names = [k for k in rows[0] if k not in ("run", "tag", "eta", "cep", "model", "step", "sampler", "cfg") and not k.startswith("is_std")]
+    fixed = ("run", "tag", "eta", "cep", "model", "step", "sampler", "cfg")
+    names = list(dict.fromkeys(k for r in rows for k in r if k not in fixed and not k.startswith("is_std")))  # union, in order
     header = ["run", "η", "CEP", "model", "step", "sampler", "cfg"] + names
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: (r["cep"], r["eta"], r["cfg"] or 0)):
@@ -359,7 +398,7 @@ def plot_comparison(rows, names, out_dir):
     if fid and is_:  # FID vs IS over guidance scales, one curve per run and sampler (the paper's figures)
         fig, ax = plt.subplots(figsize=(5, 4))
         for run, sampler in sorted({(r["run"], r["sampler"]) for r in rows}):
-            pts = sorted((r["cfg"], r[is_], r[fid]) for r in rows if (r["run"], r["sampler"]) == (run, sampler))
+            pts = sorted((r["cfg"], r[is_], r[fid]) for r in rows if (r["run"], r["sampler"]) == (run, sampler) and fid in r and is_ in r)
             ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=f"{run} ({sampler})")
             for cfg, x, y in pts:
                 ax.annotate(f"{cfg:g}", (x, y), fontsize=7)

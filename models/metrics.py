@@ -41,6 +41,62 @@ def feature_stats(feats):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+class GaussianStats:
+    """Streaming float64 moments of feature rows, fed batch by batch (bounded memory):
+    - mean and covariance (1/(N−1), as np.cov): the Gaussian of FID / sFID;
+    - per-class sums and counts for integer labels in [0, num_classes): the class Gaussians of RMD
+      (class means and ONE shared within-class scatter Σ_k Σ_{y_i=k} (x_i − μ_k)(x_i − μ_k)^T
+      = S − Σ_k s_k s_k^T / n_k, with S = Σ x x^T and s_k the class sums).
+    Rows are centred on the first batch's mean before accumulating, so S − s sᵀ/N does not cancel
+    catastrophically when the mean is large against the spread."""
+
+    def __init__(self, dim, num_classes=0):
+        self.n, self.shift = 0, None
+        self.sum, self.scatter = np.zeros(dim), np.zeros((dim, dim))
+        self.class_sums, self.class_counts = np.zeros((num_classes, dim)), np.zeros(num_classes, np.int64)
+
+    def update(self, x, y=None):
+        x = _np64(x).reshape(len(x), -1)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
+        self.n += len(x)
+        self.sum += x.sum(0)
+        self.scatter += x.T @ x
+        if y is not None:
+            y = torch.as_tensor(np.asarray(y, np.int64).ravel())
+            self.class_sums += torch.zeros(self.class_sums.shape, dtype=torch.float64).index_add_(0, y, torch.from_numpy(x)).numpy()
+            self.class_counts += np.bincount(y.numpy(), minlength=len(self.class_counts))
+        return self
+
+    def mean_cov(self):
+        """(μ, Σ) with Σ = (S − s sᵀ/N) / (N − 1): FID's Gaussian (what feature_stats gives)."""
+        if self.n < 2:
+            raise ValueError("a covariance needs at least 2 samples")
+        return self.shift + self.sum / self.n, (self.scatter - np.outer(self.sum, self.sum) / self.n) / (self.n - 1)
+
+    def class_gaussians(self):
+        """-> (class ids with samples, their means, shared within-class covariance (1/N), global mean,
+        global covariance (1/N)): the Gaussians of RMD."""
+        ids = np.flatnonzero(self.class_counts)
+        sums, counts = self.class_sums[ids], self.class_counts[ids]
+        within = self.scatter - (sums.T / counts) @ sums
+        total = self.scatter - np.outer(self.sum, self.sum) / self.n
+        return ids, self.shift + sums / counts[:, None], within / self.n, self.shift + self.sum / self.n, total / self.n
+
+    def state(self):
+        """Arrays to save (np.savez) and restore with from_state."""
+        return {"n": np.int64(self.n), "shift": self.shift, "sum": self.sum, "scatter": self.scatter,
+                "class_sums": self.class_sums, "class_counts": self.class_counts}
+
+    @classmethod
+    def from_state(cls, s):
+        g = cls(len(s["sum"]), len(s["class_counts"]))
+        g.n, g.shift, g.sum, g.scatter = int(s["n"]), np.asarray(s["shift"]), np.asarray(s["sum"]), np.asarray(s["scatter"])
+        g.class_sums, g.class_counts = np.asarray(s["class_sums"]), np.asarray(s["class_counts"])
+        return g
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2) (Heusel et al. 2017):
         ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½).
@@ -75,8 +131,10 @@ def fid_from_features(f1, f2):
 def kernel_inception_distance(f1, f2, num_subsets=100, max_subset_size=1000, seed=0):
     """KID (Bińkowski et al. 2018): unbiased MMD² with the kernel k(x, y) = (x·y / d + 1)³, over
     `num_subsets` random subsets of m = min(N1, N2, max_subset_size) points drawn without
-    replacement from each set (numpy generator seeded by `seed`). Returns (mean, std) over subsets."""
-    x_all, y_all = _np64(f1), _np64(f2)
+    replacement from each set (numpy generator seeded by `seed`). Returns (mean, std) over subsets.
+    Either set may be a memmap: only the subsets are read (rows in sorted order; MMD² is invariant
+    to the order within a subset)."""
+    x_all, y_all = f1, f2
     d = x_all.shape[1]
     m = min(len(x_all), len(y_all), max_subset_size)
     if m < 2:
@@ -84,8 +142,8 @@ def kernel_inception_distance(f1, f2, num_subsets=100, max_subset_size=1000, see
     rng = np.random.default_rng(seed)
     mmds = []
     for _ in range(num_subsets):
-        x = x_all[rng.choice(len(x_all), m, replace=False)]
-        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        x = _np64(x_all[np.sort(rng.choice(len(x_all), m, replace=False))])
+        y = _np64(y_all[np.sort(rng.choice(len(y_all), m, replace=False))])
         kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
         within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         mmds.append(within - 2 * kxy.sum() / m ** 2)
@@ -111,6 +169,27 @@ def inception_score(logits, splits=10):
 
 
 # --------------------------------------------------------------------------------- k-NN machinery
+ROWS = 16384  # rows of a (memory-mapped) feature array turned into float64 at a time
+
+
+def _device(*arrays):
+    """The device of the first torch tensor among `arrays` (CPU for numpy arrays and memmaps)."""
+    return next((a.device for a in arrays if isinstance(a, torch.Tensor)), torch.device("cpu"))
+
+
+def _unit_rows(x):
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _chunks(a, device, rows=ROWS, unit=False):
+    """Yield (start, float64 tensor on `device`) over row chunks of an array, memmap or tensor: only
+    `rows` rows are ever converted at once, so a float16 feature file on disk is never loaded whole.
+    unit: L2-normalise each row."""
+    for s in range(0, len(a), rows):
+        x = _t64(a[s:s + rows]).to(device)
+        yield s, _unit_rows(x) if unit else x
+
+
 def _sq_dist_blocks(x, y, batch):
     """Yield (i, j, D) with D[a, b] = ‖x[i + a] − y[j + b]‖², blocks of ≤ batch × 8·batch."""
     xx, yy = (x * x).sum(1), (y * y).sum(1)
@@ -122,6 +201,15 @@ def _sq_dist_blocks(x, y, batch):
             yield i, j, d2.clamp_min_(0)
 
 
+def _pair_blocks(x, y, batch, rows=ROWS, unit=False):
+    """Yield (i, j, D) over all of x × y (global offsets), chunk by chunk: both sets may be memmaps."""
+    device = _device(x, y)
+    for i0, xc in _chunks(x, device, rows, unit):
+        for j0, yc in _chunks(y, device, rows, unit):
+            for i, j, d2 in _sq_dist_blocks(xc, yc, batch):
+                yield i0 + i, j0 + j, d2
+
+
 def _mask_self(d2, i, j):
     """Set the entries pairing a point with itself (same set, global row i + a == column j + b) to inf."""
     rows = torch.arange(d2.shape[0], device=d2.device)
@@ -131,47 +219,46 @@ def _mask_self(d2, i, j):
     return d2
 
 
-def _knn_sq(x, y, k, batch, exclude_self=False):
+def _knn_sq(x, y, k, batch, exclude_self=False, rows=ROWS, unit=False):
     """(len(x), k) squared distances from each x to its k nearest y, ascending. With exclude_self
-    (x is y) a point is not its own neighbour; exact duplicates still are."""
+    (x is y) a point is not its own neighbour; exact duplicates still are. x and y may be memmaps:
+    they are read `rows` rows at a time (unit: rows L2-normalised first)."""
     if len(y) - int(exclude_self) < k:
         raise ValueError(f"need more than {k} reference points, got {len(y)}")
-    best = torch.full((len(x), k), math.inf, dtype=torch.float64, device=x.device)
-    for i, j, d2 in _sq_dist_blocks(x, y, batch):
+    best = torch.full((len(x), k), math.inf, dtype=torch.float64, device=_device(x, y))
+    for i, j, d2 in _pair_blocks(x, y, batch, rows, unit):
         if exclude_self:
             _mask_self(d2, i, j)
-        rows = slice(i, i + d2.shape[0])
-        best[rows] = torch.cat([best[rows], d2], 1).topk(k, dim=1, largest=False).values
+        r = slice(i, i + d2.shape[0])
+        best[r] = torch.cat([best[r], d2], 1).topk(k, dim=1, largest=False).values
     return best
 
 
 # ------------------------------------------------------------------------------ manifold metrics
-def precision_recall(real, fake, k=3, batch=1024):
+def precision_recall(real, fake, k=3, batch=1024, rows=ROWS):
     """Improved precision and recall (Kynkäänniemi et al. 2019). Each point's radius is the distance
     to its k-th nearest neighbour in its own set (itself excluded). precision = share of fake points
     within (<=) the radius of at least one real point; recall = share of real points within the
-    radius of at least one fake point."""
-    real, fake = _t64(real), _t64(fake)
-    r2_real = _knn_sq(real, real, k, batch, exclude_self=True)[:, -1]
-    r2_fake = _knn_sq(fake, fake, k, batch, exclude_self=True)[:, -1]
-    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
-    real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)
-    for i, j, d2 in _sq_dist_blocks(fake, real, batch):
+    radius of at least one fake point. Either set may be a memmap (read in chunks of `rows`)."""
+    r2_real = _knn_sq(real, real, k, batch, exclude_self=True, rows=rows)[:, -1]
+    r2_fake = _knn_sq(fake, fake, k, batch, exclude_self=True, rows=rows)[:, -1]
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=r2_fake.device)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=r2_real.device)
+    for i, j, d2 in _pair_blocks(fake, real, batch, rows):
         fake_in[i:i + d2.shape[0]] |= (d2 <= r2_real[None, j:j + d2.shape[1]]).any(1)
         real_in[j:j + d2.shape[1]] |= (d2 <= r2_fake[i:i + d2.shape[0], None]).any(0)
     return fake_in.double().mean().item(), real_in.double().mean().item()
 
 
-def density_coverage(real, fake, k=5, batch=1024):
+def density_coverage(real, fake, k=5, batch=1024, rows=ROWS):
     """Density and coverage (Naeem et al. 2020), balls B(X_i, r_i) around real points with r_i the
     k-th nearest-neighbour distance among the real points (itself excluded), strict `<`:
         density  = 1/(kM) Σ_j Σ_i 1[Y_j ∈ B(X_i, r_i)]   (can exceed 1)
         coverage = 1/N Σ_i 1[min_j ‖X_i − Y_j‖ < r_i]."""
-    real, fake = _t64(real), _t64(fake)
-    r2 = _knn_sq(real, real, k, batch, exclude_self=True)[:, -1]
+    r2 = _knn_sq(real, real, k, batch, exclude_self=True, rows=rows)[:, -1]
     count = 0
-    nearest = torch.full((len(real),), math.inf, dtype=torch.float64, device=real.device)
-    for i, j, d2 in _sq_dist_blocks(fake, real, batch):
+    nearest = torch.full((len(real),), math.inf, dtype=torch.float64, device=r2.device)
+    for i, j, d2 in _pair_blocks(fake, real, batch, rows):
         cols = slice(j, j + d2.shape[1])
         count += (d2 < r2[None, cols]).sum().item()
         nearest[cols] = torch.minimum(nearest[cols], d2.min(0).values)
@@ -191,33 +278,33 @@ def rmd(train_feats, train_labels, feats, labels, rcond=1e-10, chunk=65536):
         RMD(x, k) = MD_k(x) − MD_0(x),  MD_k(x) = (x − μ_k)^T Σ⁻¹ (x − μ_k),
         MD_0(x) = (x − μ_0)^T Σ_0⁻¹ (x − μ_0),
     with class means μ_k and ONE shared (pooled within-class, 1/N) covariance Σ fitted on the
-    training features, and N(μ_0, Σ_0) fitted on all training features. Features can be rank-
-    deficient (fewer samples than dims, features on a sphere), so Σ⁻¹ is the pseudo-inverse from
-    eigh with eigenvalues ≤ rcond·λ_max dropped: distances are measured inside the span of the
-    training data. Training statistics are accumulated over `chunk` rows at a time."""
-    n = len(train_feats)
+    training features, and N(μ_0, Σ_0) fitted on all training features. The training statistics
+    are accumulated `chunk` rows at a time (GaussianStats; train_feats may be a memmap)."""
     classes, y = np.unique(np.asarray(train_labels), return_inverse=True)
     y = y.ravel()
-    rows = [slice(s, s + chunk) for s in range(0, n, chunk)]
-    sums = None
-    for r in rows:
-        x = torch.from_numpy(_np64(train_feats[r]))
-        part = x.new_zeros(len(classes), x.shape[1]).index_add_(0, torch.from_numpy(y[r]), x).numpy()
-        sums = part if sums is None else sums + part
-    means = sums / np.bincount(y, minlength=len(classes))[:, None]
-    mu0 = sums.sum(0) / n
-    cov, cov0 = 0.0, 0.0
-    for r in rows:
-        x = _np64(train_feats[r])
-        within, total = x - means[y[r]], x - mu0
-        cov, cov0 = cov + within.T @ within, cov0 + total.T @ total
-    w, w0 = _whitener(cov / n, rcond), _whitener(cov0 / n, rcond)
+    stats = GaussianStats(train_feats.shape[1], len(classes))
+    for s in range(0, len(train_feats), chunk):
+        stats.update(train_feats[s:s + chunk], y[s:s + chunk])
     labels = np.asarray(labels).ravel()
     k = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
     if not (classes[k] == labels).all():
         raise ValueError(f"labels without training samples: {np.setdiff1d(labels, classes)[:10]}")
+    return rmd_from_stats(stats, feats, k, rcond)
+
+
+def rmd_from_stats(stats, feats, labels, rcond=1e-10):
+    """RMD (see `rmd`) from the training set's GaussianStats (class ids = labels). Features can be
+    rank-deficient (fewer samples than dims, features on a sphere), so Σ⁻¹ is the pseudo-inverse
+    from eigh with eigenvalues ≤ rcond·λ_max dropped: distances are measured inside the span of the
+    training data."""
+    ids, means, cov, mu0, cov0 = stats.class_gaussians()
+    labels = np.asarray(labels).ravel()
+    pos = np.searchsorted(ids, labels).clip(0, max(len(ids) - 1, 0))
+    if len(ids) == 0 or not (ids[pos] == labels).all():
+        raise ValueError(f"labels without training samples: {np.setdiff1d(labels, ids)[:10]}")
+    w, w0 = _whitener(cov, rcond), _whitener(cov0, rcond)
     f = _np64(feats)
-    return (((f - means[k]) @ w) ** 2).sum(1) - (((f - mu0) @ w0) ** 2).sum(1)
+    return (((f - means[pos]) @ w) ** 2).sum(1) - (((f - mu0) @ w0) ** 2).sum(1)
 
 
 def top_fraction_mean(values, fraction=0.01):
@@ -227,17 +314,18 @@ def top_fraction_mean(values, fraction=0.01):
     return float(np.sort(v)[-n:].mean())
 
 
-def topk_l2(train_feats, feats, k=5, batch=1024):
+def topk_l2(train_feats, feats, k=5, batch=1024, unit=False, rows=ROWS):
     """Mean over samples of the mean L2 distance to their k nearest training features (the paper's
-    "average top-5 L2 distance", CLIP ViT-B/16 features)."""
-    d = _knn_sq(_t64(feats), _t64(train_feats), k, batch).sqrt()
+    "average top-5 L2 distance", CLIP ViT-B/16 features). train_feats may be a memmap (read `rows`
+    rows at a time); unit: L2-normalise every feature first."""
+    d = _knn_sq(feats, train_feats, k, batch, rows=rows, unit=unit).sqrt()
     return d.mean().item()
 
 
-def memorization_ratio(train_feats, feats, threshold, batch=1024):
+def memorization_ratio(train_feats, feats, threshold, batch=1024, unit=False, rows=ROWS):
     """Share of samples whose nearest training feature is at L2 distance < threshold (the paper:
-    0.12 on CLIP ViT-B/16 features)."""
-    d = _knn_sq(_t64(feats), _t64(train_feats), 1, batch)[:, 0].sqrt()
+    0.12 on CLIP ViT-B/16 features). Memory as topk_l2."""
+    d = _knn_sq(feats, train_feats, 1, batch, rows=rows, unit=unit)[:, 0].sqrt()
     return (d < threshold).double().mean().item()
 
 
@@ -262,3 +350,85 @@ def condition_accuracy(logits, labels):
     """Share of samples whose argmax class equals the label they were generated for."""
     pred = _np64(logits).argmax(1)
     return float((pred == np.asarray(labels).ravel()).mean())
+
+
+# ----------------------------------------------------------------------------------------- TopP&R
+def _kernel(d2, h, kernel):
+    """K(‖·‖/h) from squared distances, unnormalised (constants cancel against the band):
+    cosine K(u) = cos(πu/2)·1[u < 1] (compact support), gaussian K(u) = exp(−u²/2)."""
+    u2 = d2 / (h * h)
+    if kernel == "cosine":
+        return torch.where(u2 < 1, torch.cos(0.5 * math.pi * u2.clamp_max(1).sqrt()), torch.zeros_like(u2))
+    if kernel == "gaussian":
+        return torch.exp(-0.5 * u2)
+    raise ValueError(f"unknown kernel {kernel!r} (cosine, gaussian)")
+
+
+def _kde(points, data, h, kernel, weights, batch):
+    """(len(points), W) kernel density estimates at `points` of `data` weighted by each column of
+    `weights` (len(data), W): p̂_w(x) = (1/n) Σ_i w_i K(‖x − X_i‖/h); blocks of the kernel matrix only."""
+    out = torch.zeros(len(points), weights.shape[1], dtype=torch.float64, device=weights.device)
+    for i, j, d2 in _sq_dist_blocks(points, data, batch):
+        out[i:i + d2.shape[0]] += _kernel(d2, h, kernel) @ weights[j:j + d2.shape[1]]
+    return out / len(data)
+
+
+def _kde_support(x, alpha, kernel, k, num_boot, seed, batch):
+    """Topologically significant support of a point cloud (TopP&R, Kim et al. 2023, Sec. 3):
+    bandwidth h = median distance to the k-th nearest neighbour (itself excluded); the KDE p̂ at
+    the points; the confidence band c_α = (1 − α) quantile over `num_boot` bootstrap resamples of
+    sup_i |p̂*(X_i) − p̂(X_i)| (a resample is a multinomial reweighting of the points, so all of
+    them come out of one pass over the kernel matrix). Density within the band of zero is not
+    significant: the support is {x : p̂(x) > c_α}. Returns (in-support mask, h, c_α)."""
+    h = float(np.median(_knn_sq(x, x, k, batch, exclude_self=True)[:, -1].sqrt().cpu().numpy()))
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    boot = torch.from_numpy(rng.multinomial(n, np.full(n, 1.0 / n), size=num_boot).T.astype(np.float64)).to(x.device)
+    weights = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=x.device), boot], 1)
+    dens = _kde(x, x, h, kernel, weights, batch) - weights / n  # leave-one-out: drop each point's own K(0) = 1
+    sups = (dens[:, 1:] - dens[:, :1]).abs().max(0).values.cpu().numpy()
+    c = float(np.quantile(sups, 1 - alpha))
+    return dens[:, 0] > c, h, c
+
+
+def top_pr(real, fake, alpha=0.1, kernel="cosine", k=10, num_boot=50, proj_dim=32, max_points=10000,
+           seed=0, batch=1024):
+    """TopP&R (Kim et al., NeurIPS 2023): precision and recall on topologically significant supports.
+    Each set's support is estimated on its own (`_kde_support`); then
+        TopP = #{Y_j in supp(Q̂) and in supp(P̂)} / #{Y_j in supp(Q̂)}
+        TopR = #{X_i in supp(P̂) and in supp(Q̂)} / #{X_i in supp(P̂)},
+    x ∈ supp(P̂) meaning p̂_X(x) > c_α^X (the real KDE at x above the real band), so points off
+    either support (outliers, noise) count nowhere. F1 = 2PR / (P + R).
+    Features of more than `proj_dim` dims are first mapped by a seeded Gaussian random projection
+    (as the authors' package does) and at most `max_points` points of each set are used (seeded
+    subsets, read row by row from memmaps). Returns (precision, recall, F1)."""
+    rng = np.random.default_rng(seed)
+    sets = []
+    for a in (real, fake):
+        rows = np.sort(rng.choice(len(a), max_points, replace=False)) if len(a) > max_points else slice(None)
+        sets.append(_t64(a[rows]))
+    x, y = sets
+    if x.shape[1] > proj_dim:
+        proj = torch.from_numpy(rng.standard_normal((x.shape[1], proj_dim)) / math.sqrt(proj_dim)).to(x.device)
+        x, y = x @ proj, y.to(x.device) @ proj
+    x_in, hx, cx = _kde_support(x, alpha, kernel, k, num_boot, seed, batch)
+    y_in, hy, cy = _kde_support(y, alpha, kernel, k, num_boot, seed, batch)
+    ones = lambda t: torch.ones(len(t), 1, dtype=torch.float64, device=t.device)  # noqa: E731
+    y_in_p = _kde(y, x, hx, kernel, ones(x), batch)[:, 0] > cx  # fake points inside the real support
+    x_in_q = _kde(x, y, hy, kernel, ones(y), batch)[:, 0] > cy  # real points inside the fake support
+    p = (y_in & y_in_p).sum().item() / max(y_in.sum().item(), 1)
+    r = (x_in & x_in_q).sum().item() / max(x_in.sum().item(), 1)
+    return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
+
+
+# ------------------------------------------------------------------------------ VQ codebook usage
+def codebook_usage(counts):
+    """Usage of a VQ codebook from the counts of each code over all images and positions:
+    entropy H = −Σ p_k log2 p_k in bits, perplexity 2^H (the effective number of codes) and the
+    share of the K codes used at least once."""
+    c = _np64(counts).ravel()
+    if c.sum() <= 0:
+        raise ValueError("no codes counted")
+    p = c[c > 0] / c.sum()
+    h = float(-(p * np.log2(p)).sum())
+    return h, float(2.0 ** h), float((c > 0).mean())

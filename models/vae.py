@@ -300,6 +300,14 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
 
+@torch.no_grad()
+def vq_code_indices(vae, x):
+    """Images (N, C, H, W) in [-1, 1] -> the codebook index of each latent position (N, h, w): LDM's
+    encode, then the nearest-codebook-entry quantisation (evaluate.py's codebook entropy)."""
+    param = next(vae.parameters())
+    return vae.quantize(vae.encode(x.to(param.device, param.dtype)))[1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading a diffusers-format folder (or a hub id)
 

@@ -396,3 +396,132 @@ def test_condition_accuracy():
     assert condition_accuracy(logits, [0, 1, 2, 0]) == 1.0
     assert condition_accuracy(logits, np.array([0, 1, 2, 1])) == 0.75
     assert condition_accuracy(torch.from_numpy(logits), [1, 2, 0, 1]) == 0.0
+
+
+# --------------------------------------------------------------------------------------- TopP&R
+def kde_support_reference(x, alpha, k, num_boot, seed, kernel="cosine"):
+    """Straight from the definition: full distance matrix, leave-one-out KDE at the points, explicit
+    bootstrap resamples (multinomial counts drawn as the module does), band = (1 − α) quantile of
+    the sup deviations, support = density above the band."""
+    n = len(x)
+    d = dist(x, x)
+    h = np.median(kth_radius(x, k))
+    u = d / h
+    kern = np.where(u < 1, np.cos(np.pi / 2 * np.minimum(u, 1)), 0.0) if kernel == "cosine" else np.exp(-u ** 2 / 2)
+    np.fill_diagonal(kern, 0.0)
+    dens = kern.sum(1) / n
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=num_boot)
+    sups = [np.abs(kern @ c / n - dens).max() for c in counts]
+    c_alpha = np.quantile(sups, 1 - alpha)
+    return dens > c_alpha, h, c_alpha
+
+
+def kde_at_reference(points, x, h, kernel="cosine"):
+    u = dist(points, x) / h
+    kern = np.where(u < 1, np.cos(np.pi / 2 * np.minimum(u, 1)), 0.0) if kernel == "cosine" else np.exp(-u ** 2 / 2)
+    return kern.sum(1) / len(x)
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "gaussian"])
+def test_top_pr_matches_reference(kernel):
+    rng = np.random.default_rng(20)
+    x, y = rng.standard_normal((300, 5)), rng.standard_normal((250, 5)) + 0.7
+    sx, hx, cx = kde_support_reference(x, 0.1, 10, 20, 3, kernel)
+    sy, hy, cy = kde_support_reference(y, 0.1, 10, 20, 3, kernel)
+    y_in_p, x_in_q = kde_at_reference(y, x, hx, kernel) > cx, kde_at_reference(x, y, hy, kernel) > cy
+    p, r = (sy & y_in_p).sum() / sy.sum(), (sx & x_in_q).sum() / sx.sum()
+    got = metrics.top_pr(x, y, kernel=kernel, num_boot=20, seed=3, batch=64)
+    assert 0 < p < 1 and 0 < r < 1  # a non-trivial case
+    assert got == pytest.approx((p, r, 2 * p * r / (p + r)), abs=1e-12)
+    assert metrics.top_pr(x, y, kernel=kernel, num_boot=20, seed=3, batch=64) == got  # deterministic
+
+
+def test_top_pr_identical_disjoint_and_shift():
+    rng = np.random.default_rng(21)
+    x, y = rng.standard_normal((600, 8)), rng.standard_normal((600, 8))
+    # identical sets: each point's membership in either support is decided by the same KDE and band
+    assert metrics.top_pr(x, x) == (1.0, 1.0, 1.0)
+    assert metrics.top_pr(x, y + 100) == (0.0, 0.0, 0.0)  # far apart: no point in the other support
+    same, shifted = metrics.top_pr(x, y)[2], metrics.top_pr(x, y + np.r_[2.0, np.zeros(7)])[2]
+    assert same > 0.7 and shifted < 0.5 * same
+
+
+def test_top_pr_ignores_outliers_unlike_knn_precision():
+    """Real: a Gaussian cloud plus 5 far isolated outliers. Fake: the same distribution, plus a
+    tight cluster of 60 points around one of the real outliers. The outliers are outside the real
+    support (a lone point's density is within the bootstrap band of zero), so TopP counts the fake
+    cluster as outside; Kynkäänniemi's precision counts it inside (the outlier's 3-NN ball reaches
+    back to the cloud)."""
+    rng = np.random.default_rng(22)
+    d = 4
+    outliers = 40 * np.eye(d)[[0, 1, 2, 3, 0]] * np.r_[1, 1, 1, 1, -1][:, None]
+    real = np.concatenate([rng.standard_normal((800, d)), outliers])
+    fake = np.concatenate([rng.standard_normal((740, d)), outliers[0] + 0.05 * rng.standard_normal((60, d))])
+    support, _, _ = metrics._kde_support(torch.from_numpy(real), 0.1, "cosine", 10, 50, 0, 1024)
+    assert not support[-5:].any() and support[:800].double().mean() > 0.1
+    p_top, _, _ = metrics.top_pr(real, fake)
+    assert precision_recall(real, fake[-60:])[0] == 1.0  # k-NN precision counts the whole cluster as realistic
+    # TopP: the fake cluster lies in the fake support (dense) but never in the real one
+    fake_support, _, _ = metrics._kde_support(torch.from_numpy(fake), 0.1, "cosine", 10, 50, 0, 1024)
+    assert fake_support[-60:].all()
+    n_in = fake_support.sum().item()
+    assert p_top <= (n_in - 60) / n_in + 1e-12
+
+
+# ------------------------------------------------------------------------------ codebook usage
+def test_codebook_usage_closed_forms_and_scipy():
+    from scipy.stats import entropy
+    one = np.zeros(64)
+    one[7] = 1000
+    assert metrics.codebook_usage(one) == (0.0, 1.0, 1 / 64)
+    for k in (1, 2, 5, 64):
+        counts = np.zeros(64)
+        counts[:k] = 13
+        h, ppl, used = metrics.codebook_usage(counts)
+        assert h == pytest.approx(math.log2(k), abs=1e-12) and ppl == pytest.approx(k) and used == k / 64
+    counts = np.random.default_rng(23).integers(0, 50, 8192)
+    h, ppl, used = metrics.codebook_usage(counts)
+    assert h == pytest.approx(entropy(counts, base=2), rel=1e-12) and ppl == pytest.approx(2 ** h)
+    assert used == pytest.approx((counts > 0).mean())
+    with pytest.raises(ValueError):
+        metrics.codebook_usage(np.zeros(4))
+
+
+def test_gaussian_stats_streaming_matches_numpy():
+    """Batch-by-batch moments (with a large offset, where naive Σxxᵀ − Nμμᵀ loses digits) equal
+    np.mean / np.cov and the per-class RMD moments computed directly."""
+    rng = np.random.default_rng(24)
+    x = 1e4 + rng.standard_normal((1000, 6)) @ rng.standard_normal((6, 6))
+    y = rng.integers(0, 4, 1000)
+    g = metrics.GaussianStats(6, 5)
+    for s in range(0, 1000, 77):
+        g.update(x[s:s + 77], y[s:s + 77])
+    g = metrics.GaussianStats.from_state(dict(g.state()))
+    mu, sigma = g.mean_cov()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+    ids, means, within, mu0, total = g.class_gaussians()
+    assert list(ids) == [0, 1, 2, 3]  # class 4 has no samples
+    np.testing.assert_allclose(means, [x[y == c].mean(0) for c in range(4)], rtol=1e-12)
+    direct = sum((x[y == c] - x[y == c].mean(0)).T @ (x[y == c] - x[y == c].mean(0)) for c in range(4)) / 1000
+    np.testing.assert_allclose(within, direct, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(total, np.cov(x, rowvar=False, bias=True), rtol=1e-9, atol=1e-9)
+
+
+def test_knn_metrics_on_float16_memmap(tmp_path):
+    """top-5 L2, memorisation and precision/recall read a float16 memmap in chunks of a few rows
+    and give what the brute-force reference gives on the same (float16-rounded) features."""
+    rng = np.random.default_rng(25)
+    train = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float16, shape=(500, 6))
+    train[:] = rng.standard_normal((500, 6))
+    train.flush()
+    train = np.load(tmp_path / "f.npy", mmap_mode="r")
+    gen = rng.standard_normal((40, 6))
+    t64 = train.astype(np.float64)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    d = dist(unit(gen), unit(t64))
+    assert topk_l2(train, gen, k=5, unit=True, rows=37) == pytest.approx(np.sort(d, 1)[:, :5].mean(), rel=1e-12)
+    assert memorization_ratio(train, gen, 0.3, unit=True, rows=37) == pytest.approx((d.min(1) < 0.3).mean())
+    p, r = precision_recall(train, gen, k=3, rows=37)
+    r_real, r_fake, dd = kth_radius(t64, 3), kth_radius(gen, 3), dist(gen, t64)
+    assert (p, r) == pytest.approx(((dd <= r_real[None]).any(1).mean(), (dd <= r_fake[:, None]).any(0).mean()))

@@ -160,9 +160,10 @@ def test_inception_path_with_a_stand_in_network(tmp_path):
     np.savez(tmp_path / "gen.npz", arr_0=gen)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, size=(60, 16, 16, 3), dtype=np.uint8))
     run_script("evaluate.py", ["--samples", tmp_path / "gen.npz", "--ref", tmp_path / "ref.npz", "--features", "inception",
-                               "--inception", tmp_path / "inception.pt"])
+                               "--inception", tmp_path / "inception.pt", "--out-dir", tmp_path / "out"])
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["features"] == "inception" and {"fid", "is", "precision", "recall", "kid"} <= set(m["metrics"])
+    assert m["features"] == "inception" and {"fid", "is", "precision", "recall", "kid", "toppr_f1"} <= set(m["metrics"])
+    assert "sfid" not in m["metrics"] and any("mixed_6" in n for n in m["notes"])  # the stand-in has no mixed_6 block
     assert m["metrics"]["is"] >= 1.0
 
 
@@ -172,7 +173,7 @@ def test_clip_diversity_metrics_with_a_tiny_random_clip(trained, tmp_path):
     directly on its embeddings."""
     pytest.importorskip("transformers")
     from models import metrics as M
-    from evaluate import clip_image_features, clip_network
+    from models.features import ClipNet, extract
     make_tiny_clip(tmp_path / "clip")
     root, out = trained
     run_script("sample.py", ["--run", out / "demo", "--num-samples", "20", "--batch-size", "20", "--steps", "4", "--tag", "clip"])
@@ -181,12 +182,14 @@ def test_clip_diversity_metrics_with_a_tiny_random_clip(trained, tmp_path):
     data = np.load(out / "demo" / "samples" / "clip" / "samples.npz")
     from models.data import FashionMNIST
     train = FashionMNIST(str(root / "data"))
-    clip = clip_network(str(tmp_path / "clip"), torch.device("cpu"))
-    gen = clip_image_features(clip, data["arr_0"], torch.device("cpu"))
-    ref = clip_image_features(clip, train.images.permute(0, 2, 3, 1).numpy(), torch.device("cpu"))
-    assert np.allclose(np.linalg.norm(gen, axis=1), 1)
-    assert m["top5_l2_clip"] == pytest.approx(M.topk_l2(ref, gen, k=5), rel=1e-6)
-    assert m["memorization_clip"] == pytest.approx(M.memorization_ratio(ref, gen, 0.12))
-    assert m["rmd_top1_clip"] == pytest.approx(M.top_fraction_mean(M.rmd(ref, train.labels, gen, data["arr_1"]), 0.01), rel=1e-6)
+    clip = ClipNet(str(tmp_path / "clip"), torch.device("cpu"))
+    gen = extract(clip, data["arr_0"])[0]["feat"].astype(np.float64)
+    ref = extract(clip, train.images.permute(0, 2, 3, 1).numpy())[0]["feat"].astype(np.float64)
+    assert np.allclose(np.linalg.norm(gen, axis=1), 1, atol=1e-6)
+    # the training features are cached in float16 for the k-NN metrics; RMD uses float64 moments
+    ref16 = ref.astype(np.float16).astype(np.float64)
+    assert m["top5_l2_clip"] == pytest.approx(M.topk_l2(ref16, gen, k=5, unit=True), rel=1e-6)
+    assert m["memorization_clip"] == pytest.approx(M.memorization_ratio(ref16, gen, 0.12, unit=True))
+    assert m["rmd_top1_clip"] == pytest.approx(M.top_fraction_mean(M.rmd(ref, train.labels, gen, data["arr_1"]), 0.01), rel=1e-5)
     proc = run_script("evaluate.py", ["--samples", out / "demo" / "samples" / "clip", "--clip", tmp_path / "nope"], check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load a CLIP model")
