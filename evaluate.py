@@ -202,8 +202,13 @@ def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes):
         notes.append("the reference holds statistics only: KID, precision/recall, density/coverage and TopP&R skipped")
         return m
     m["kid" + suffix], _ = M.kernel_inception_distance(gen, ref_feats)
-    m["precision" + suffix], m["recall" + suffix] = M.precision_recall(ref_feats, gen, k=3)
-    m["density" + suffix], m["coverage" + suffix] = M.density_coverage(ref_feats, gen, k=5)
+    # k-NN radii exclude the point itself: k = 3 needs 4 points in each set, k = 5 six reference points
+    if min(len(gen), len(ref_feats)) > 3:
+        m["precision" + suffix], m["recall" + suffix] = M.precision_recall(ref_feats, gen, k=3)
+    if len(ref_feats) > 5:
+        m["density" + suffix], m["coverage" + suffix] = M.density_coverage(ref_feats, gen, k=5)
+    if min(len(gen), len(ref_feats)) <= 5:
+        notes.append(f"{len(gen)} samples, {len(ref_feats)} reference images: too few for some k-NN metrics (skipped)")
     if min(len(gen), len(ref_feats)) > 10:  # TopP&R's bandwidth is a 10-NN radius
         m["toppr_precision" + suffix], m["toppr_recall" + suffix], m["toppr_f1" + suffix] = M.top_pr(ref_feats, gen)
     return m

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -62,7 +64,6 @@ def make_tiny_clip(folder, seed=0):
     of a few words and an image processor, saved like a hub folder, for offline tests."""
     import json
 
-    import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     merges = ["p h", "ph o", "pho t", "phot o</w>", "o f</w>", "b a", "ba g</w>"]
@@ -86,7 +87,6 @@ def make_tiny_clip(folder, seed=0):
 
 def make_tiny_bert(folder):
     """A randomly initialised tiny BertModel (dropout 0.1, as bert-base) and its WordPiece vocabulary."""
-    import torch
     from transformers import BertConfig, BertModel
     folder = Path(folder)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "##s", "shirt", "t", "-"]
@@ -98,3 +98,68 @@ def make_tiny_bert(folder):
     model = BertModel(cfg).eval()
     model.save_pretrained(folder)
     return model, {w: i for i, w in enumerate(words)}
+
+
+# ---- a stand-in for clean-fid's Inception TorchScript (inception-2015-12-05.pt), tiny and random
+
+def tf_resize_299(img, offset: float):
+    """The TorchScript Inception's own input path: TF-style bilinear resize to 299, then scaling."""
+    n, c, h, w = img.shape
+    theta = torch.eye(2, 3)
+    theta[0, 2] += theta[0, 0] / w - theta[0, 0] / 299
+    theta[1, 2] += theta[1, 1] / h - theta[1, 1] / 299
+    grid = F.affine_grid(theta.unsqueeze(0).repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
+    x = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x - offset) / offset
+
+
+class Conv(torch.nn.Module):  # the converted network's blocks: conv (+ folded batch norm) + ReLU
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, k, stride, padding=k // 2 if stride == 1 else 0)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class Mixed(torch.nn.Module):  # an Inception block: its 1x1 branch `conv` and a 3x3 tower
+    def __init__(self, cin: int):
+        super().__init__()
+        self.conv, self.tower = Conv(cin, 12, 1), Conv(cin, 4, 3)
+
+    def forward(self, x):
+        return torch.cat([self.conv(x), self.tower(x)], 1)
+
+
+class Layers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = Conv(3, 8, 11, stride=75)  # 299 -> 4 x 4, so sFID has 4·4·7 = 112 dims
+        self.mixed_6 = Mixed(8)
+        self.conv_1 = Conv(16, 20, 1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.conv_1(self.mixed_6(self.conv(x))))
+
+
+class StandIn(torch.nn.Module):
+    """clean-fid's inception-2015-12-05.pt signature and layout (layers.mixed_6.conv), tiny."""
+
+    def __init__(self, offset: float = 128.0):
+        super().__init__()
+        self.layers, self.output, self.offset = Layers(), torch.nn.Linear(20, 30), offset
+
+    def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
+        f = self.layers(tf_resize_299(img.float(), self.offset)).reshape(-1, 20)
+        if return_features:
+            return f
+        logits = f @ self.output.weight.t()
+        if not no_output_bias:
+            logits = logits + self.output.bias
+        return torch.softmax(logits, dim=1)
+
+
+def save_stand_in_inception(path, seed=0):
+    torch.manual_seed(seed)
+    torch.jit.script(StandIn()).save(str(path))

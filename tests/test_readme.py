@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.build import TRAINING_RECIPES  # noqa: E402
+from models.build import FINETUNE_RECIPES, TRAINING_RECIPES  # noqa: E402
 from tests.helpers import REPO, make_fake_fmnist, make_tiny_bert, make_tiny_clip, save_stand_in_inception  # noqa: E402
 
 SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py")
@@ -34,11 +34,14 @@ def readme_blocks(text):
     return blocks
 
 
-def ldm_recipe_flags():
-    """LDM-4's recipe as flags, for UNet-T standing in for it."""
-    r = TRAINING_RECIPES["LDM"]
-    return (f"--schedule {r['schedule']} --beta-start {r['beta_start']} --beta-end {r['beta_end']} --no-learn-sigma "
-            f"--weight-decay {r['weight_decay']} --grad-clip {r['grad_clip']} --ema-decay {r['ema_decay']} --no-ema-warmup")
+def recipe_flags(recipe):
+    """A recipe (minus its sizes) as flags, for a tiny model standing in for one of another family."""
+    flags = {k: v for k, v in recipe.items() if k not in ("global_batch_size", "max_steps", "ckpt_every")}
+    out = []
+    for key, value in flags.items():
+        name = "--" + key.replace("_", "-")
+        out.append((name if value else f"--no-{name[2:]}") if isinstance(value, bool) else f"{name} {value}")
+    return " ".join(out)
 
 
 def tiny(line, fx):
@@ -48,6 +51,7 @@ def tiny(line, fx):
     script = next((s for s in SCRIPTS if re.search(rf"(^|\s){re.escape(s)}(\s|$)", line)), None)
     if script is None:
         return line  # a shell command (printf, mkdir, ...)
+    original = line
     subs = [(r"--nproc_per_node=\d+", "--nproc_per_node=1"),
             (r"--data-path /data/imagenet/train", f"--data-path {fx['folder']}"),
             (r"--data-path /data/cc3m/train\.tsv", f"--data-path {fx['tsv']}"),
@@ -55,7 +59,7 @@ def tiny(line, fx):
             (r"--vae stabilityai/sd-vae-ft-ema", f"--vae {fx['kl']}"),
             (r"--vae CompVis/ldm-super-resolution-4x-openimages/vqvae", f"--vae {fx['vq']}"),
             (r"--model DiT-XL/2", "--model DiT-S/8"),
-            (r"--model LDM-4", "--model UNet-T " + ldm_recipe_flags()),
+            (r"--model LDM-4", "--model UNet-T " + recipe_flags(TRAINING_RECIPES["LDM"])),
             (r"--text-encoder bert:bert-base-uncased", f"--text-encoder bert:{fx['bert']}"),
             (r"--clip openai/clip-vit-base-patch16", f"--clip {fx['clip']}"),
             (r"--inception \S+", f"--inception {fx['inception']}"),
@@ -72,6 +76,8 @@ def tiny(line, fx):
         line += " --max-steps 2 --global-batch-size 4 --ckpt-every 2 --log-every 1"
         if script == "finetune.py" and "--val-size" not in line:
             line += " --val-size 4"
+        if script == "finetune.py" and "/data/imagenet" in original:  # adapting LDM-4 / DiT-XL/2 (UNet-T here)
+            line += " " + recipe_flags(FINETUNE_RECIPES["stock"])
     fmnist = "--dataset" not in line or "fashion-mnist" in line
     if script in ("train.py", "corrupt_data.py") and fmnist and "--data-path" not in line and "--resume" not in line:
         line += f" --data-path {fx['fmnist']}"  # a 256-image Fashion-MNIST
@@ -118,12 +124,17 @@ def fixtures(tmp_path_factory):
 
 
 def test_tiny_rewrites_only_sizes():
-    fx = {k: f"<{k}>" for k in ("folder", "kl", "fmnist", "inception", "adm_ref")}
+    fx = {k: f"<{k}>" for k in ("fmnist", "folder", "tsv", "kl", "vq", "bert", "clip", "inception", "adm_ref", "ref_folder", "prompts", "in100")}
     line = tiny("torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data-path /data/imagenet/train "
                 "--image-size 256 --vae stabilityai/sd-vae-ft-ema --model DiT-XL/2 --corrupt 0.025 --max-steps 400000 --run-name x", fx)
     assert line == ("torchrun --standalone --nproc_per_node=1 train.py --dataset imagefolder --data-path <folder> --image-size 32 "
                     "--vae <kl> --model DiT-S/8 --corrupt 0.025  --run-name x --max-steps 2 --global-batch-size 4 --ckpt-every 2 --log-every 1")
     assert tiny("python train.py --corrupt 0.025 --cep", fx).endswith("--data-path <fmnist>")
+    ldm = tiny("python train.py --model LDM-4 --dataset imagefolder --data-path /data/imagenet/train", fx)
+    assert ("--model UNet-T --schedule scaled_linear --beta-start 0.0015 --beta-end 0.0195 --no-learn-sigma --lr 0.0001 "
+            "--weight-decay 0.01 --grad-clip 0.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.1") in ldm
+    ft = tiny("python finetune.py --init out/x --dataset imagefolder --data-path /data/imagenet/train", fx)
+    assert ft.endswith("--lr 5e-06 --weight-decay 0.01 --grad-clip 1.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.0")
     assert tiny("pip install -r requirements.txt", fx) is None and tiny("printf 'a' > b.txt", fx) == "printf 'a' > b.txt"
 
 
