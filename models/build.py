@@ -1,5 +1,6 @@
 """Build any of the repo's denoisers by name (DiT-* from models/dit.py, LDM-4 / UNet-* from
-models/unet.py), and rebuild one from a checkpoint, for train.py / sample.py / finetune.py."""
+models/unet.py), rebuild one from a checkpoint, and the training recipe of each model family (the
+defaults train.py and finetune.py fill in), for train.py / sample.py / finetune.py."""
 import torch.nn as nn
 
 from models.adapters import Adapted
