@@ -64,7 +64,7 @@ def get_parser():
 
 def read_controls(folder, model):
     """The control images of a folder as uint8 (M, C, S, S), their labels (from class-id
-    sub-folders; -1 when flat) and, for finetune.py's held-out controls of a caption dataset, their
+    sub-folders; -1 when flat or in the folder -1) and, for finetune.py's held-out controls of a caption dataset, their
     captions (else None). Refuses controls of another kind than the model was adapted to."""
     adapter = model.config
     if not os.path.isdir(folder):
@@ -81,8 +81,8 @@ def read_controls(folder, model):
         rel = os.path.relpath(dirpath, folder)
         for f in sorted(files):
             if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")):
-                if rel != "." and not rel.isdigit():
-                    raise UsageError(f"--control: sub-folders name class ids (0, 1, ...), found {rel}")
+                if rel != "." and not (rel.isdigit() or rel == "-1"):  # -1: finetune.py's controls of unlabelled captions
+                    raise UsageError(f"--control: sub-folders name class ids (0, 1, ..., or -1 for none), found {rel}")
                 entries.append((int(rel) if rel != "." else -1, os.path.join(dirpath, f)))
     if not entries:
         raise UsageError(f"--control {folder} holds no images")

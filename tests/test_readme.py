@@ -55,6 +55,8 @@ def tiny(line, fx):
     subs = [(r"--nproc_per_node=\d+", "--nproc_per_node=1"),
             (r"--data-path /data/imagenet/train", f"--data-path {fx['folder']}"),
             (r"--data-path /data/cc3m/train\.tsv", f"--data-path {fx['tsv']}"),
+            (r"--data-path /data/in100/blip_captions\.tsv", f"--data-path {fx['tsv']}"),
+            (r"--control-path /data/in100/sam", f"--control-path {fx['sam']}"),
             (r"--image-size 256", "--image-size 32"),
             (r"--vae stabilityai/sd-vae-ft-ema", f"--vae {fx['kl']}"),
             (r"--vae CompVis/ldm-super-resolution-4x-openimages/vqvae", f"--vae {fx['vq']}"),
@@ -76,7 +78,7 @@ def tiny(line, fx):
         line += " --max-steps 2 --global-batch-size 4 --ckpt-every 100 --log-every 1"  # one checkpoint, at the end
         if script == "finetune.py" and "--val-size" not in line:
             line += " --val-size 4"
-        if script == "finetune.py" and "/data/imagenet" in original:  # adapting LDM-4 / DiT-XL/2 (UNet-T here)
+        if script == "finetune.py" and "/data/" in original:  # adapting LDM-4 / DiT-XL/2 (UNet-T / DiT-S/8 here)
             line += " " + recipe_flags(FINETUNE_RECIPES["stock"])
     fmnist = "--dataset" not in line or "fashion-mnist" in line
     if script in ("train.py", "corrupt_data.py") and fmnist and "--data-path" not in line and "--resume" not in line:
@@ -93,7 +95,7 @@ def fixtures(tmp_path_factory):
     fx = {"fmnist": root / "fmnist", "folder": root / "imagenet", "tsv": root / "cc3m" / "train.tsv", "kl": root / "kl",
           "vq": root / "vq", "bert": root / "bert", "clip": root / "clip", "inception": root / "inception.pt",
           "adm_ref": root / "VIRTUAL_imagenet256_labeled.npz", "ref_folder": root / "coco", "prompts": root / "prompts.txt",
-          "in100": root / "in100.txt"}
+          "in100": root / "in100.txt", "sam": root / "sam"}
     make_fake_fmnist(fx["fmnist"], n=256)
     classes = ["n01440764", "n01443537", "n01484850"]
     for k, name in enumerate(classes):  # an ImageNet-like folder: 3 classes x 8 images of 40x48 (cropped to 32)
@@ -107,6 +109,10 @@ def fixtures(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / "cc3m" / f"{i}.jpg")
         rows.append(f"{i}.jpg\ta photo of a {['cat', 'dog', 'shirt', 'bag'][i % 4]} number {i}")
     fx["tsv"].write_text("\n".join(rows) + "\n")
+    fx["sam"].mkdir()  # segmentation colour maps mirroring the captioned images: 4 flat regions each
+    for i in range(16):
+        colours = rng.integers(0, 255, (2, 2, 3), dtype=np.uint8)
+        Image.fromarray(np.kron(colours, np.ones((18, 18, 1), dtype=np.uint8))).save(fx["sam"] / f"{i}.png")
     fx["ref_folder"].mkdir()
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(fx["ref_folder"] / f"{i}.png")
@@ -124,7 +130,8 @@ def fixtures(tmp_path_factory):
 
 
 def test_tiny_rewrites_only_sizes():
-    fx = {k: f"<{k}>" for k in ("fmnist", "folder", "tsv", "kl", "vq", "bert", "clip", "inception", "adm_ref", "ref_folder", "prompts", "in100")}
+    fx = {k: f"<{k}>" for k in ("fmnist", "folder", "tsv", "kl", "vq", "bert", "clip", "inception", "adm_ref", "ref_folder",
+                                "prompts", "in100", "sam")}
     line = tiny("torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data-path /data/imagenet/train "
                 "--image-size 256 --vae stabilityai/sd-vae-ft-ema --model DiT-XL/2 --corrupt 0.025 --max-steps 400000 --run-name x", fx)
     assert line == ("torchrun --standalone --nproc_per_node=1 train.py --dataset imagefolder --data-path <folder> --image-size 32 "
