@@ -30,10 +30,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from models.corruption import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
-from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, measure_matmul_tflops,
-                           restore_rng, rng_states, run_main, seed_rank, setup_distributed, step_generator)
+from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, ema_decay_at,
+                           measure_matmul_tflops, restore_rng, rng_states, run_main, seed_rank, setup_distributed,
+                           step_generator, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import FrozenTextCache, build_text_encoder, cep_on_tokens
+from models.vae import latents_from_stats
 from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
@@ -183,17 +185,6 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
-    params = [p for p in model.parameters() if p.dtype.is_floating_point]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay * ema + (1 - decay) * param
-
-
-def ema_decay_at(step, decay, warmup):
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
-
-
 def main():
     parser = get_parser()
     args = parser.parse_args()
@@ -240,15 +231,6 @@ def diffusion_config(args):
 
 
 # ---- one step's inputs --------------------------------------------------------------------------
-
-def latents_from_stats(stats, scaling_factor, g, B, share):
-    """--vae data hold (mean, logvar) of the KL posterior, or (h,) for VQ: z = scale * a sample."""
-    x = stats[:, 0]
-    if stats.shape[1] == 2:  # the posterior noise, drawn for the global batch
-        posterior = torch.randn((B, *x.shape[1:]), generator=g, device=x.device)[share]
-        x = x + torch.exp(0.5 * stats[:, 1].clamp(-30, 20)) * posterior
-    return x * scaling_factor
-
 
 def step_conditions(args, model, conditions, idx, dropped, g, B, share, text_cache):
     """The condition of each example of this rank's share: (cond, extra model kwargs, CEP δ or None).

@@ -137,6 +137,19 @@ def measure_matmul_tflops(device, dtype=torch.bfloat16, n=8192, iters=20):
     return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
 
 
+# ---- the EMA of the weights
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
+    params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay * ema + (1 - decay) * param
+
+
+def ema_decay_at(step, decay, warmup):
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 # ---- training randomness: one generator per step for the global batch; each rank's own global RNG
 
 def step_generator(seed, step, device):

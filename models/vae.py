@@ -401,6 +401,18 @@ def diffusion_latents(vae, mean, logvar=None, generator=None):
     return z * vae.scaling_factor
 
 
+def latents_from_stats(stats, scaling_factor, g, B, share):
+    """train.py --vae: a rank's share (rows, stats, C, h, w) of pre-extracted latents -> diffusion
+    latents. stats = (mean, logvar) of the KL posterior, z = scale * a posterior sample whose noise
+    comes from the step generator g for the global batch of B (this rank keeps rows `share`), so
+    any number of ranks draws the same; stats = (h,) for VQ, z = h."""
+    x = stats[:, 0]
+    if stats.shape[1] == 2:  # the posterior noise, drawn for the global batch
+        posterior = torch.randn((B, *x.shape[1:]), generator=g, device=x.device)[share]
+        x = x + torch.exp(0.5 * stats[:, 1].clamp(-30, 20)) * posterior
+    return x * scaling_factor
+
+
 @torch.no_grad()
 def decode_latents(vae, z, force_not_quantize=False):
     """Diffusion latents -> images, roughly in [-1, 1] (not clamped): divide by scaling_factor, then

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from tests.helpers import FMNIST_DIR, REPO, make_fake_fmnist, run_script, tree_snapshot  # noqa: E402
-from train import ema_decay_at, update_ema  # noqa: E402
+from models.common import ema_decay_at, update_ema  # noqa: E402
 
 
 @pytest.fixture(scope="module")
