@@ -113,6 +113,14 @@ def tf_resize_299(img, offset: float):
     return (x - offset) / offset
 
 
+def softmax_head(f, weight, bias, no_output_bias: bool):
+    """The TorchScript Inception's output: softmax of pool3 · Wᵀ (+ b unless no_output_bias)."""
+    logits = f @ weight.t()
+    if not no_output_bias:
+        logits = logits + bias
+    return torch.softmax(logits, dim=1)
+
+
 class Conv(torch.nn.Module):  # the converted network's blocks: conv (+ folded batch norm) + ReLU
     def __init__(self, cin: int, cout: int, k: int, stride: int = 1):
         super().__init__()
@@ -154,10 +162,7 @@ class StandIn(torch.nn.Module):
         f = self.layers(tf_resize_299(img.float(), self.offset)).reshape(-1, 20)
         if return_features:
             return f
-        logits = f @ self.output.weight.t()
-        if not no_output_bias:
-            logits = logits + self.output.bias
-        return torch.softmax(logits, dim=1)
+        return softmax_head(f, self.output.weight, self.output.bias, no_output_bias)
 
 
 def save_stand_in_inception(path, seed=0):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import make_fake_fmnist, make_tiny_clip, run_script, tree_snapshot  # noqa: E402
+from tests.helpers import make_fake_fmnist, make_tiny_clip, run_script, softmax_head, tree_snapshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +149,7 @@ def test_inception_path_with_a_stand_in_network(tmp_path):
             f = self.proj(img.mean(dim=(2, 3)) / 255.0)
             if return_features:
                 return f
-            logits = f @ self.output.weight.t()
-            if not no_output_bias:
-                logits = logits + self.output.bias
-            return torch.softmax(logits, dim=1)
+            return softmax_head(f, self.output.weight, self.output.bias, no_output_bias)
     torch.manual_seed(0)
     torch.jit.script(StandIn()).save(str(tmp_path / "inception.pt"))
     rng = np.random.default_rng(0)
