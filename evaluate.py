@@ -28,7 +28,6 @@ Reference and training features are streamed by a DataLoader into a float16 cach
 Samples of a Canny-adapted model (finetune.py, sample.py --control): control_f1 and control_f1_chance.
 """
 import argparse
-import glob
 import json
 import os
 
@@ -37,8 +36,9 @@ import torch
 from PIL import Image
 
 from models import metrics as M
+from models import report
 from models.classifier import load_or_train_classifier
-from models.common import UsageError, atomic_write_json, atomic_write_text, run_main
+from models.common import UsageError, atomic_write_json, run_main
 from models.controls import canny, edge_f1
 from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
 from models.features import (ClipNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached, dataset_images,
@@ -226,6 +226,20 @@ def diversity_metrics(gen, labels, train_feats, train_stats, suffix, mem_thresho
     return m
 
 
+def floor_metrics(net, data_path, n, ref_feats, ref_stats, kw):
+    """The reference-set metrics of real images: as many Fashion-MNIST training images as there are
+    samples (a fixed random subset, seed 0) against the same reference. The best a model can score
+    with this many images, e.g. fid_fmnist's floor, which is not 0 at finite n (its bias ~ 1/n)."""
+    ds = load_dataset("fashion-mnist", data_path)
+    rows = np.sort(np.random.default_rng(0).permutation(len(ds))[:min(n, len(ds))])
+    real = dataset_images(ds)[rows]
+    feats, stats = extract(net, real, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
+    floor = reference_metrics(feats["feat"], stats, ref_feats, ref_stats, {}, "_fmnist", [])
+    floor["is_fmnist"], _ = M.inception_score(feats["logits"], splits=min(10, len(rows)))
+    floor["accuracy"] = M.condition_accuracy(feats["logits"], ds.labels[rows])
+    return {k: float(v) for k, v in floor.items()}
+
+
 def fmnist_class_ids(labels, run_config):
     """Labels of a model fine-tuned on a new class set (finetune.py --method full --classes FILE)
     are positions in that list: map them back to Fashion-MNIST's ids for the classifier."""
@@ -320,6 +334,8 @@ def evaluate(args):
         g = gen["feat"] if tnet is net else extract(tnet, images, **kw)[0]["feat"]
         tsuffix = "_fmnist" if tnet.name == "fmnist" else "_clip"
         metrics.update(diversity_metrics(g, labels, tf["feat"], ts["feat"], tsuffix, args.mem_threshold))
+    if features == "fmnist" and ref_feats is not None:
+        out["floor"] = floor_metrics(net, data_path, len(images), ref_feats, ref_stats, kw)
     prompts_file = os.path.join(folder, "prompts.txt")
     if clip and os.path.exists(prompts_file):  # text models: agreement of each image with its caption
         with open(prompts_file, encoding="utf-8") as f:
@@ -341,79 +357,10 @@ def evaluate(args):
     print(f"{len(images)} samples vs {out['num_reference']} reference images, {features} features")
     for note in notes:
         print(f"  note: {note}")
+    floor = out.get("floor", {})
     for k, v in out["metrics"].items():
-        print(f"  {k:24s} {v:10.4f}")
+        print(f"  {k:24s} {v:10.4f}" + (f"   (real images: {floor[k]:.4f})" if k in floor else ""))
     print(f"-> {os.path.join(folder, 'metrics.json')}")
-
-
-# ---------------------------------------------------------------------------------------------
-# comparison across runs: the paper's main figure in miniature
-
-
-def cep_label(rc):
-    if not rc.get("cep"):
-        return "IP %g" % rc["input_perturbation"] if rc.get("input_perturbation") else "no CEP"
-    return f"CEP-{'U' if rc.get('cep_type', 'uniform') == 'uniform' else 'G'} γ={rc.get('cep_gamma', 1):g}" + (" fixed" if rc.get("cep_fixed") else "")
-
-
-def compare(out_dir):
-    rows = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "*", "samples", "*", "metrics.json"))):
-        with open(path) as f:
-            m = json.load(f)
-        sc = m.get("sample_config") or {}
-        rc = sc.get("run_config", {})
-        rows.append({"run": path.split(os.sep)[-4], "tag": path.split(os.sep)[-2], "eta": rc.get("corrupt", 0.0),
-                     "cep": cep_label(rc), "model": rc.get("model", "?"), "step": sc.get("step"),
-                     "sampler": f"{sc.get('sampler', '?')}-{sc.get('steps', '?')}", "cfg": sc.get("cfg_scale"), **m["metrics"]})
-    if not rows:
-        raise UsageError(f"no evaluated samples (metrics.json) under {out_dir}/*/samples/")
-    fixed = ("run", "tag", "eta", "cep", "model", "step", "sampler", "cfg")
-    names = list(dict.fromkeys(k for r in rows for k in r if k not in fixed and not k.startswith("is_std")))  # union, in order
-    header = ["run", "η", "CEP", "model", "step", "sampler", "cfg"] + names
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in sorted(rows, key=lambda r: (r["cep"], r["eta"], r["cfg"] or 0)):
-        vals = [r["run"], f"{r['eta']:g}", r["cep"], r["model"], str(r["step"]), r["sampler"], f"{r['cfg']:g}"]
-        lines.append("| " + " | ".join(vals + [f"{r.get(k, float('nan')):.4g}" for k in names]) + " |")
-    atomic_write_text(os.path.join(out_dir, "comparison.md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot_comparison(rows, names, out_dir)
-
-
-def plot_comparison(rows, names, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    settings = sorted({(r["cep"], r["cfg"]) for r in rows})
-    cols = min(4, len(names))
-    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4 * cols, 3.2 * -(-len(names) // cols)), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for cep, cfg in settings:
-            pts = sorted((r["eta"], r[name]) for r in rows if (r["cep"], r["cfg"]) == (cep, cfg) and name in r)
-            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{cep}, cfg {cfg:g}")
-        ax.set_xlabel("corruption η (%)")
-        ax.set_title(name)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "comparison_eta.png"), dpi=100)
-    fid = next((n for n in names if n.startswith("fid")), None)
-    is_ = next((n for n in names if n.startswith("is")), None)
-    if fid and is_:  # FID vs IS over guidance scales, one curve per run and sampler (the paper's figures)
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for run, sampler in sorted({(r["run"], r["sampler"]) for r in rows}):
-            pts = sorted((r["cfg"], r[is_], r[fid]) for r in rows if (r["run"], r["sampler"]) == (run, sampler) and fid in r and is_ in r)
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=f"{run} ({sampler})")
-            for cfg, x, y in pts:
-                ax.annotate(f"{cfg:g}", (x, y), fontsize=7)
-        ax.set_xlabel(is_)
-        ax.set_ylabel(fid)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "comparison_fid_is.png"), dpi=100)
-    plt.close("all")
-    print(f"-> {os.path.join(out_dir, 'comparison.md')}, comparison_eta.png, comparison_fid_is.png")
 
 
 def main():
@@ -421,7 +368,7 @@ def main():
     if args.compare:
         if not os.path.isdir(args.compare):
             raise UsageError(f"--compare {args.compare} is not a directory")
-        return compare(args.compare)
+        return report.compare(args.compare)
     if args.samples is None:
         raise UsageError("pass --samples <dir|npz> or --compare <out-dir>")
     evaluate(args)

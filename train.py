@@ -42,7 +42,7 @@ from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_reci
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
 NOT_SAVED = {"resume", "out_dir", "run", "dry_run"}  # where the run is, not what it is
 # what runs saved before these flags existed were trained with (their config.json lacks them)
-LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0)
+LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0)
 
 
 def get_parser():
@@ -79,7 +79,8 @@ def get_parser():
     # optimisation (defaults: the model family's recipe)
     a("--seed", type=int, default=0)
     a("--global-batch-size", type=int, default=None, help="summed over all ranks; fixed whatever the world size")
-    a("--lr", type=float, default=None, help="constant learning rate of AdamW")
+    a("--lr", type=float, default=None, help="learning rate of AdamW (constant after the warm-up)")
+    a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up from 0 over the first N steps (0 = none)")
     a("--weight-decay", type=float, default=None, help="AdamW weight decay")
     a("--grad-clip", type=float, default=None, help="max gradient norm (0 = no clipping)")
     a("--max-steps", type=int, default=None)
@@ -125,6 +126,8 @@ def check_args(args):
     for name in ("global_batch_size", "max_steps", "ckpt_every", "log_every"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.lr <= 0 or args.grad_clip < 0 or args.weight_decay < 0:
         raise UsageError(f"--lr must be > 0, --grad-clip and --weight-decay >= 0 (got {args.lr:g}, {args.grad_clip:g}, {args.weight_decay:g})")
     if not 0 < args.beta_start < args.beta_end < 1:
@@ -399,6 +402,9 @@ def train(args, parser, rank, world, device, stage=None):
             losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
                                                args.input_perturbation, xi)
         loss = losses["loss"].mean()
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -418,7 +424,7 @@ def train(args, parser, rank, world, device, stage=None):
                 torch.cuda.synchronize(device)
             img_per_s = B * steps_since_log / (time.perf_counter() - t_last)
             record = {"step": done, "epoch": epoch, "loss": total[0].item() / total[1].item(), "grad_norm": grad_norm.item(),
-                      "lr": args.lr, "img_per_s": round(img_per_s, 2), "time": round(time.time(), 1)}
+                      "lr": lr, "img_per_s": round(img_per_s, 2), "time": round(time.time(), 1)}
             if peak_tflops:
                 record["mfu"] = round(flops_per_image * img_per_s / world / (peak_tflops * 1e12), 4)
             if master:

@@ -1,0 +1,107 @@
+"""study.py and models/report.py: the grid runs resumably end to end on a tiny budget, and the
+tables' mean ± std and verdicts agree with an independent computation (numpy / statistics)."""
+import json
+import re
+import statistics
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO, make_fake_fmnist, run_script
+
+sys.path.insert(0, str(REPO))
+from models import report  # noqa: E402
+
+
+def fake_metrics(root, run, tag, rc, metrics, cfg=2.0, sampler="dpm-solver++", steps=20, seed=0):
+    folder = root / run / "samples" / tag
+    folder.mkdir(parents=True)
+    sc = {"run_config": rc, "cfg_scale": cfg, "sampler": sampler, "steps": steps, "seed": seed, "step": 100}
+    (folder / "metrics.json").write_text(json.dumps({"num_samples": 50, "metrics": metrics, "sample_config": sc}))
+
+
+def test_compare_gives_mean_and_std_over_seeds(tmp_path):
+    """Runs that differ only in their seed form one row: n, the seeds, and mean ± sample std (ddof 1)."""
+    rng = np.random.default_rng(0)
+    values = {}
+    for setting, rc in (("clean", {}), ("η 5 %", {"corrupt": 0.05}), ("CEP-G γ 1", {"cep": True, "cep_type": "gaussian"})):
+        for seed in (0, 1, 2):
+            fid, acc, is_ = rng.uniform(5, 50), rng.uniform(0.3, 0.9), rng.uniform(2, 8)
+            values.setdefault(setting, []).append((fid, acc, is_))
+            fake_metrics(tmp_path, f"{setting}-{seed}".replace(" ", ""), "s", {**rc, "seed": seed, "model": "DiT-T/4"},
+                         {"fid_fmnist": fid, "accuracy": acc, "is_fmnist": is_})
+    run_script("evaluate.py", ["--compare", tmp_path])
+    table = (tmp_path / "comparison.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and table[2].startswith("| clean |")  # the reference first
+    for setting, vals in values.items():
+        line = next(ln for ln in table if ln.startswith(f"| {setting} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[6:8] == ["3", "0,1,2"]  # n, seeds
+        for cell, col in zip(cells[8:], zip(*vals)):
+            mean, std = (float(x) for x in cell.split("±"))
+            assert mean == pytest.approx(statistics.mean(col), rel=2e-3) and std == pytest.approx(statistics.stdev(col), rel=2e-2)
+    assert (tmp_path / "comparison_eta.png").stat().st_size > 0 and (tmp_path / "comparison_fid_is.png").stat().st_size > 0
+
+
+def test_verdicts_read_differences_against_the_pooled_spread():
+    def group(setting, fids, accs, rmds):
+        g = {"setting": setting, "cfg": 2.0, "mean": {}, "std": {}}
+        for name, vals in (("fid_fmnist", fids), ("accuracy", accs), ("rmd_top1_fmnist", rmds)):
+            g["mean"][name], g["std"][name] = float(np.mean(vals)), float(np.std(vals, ddof=1))
+        return g
+    clean = group("clean", [10, 11, 12], [0.80, 0.82, 0.84], [1.0, 1.1, 1.2])
+    eta = group("η 5 %", [8.0, 8.5, 9.0], [0.81, 0.83, 0.85], [2.0, 2.1, 2.2])   # FID Δ −2.5 against s = √((1 + 0.25)/2) = 0.79
+    worse = group("η 20 %", [14, 15, 16], [0.60, 0.61, 0.62], [0.5, 0.6, 0.7])
+    lines = report.verdicts([clean, eta, worse], ["fid_fmnist", "accuracy", "rmd_top1_fmnist"])
+    assert [ln[0] for ln in lines] == ["η 5 %", "η 20 %"]
+    assert lines[0][2] == f"{-2.5:+.3g} (s {np.sqrt(1.25 / 2):.2g}) **better**"
+    assert lines[0][3].endswith("≈")  # accuracy +0.01 against s = 0.02
+    assert lines[0][4].endswith("↑")  # RMD: a difference, no better side
+    assert lines[1][2].endswith("worse") and lines[1][3].endswith("worse")
+
+
+def test_study_runs_resumes_and_reports(tmp_path):
+    """A tiny grid (2 settings x 1 seed, 4 steps): an interrupted run is resumed, every stage's
+    files are written, a rerun does nothing, and the report holds both settings."""
+    data, out, res = tmp_path / "data", tmp_path / "study", tmp_path / "results"
+    make_fake_fmnist(data, n=200)
+    # an interrupted run: 2 of its 4 steps done
+    run_script("train.py", ["--data-path", data, "--out-dir", out, "--run-name", "clean_seed0", "--max-steps", "2",
+                            "--global-batch-size", "8", "--log-every", "1"])
+    flags = ["--only", "clean_seed0,eta5_seed0", "--data-path", data, "--out-dir", out, "--results", res, "--max-steps", "4",
+             "--train-args", "--global-batch-size 8 --log-every 2", "--num-samples", "20", "--sample-steps", "3",
+             "--cfg-scales", "2", "--fixed-cfg", "2", "--nproc-per-node", "1", "--sample-args", "--batch-size 10"]
+    proc = run_script("study.py", flags)
+    assert "resuming at step 2" in proc.stdout
+    assert len(re.findall(r"^\$ .*train\.py", proc.stdout, re.M)) == 2
+    for run, tags in (("clean_seed0", ["dpm3_cfg2", "dpm50_cfg2", "dpm3_cfg2_seed1", "dpm3_cfg2_seed2"]),
+                      ("eta5_seed0", ["dpm3_cfg2"])):
+        assert sorted(p.name for p in (out / run / "samples").iterdir()) == sorted(tags)
+        for tag in tags:
+            m = json.loads((out / run / "samples" / tag / "metrics.json").read_text())
+            assert m["sample_config"]["step"] == 4 and np.isfinite(m["metrics"]["fid_fmnist"]) and "fid_fmnist" in m["floor"]
+        times = json.loads((out / run / "study_times.json").read_text())
+        assert times["train"] > 0 and len([k for k in times if k.startswith("sample ")]) == len(tags)
+    assert json.loads((out / "eta5_seed0" / "config.json").read_text())["corrupt"] == 0.05
+    readme = (res / "README.md").read_text()
+    assert "| clean | " in readme and "| η 5 % | " in readme and "Sampling noise" in readme and "Sampler steps" in readme
+    for name in ("eta.png", "eta_best.png", "fid_is.png", "cep.png", "grids/clean.png", "grids/eta5pct.png"):
+        assert (res / name).stat().st_size > 0, name
+    # a rerun finds everything done: no stage runs again
+    before = readme
+    proc = run_script("study.py", flags)
+    assert "$ " not in proc.stdout and (res / "README.md").read_text() == before
+    listing = run_script("study.py", flags + ["--list"]).stdout
+    assert re.search(r"clean_seed0\s+done\s+4/4", listing) and re.search(r"eta5_seed0\s+done\s+1/1", listing)
+
+
+def test_study_refuses_bad_input(tmp_path):
+    for extra, words in ((["--only", "nothing*"], "matches no run"), (["--cfg-scales", "1,x"], "--cfg-scales"),
+                         (["--fixed-cfg", "7", "--cfg-scales", "1,2"], "--fixed-cfg"),
+                         (["--train-args", "--max-steps 3"], "--max-steps"),
+                         (["--dataset", "imagefolder", "--only", "asym5_seed0"], "--groups")):
+        proc = run_script("study.py", ["--out-dir", tmp_path / "o", "--results", tmp_path / "r", *extra], check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and words in proc.stderr, (extra, proc.stderr)
+        assert proc.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
