@@ -86,8 +86,16 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert json.loads((out / "eta5_seed0" / "config.json").read_text())["corrupt"] == 0.05
     readme = (res / "README.md").read_text()
     assert "| clean | " in readme and "| η 5 % | " in readme and "Sampling noise" in readme and "Sampler steps" in readme
-    for name in ("eta.png", "eta_best.png", "fid_is.png", "cep.png", "grids/clean.png", "grids/eta5pct.png"):
+    for name in ("eta.png", "eta_best.png", "fid_is.png", "cep.png", "runs/clean_seed0/samples/dpm3_cfg2/grid.png",
+                 "runs/eta5_seed0/samples/dpm3_cfg2/grid.png", "runs/eta5_seed0/samples/dpm3_cfg2/metrics.json",
+                 "runs/eta5_seed0/config.json", "runs/eta5_seed0/study_times.json"):
         assert (res / name).stat().st_size > 0, name
+    assert "(runs/eta5_seed0/samples/dpm3_cfg2/grid.png)" in readme
+    # the report needs only the copied files: without the runs it is regenerated the same
+    (out / "eta5_seed0").rename(tmp_path / "moved")
+    run_script("study.py", flags + ["--report-only"])
+    assert (res / "README.md").read_text() == readme
+    (tmp_path / "moved").rename(out / "eta5_seed0")
     # a rerun finds everything done: no stage runs again
     before = readme
     proc = run_script("study.py", flags)
