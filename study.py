@@ -96,6 +96,8 @@ def check_args(args):
     if {"--max-steps", "--run-name", "--run", "--out-dir", "--seed", "--resume"} & {f.split("=")[0] for f in shlex.split(args.train_args)}:
         raise UsageError("--train-args must not set --max-steps, --run-name, --out-dir, --seed or --resume: study.py sets them "
                          "(use its --max-steps)")
+    if args.groups and not os.path.isfile(args.groups):
+        raise UsageError(f"--groups {args.groups} does not exist")
     if args.max_steps is None:  # train.py's recipe for the model
         from models.build import training_recipe
         args.max_steps = training_recipe(args.model)["max_steps"]
@@ -205,7 +207,7 @@ def do_run(args, run, flags, seed):
                                  "move that folder away (or pass the --max-steps it was made with)")
         if not os.path.exists(os.path.join(folder, "samples.npz")):
             t0 = time.time()
-            call(launch("sample.py", ["--run", run_dir, "--tag", tag, *flags_s, *shlex.split(args.sample_args)], args.nproc_per_node),
+            call(launch("sample.py", ["--run-dir", run_dir, "--tag", tag, *flags_s, *shlex.split(args.sample_args)], args.nproc_per_node),
                  f"sampling {run}/{tag}")
             add_time(run_dir, f"sample {tag}", time.time() - t0)
         if not os.path.exists(os.path.join(folder, "metrics.json")):

@@ -45,6 +45,23 @@ def setting_label(rc):
     return " + ".join(parts) or "clean"
 
 
+def training_time(run_dir):
+    """(minutes of training, median img/s) from a run's log.jsonl: Σ Δsteps · batch / (img/s) over
+    the log records, so time spent outside the steps (start-up, checkpoints, resumes) is left out."""
+    path, cfg_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "config.json")
+    if not (os.path.exists(path) and os.path.exists(cfg_path)):
+        return float("nan"), float("nan")
+    with open(cfg_path) as f:
+        batch = json.load(f).get("global_batch_size", float("nan"))
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    seconds, last = 0.0, 0
+    for r in records:
+        seconds += (r["step"] - last) * batch / r["img_per_s"]
+        last = r["step"]
+    return seconds / 60, float(np.median([r["img_per_s"] for r in records])) if records else float("nan")
+
+
 def read_rows(out_dir, runs=None):
     """One dict per evaluated sample set under out_dir (only the runs named in `runs`, if given)."""
     rows = []
@@ -60,8 +77,32 @@ def read_rows(out_dir, runs=None):
                      "corrupt_type": rc.get("corrupt_type") or "symmetric", "model": rc.get("model", "?"), "step": sc.get("step"),
                      "sampler": f"{sc.get('sampler', '?')}-{sc.get('steps', '?')}", "cfg": sc.get("cfg_scale") or 1.0,
                      "num_samples": m.get("num_samples"), "sample_seed": sc.get("seed", 0), "metrics": m["metrics"],
-                     "floor": m.get("floor", {}), "folder": os.path.dirname(path), "rc": rc})
+                     "floor": m.get("floor", {}), "folder": os.path.dirname(path), "rc": rc,
+                     "train_min": training_time(os.path.join(out_dir, run))[0], "train_img_s": training_time(os.path.join(out_dir, run))[1]})
+    distinguish_settings(rows)
     return rows
+
+
+# run flags that do not change what is trained (or are shown in their own column)
+NOT_A_SETTING = {"seed", "out_dir", "run", "resume", "dry_run", "max_steps", "ckpt_every", "log_every", "compile", "device",
+                 "num_workers", "data_path", "model"}
+
+
+def distinguish_settings(rows):
+    """Rows of runs trained differently (another lr, say) but with the same label get the flags
+    that differ appended, e.g. 'clean [lr=0.002]', so seeds are averaged only within one setting."""
+    configs = {}
+    for r in rows:
+        r["config_key"] = json.dumps({k: v for k, v in r["rc"].items() if k not in NOT_A_SETTING}, sort_keys=True)
+        configs.setdefault(r["setting"], {})[r["config_key"]] = json.loads(r["config_key"])
+    for label, variants in configs.items():
+        if len(variants) < 2:
+            continue
+        keys = sorted(set().union(*variants.values()))
+        differing = [k for k in keys if len({json.dumps(c.get(k)) for c in variants.values()}) > 1]
+        for r in rows:
+            if r["setting"] == label:
+                r["setting"] = label + " [" + ", ".join(f"{k}={r['rc'].get(k)}" for k in differing) + "]"
 
 
 def metric_names(rows):
@@ -77,7 +118,8 @@ def aggregate(rows, keys=("setting", "model", "step", "sampler", "cfg", "num_sam
     out = []
     for key, members in groups.items():
         g = dict(zip(keys, key), n=len(members), seeds=sorted(m["seed"] for m in members if m["seed"] is not None), rows=members,
-                 mean={}, std={})
+                 mean={}, std={}, train_min=float(np.mean([m["train_min"] for m in members])),
+                 train_img_s=float(np.mean([m["train_img_s"] for m in members])))
         for name in metric_names(members):
             vals = np.array([m["metrics"][name] for m in members if name in m["metrics"]], dtype=np.float64)
             g["mean"][name] = float(vals.mean())
@@ -97,20 +139,25 @@ def markdown_table(header, lines):
                      + ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]) + "\n"
 
 
+LEAD_NAMES = {"train_min": "train min", "train_img_s": "train img/s"}
+
+
 def group_table(groups, names, lead=("setting", "model", "step", "sampler", "cfg")):
     """Markdown: one line per group, the lead columns, n and seeds, then mean ± std per metric."""
-    header = list(lead) + ["n", "seeds"] + names
-    lines = [[f"{g[k]:g}" if isinstance(g[k], float) else str(g[k]) for k in lead] + [g["n"], ",".join(map(str, g["seeds"]))]
+    header = [LEAD_NAMES.get(k, k) for k in lead] + ["n", "seeds"] + names
+    lines = [[fmt(g[k]) if k in LEAD_NAMES else f"{g[k]:g}" if isinstance(g[k], float) else str(g[k]) for k in lead]
+             + [g["n"], ",".join(map(str, g["seeds"]))]
              + [fmt(g["mean"].get(m, float("nan")), g["std"].get(m, float("nan"))) for m in names] for g in groups]
     return markdown_table(header, lines)
 
 
 def setting_order(label):
     """clean first, then the symmetric η sweep by η, then the rest alphabetically."""
-    if label == "clean":
+    base = label.split(" [")[0]
+    if base == "clean":
         return (0, 0.0, label)
-    if label.startswith("η ") and label.endswith("%"):
-        return (1, float(label.split()[1]), label)
+    if base.startswith("η ") and base.endswith("%"):
+        return (1, float(base.split()[1]), label)
     return (2, 0.0, label)
 
 
@@ -123,7 +170,7 @@ def compare(out_dir):
         raise UsageError(f"no evaluated samples (metrics.json) under {out_dir}/*/samples/")
     groups = sorted(aggregate(rows), key=lambda g: (setting_order(g["setting"]), g["model"], g["sampler"], g["cfg"], g["sample_seed"]))
     names = metric_names(rows)
-    table = group_table(groups, names, lead=("setting", "model", "step", "sampler", "cfg", "num_samples"))
+    table = group_table(groups, names, lead=("setting", "model", "step", "train_min", "train_img_s", "sampler", "cfg", "num_samples"))
     atomic_write_text(os.path.join(out_dir, "comparison.md"), table)
     print(table, end="")
     plot_eta(groups, names, os.path.join(out_dir, "comparison_eta.png"))
@@ -374,9 +421,10 @@ def write_study_report(args, grid_runs):
            "- Settings and seeds done: " + "; ".join(f"{s} ({len(v)})" for s, v in seeds_done.items()) + ".",
            f"- Sampling: DPM-Solver++ {args.sample_steps} steps, {main_rows[0]['num_samples']} images per set (class-balanced), "
            f"guidance scales {', '.join(f'{s:g}' for s in args.scales)}; the fixed-scale table uses {args.fixed_cfg:g}.",
-           "- Metrics: evaluate.py on the offline Fashion-MNIST classifier's features (suffix _fmnist; not comparable with "
-           "Inception numbers), against the test split (FID, KID, IS, precision / recall, density / coverage, TopP&R, accuracy) "
-           "and the training set (RMD, top-5 L2, memorisation, within-class distance).",
+           ("- Metrics: evaluate.py on the offline Fashion-MNIST classifier's features (suffix _fmnist; not comparable with "
+            "Inception numbers), against the test split (FID, KID, IS, precision / recall, density / coverage, TopP&R, accuracy) "
+            "and the training set (RMD, top-5 L2, memorisation, within-class distance)." if fid.endswith("_fmnist") else
+            f"- Metrics: evaluate.py ({', '.join(names)}), evaluate-args `{args.eval_args}`."),
            "- Wall time on this machine (mean per run / total): " + "; ".join(
                f"{k} {v[0] / 60:.1f} min / {v[1] / 3600:.2f} h ({v[2]})" for k, v in times.items()) + ".",
            ]

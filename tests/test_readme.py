@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.build import FINETUNE_RECIPES, TRAINING_RECIPES  # noqa: E402
 from tests.helpers import REPO, make_fake_fmnist, make_tiny_bert, make_tiny_clip, save_stand_in_inception  # noqa: E402
 
-SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py")
+SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py", "study.py")
 SKIPPED = ("pip install", "apt-get", "python -m pytest", "python -m models.gmm")  # installs; the suite; 2 min of theory
 
 
@@ -78,8 +78,12 @@ def tiny(line, fx):
             (r"--num-samples \d+", "--num-samples 4"), (r"--batch-size \d+", "--batch-size 4"),
             (r"--val-size \d+", "--val-size 4"), (r"--max-steps \d+", ""), (r"--global-batch-size \d+", ""),
             (r"--ckpt-every \d+", ""), (r"--log-every \d+", "")]
+    subs += [(r"--nproc-per-node \d+", "--nproc-per-node 1"), (r"--groups cifar100_groups\.txt", f"--groups {fx['groups']}")]
     for pattern, replacement in subs:
         line = re.sub(pattern, replacement, line)
+    if script == "study.py" and "--list" not in line and "--report-only" not in line:  # 2 steps, 4 samples, 1 sample step
+        line += (" --max-steps 2 --num-samples 4 --sample-steps 1 --cfg-scales 1,2 --fixed-cfg 2 --sample-args '--batch-size 4'"
+                 " --train-args '--global-batch-size 4 --ckpt-every 100 --log-every 1'" + ("" if "--only" in line else " --only clean_seed0"))
     if script in ("train.py", "finetune.py") and "--resume" not in line:
         line += " --max-steps 2 --global-batch-size 4 --ckpt-every 100 --log-every 1"  # one checkpoint, at the end
         if script == "finetune.py" and "--val-size" not in line:
@@ -87,7 +91,7 @@ def tiny(line, fx):
         if script == "finetune.py" and "/data/" in original:  # adapting LDM-4 / DiT-XL/2 (UNet-T / DiT-S/8 here)
             line += " " + recipe_flags(FINETUNE_RECIPES["stock"])
     fmnist = "--dataset" not in line or "fashion-mnist" in line
-    if script in ("train.py", "corrupt_data.py") and fmnist and "--data-path" not in line and "--resume" not in line:
+    if script in ("train.py", "corrupt_data.py", "study.py") and fmnist and "--data-path" not in line and "--resume" not in line:
         line += f" --data-path {fx['fmnist']}"  # a 256-image Fashion-MNIST
     return line
 
@@ -101,7 +105,7 @@ def fixtures(tmp_path_factory):
     fx = {"fmnist": root / "fmnist", "folder": root / "imagenet", "tsv": root / "cc3m" / "train.tsv", "kl": root / "kl",
           "vq": root / "vq", "bert": root / "bert", "clip": root / "clip", "inception": root / "inception.pt",
           "adm_ref": root / "VIRTUAL_imagenet256_labeled.npz", "ref_folder": root / "coco", "prompts": root / "prompts.txt",
-          "in100": root / "in100.txt", "sam": root / "sam"}
+          "in100": root / "in100.txt", "sam": root / "sam", "groups": root / "groups.txt"}
     make_fake_fmnist(fx["fmnist"], n=256)
     classes = ["n01440764", "n01443537", "n01484850"]
     for k, name in enumerate(classes):  # an ImageNet-like folder: 3 classes x 8 images of 40x48 (cropped to 32)
@@ -109,6 +113,7 @@ def fixtures(tmp_path_factory):
         for i in range(8):
             Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(fx["folder"] / name / f"{name}_{i}.JPEG")
     fx["in100"].write_text("\n".join(classes[:2]) + "\n")
+    fx["groups"].write_text(" ".join(classes[:2]) + "\n")
     (root / "cc3m").mkdir()
     rows = []
     for i in range(16):
@@ -137,7 +142,7 @@ def fixtures(tmp_path_factory):
 
 def test_tiny_rewrites_only_sizes():
     fx = {k: f"<{k}>" for k in ("fmnist", "folder", "tsv", "kl", "vq", "bert", "clip", "inception", "adm_ref", "ref_folder",
-                                "prompts", "in100", "sam")}
+                                "prompts", "in100", "sam", "groups")}
     line = tiny("torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data-path /data/imagenet/train "
                 "--image-size 256 --vae stabilityai/sd-vae-ft-ema --model DiT-XL/2 --corrupt 0.025 --max-steps 400000 --run-name x", fx)
     assert line == ("torchrun --standalone --nproc_per_node=1 train.py --dataset imagefolder --data-path <folder> --image-size 32 "

@@ -21,11 +21,17 @@ def fake_metrics(root, run, tag, rc, metrics, cfg=2.0, sampler="dpm-solver++", s
     (folder / "metrics.json").write_text(json.dumps({"num_samples": 50, "metrics": metrics, "sample_config": sc}))
 
 
+def seed_offset(setting):
+    return len(setting)  # max_steps differs between runs: not a setting of its own (the step column tells)
+
+
 def test_compare_gives_mean_and_std_over_seeds(tmp_path):
     """Runs that differ only in their seed form one row: n, the seeds, and mean ± sample std (ddof 1)."""
     rng = np.random.default_rng(0)
     values = {}
-    for setting, rc in (("clean", {}), ("η 5 %", {"corrupt": 0.05}), ("CEP-G γ 1", {"cep": True, "cep_type": "gaussian"})):
+    for setting, rc in (("clean [lr=0.001]", {}), ("η 5 %", {"corrupt": 0.05}), ("CEP-G γ 1", {"cep": True, "cep_type": "gaussian"}),
+                        ("clean [lr=0.002]", {"lr": 0.002})):  # trained otherwise: another setting, not more seeds
+        rc = {"lr": 0.001, "max_steps": 100 + seed_offset(setting), **rc}
         for seed in (0, 1, 2):
             fid, acc, is_ = rng.uniform(5, 50), rng.uniform(0.3, 0.9), rng.uniform(2, 8)
             values.setdefault(setting, []).append((fid, acc, is_))
@@ -33,12 +39,12 @@ def test_compare_gives_mean_and_std_over_seeds(tmp_path):
                          {"fid_fmnist": fid, "accuracy": acc, "is_fmnist": is_})
     run_script("evaluate.py", ["--compare", tmp_path])
     table = (tmp_path / "comparison.md").read_text().splitlines()
-    assert len(table) == 2 + 3 and table[2].startswith("| clean |")  # the reference first
+    assert len(table) == 2 + 4 and table[2].startswith("| clean [lr=0.001] |")  # the reference first
     for setting, vals in values.items():
         line = next(ln for ln in table if ln.startswith(f"| {setting} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[6:8] == ["3", "0,1,2"]  # n, seeds
-        for cell, col in zip(cells[8:], zip(*vals)):
+        assert cells[8:10] == ["3", "0,1,2"]  # n, seeds
+        for cell, col in zip(cells[10:], zip(*vals)):
             mean, std = (float(x) for x in cell.split("±"))
             assert mean == pytest.approx(statistics.mean(col), rel=2e-3) and std == pytest.approx(statistics.stdev(col), rel=2e-2)
     assert (tmp_path / "comparison_eta.png").stat().st_size > 0 and (tmp_path / "comparison_fid_is.png").stat().st_size > 0
@@ -100,6 +106,13 @@ def test_study_runs_resumes_and_reports(tmp_path):
     before = readme
     proc = run_script("study.py", flags)
     assert "$ " not in proc.stdout and (res / "README.md").read_text() == before
+    # the condition probe on a run of the grid
+    proc = run_script("-m", ["models.probe", "--ckpt", out / "clean_seed0" / "ckpt" / "last.pt", "--num-images", "16",
+                             "--json", tmp_path / "probe.json"])
+    assert len(re.findall(r"^t=\s*\d+ .*rms\(cond - uncond\)", proc.stdout, re.M)) == 5
+    assert set(json.loads((tmp_path / "probe.json").read_text())["timesteps"]) == {"999", "700", "500", "300", "100"}
+    proc = run_script("-m", ["models.probe", "--ckpt", tmp_path / "none.pt"], check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")
     listing = run_script("study.py", flags + ["--list"]).stdout
     assert re.search(r"clean_seed0\s+done\s+4/4", listing) and re.search(r"eta5_seed0\s+done\s+1/1", listing)
 
@@ -113,3 +126,38 @@ def test_study_refuses_bad_input(tmp_path):
         assert proc.returncode == 2 and proc.stderr.startswith("error:") and words in proc.stderr, (extra, proc.stderr)
         assert proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+def test_probe_against_the_exact_class_denoiser():
+    """Data of class k is the single image μ_k: the exact conditional ε-prediction is
+    (x_t − √ᾱ μ_y)/√(1−ᾱ), so with the true label the error is 0, with a wrong label w it is
+    ᾱ/(1−ᾱ)·mean((μ_y − μ_w)²), and against a null prediction of 0 the rms difference is rms(ε)."""
+    import torch
+    from models.diffusion import GaussianDiffusion
+    from models.probe import probe
+    torch.manual_seed(0)
+    K, n = 4, 64
+    mu = torch.randn(K, 1, 8, 8, dtype=torch.float64)
+    diffusion = GaussianDiffusion.from_config(None, learn_sigma=False)
+    abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
+
+    class Exact(torch.nn.Module):
+        num_classes = K
+
+        def forward(self, x, t, y):
+            a = abar[t].view(-1, 1, 1, 1)
+            eps = (x - a.sqrt() * mu[y.clamp(max=K - 1)]) / (1 - a).sqrt()
+            return torch.where((y == K).view(-1, 1, 1, 1), torch.zeros_like(x), eps)
+
+    labels = torch.arange(n) % K
+    images = mu[labels]
+    result = probe(Exact(), diffusion, images, labels, timesteps=(900, 500, 100), seed=3)
+    g = torch.Generator().manual_seed(3)
+    wrong = (labels + torch.randint(1, K, labels.shape, generator=g)) % K  # the probe's draw, repeated
+    for tv, r in result.items():
+        noise = torch.randn(images.shape, generator=g)
+        expect_wrong = abar[tv] / (1 - abar[tv]) * ((mu[labels] - mu[wrong]) ** 2).mean()
+        assert r["mse_true"] < 1e-12
+        assert r["mse_wrong"] == pytest.approx(float(expect_wrong), rel=1e-6)
+        assert r["rms_cond_minus_uncond"] == pytest.approx(float((noise ** 2).mean().sqrt()), rel=1e-6)
+        assert r["mse_null"] == pytest.approx(float((noise ** 2).mean()), rel=1e-6)
