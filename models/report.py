@@ -76,7 +76,9 @@ def read_rows(out_dir, runs=None):
         rows.append({"run": run, "tag": tag, "setting": setting_label(rc), "seed": rc.get("seed"), "eta": rc.get("corrupt", 0.0),
                      "corrupt_type": rc.get("corrupt_type") or "symmetric", "model": rc.get("model", "?"), "step": sc.get("step"),
                      "sampler": f"{sc.get('sampler', '?')}-{sc.get('steps', '?')}", "cfg": sc.get("cfg_scale") or 1.0,
-                     "num_samples": m.get("num_samples"), "sample_seed": sc.get("seed", 0), "metrics": m["metrics"],
+                     "num_samples": m.get("num_samples"), "sample_seed": sc.get("seed", 0),
+                     "sampler_options": " ".join(o for o, on in (("clipped", sc.get("clip_denoised")), ("raw weights", sc.get("ema") is False),
+                                                                 (f"ddim-eta {sc.get('ddim_eta')}", sc.get("ddim_eta"))) if on), "metrics": m["metrics"],
                      "floor": m.get("floor", {}), "folder": os.path.dirname(path), "rc": rc,
                      "train_min": training_time(os.path.join(out_dir, run))[0], "train_img_s": training_time(os.path.join(out_dir, run))[1]})
     distinguish_settings(rows)
@@ -109,7 +111,7 @@ def metric_names(rows):
     return list(dict.fromkeys(k for r in rows for k in r["metrics"] if not k.startswith("is_std")))
 
 
-def aggregate(rows, keys=("setting", "model", "step", "sampler", "cfg", "num_samples", "sample_seed")):
+def aggregate(rows, keys=("setting", "model", "step", "sampler", "sampler_options", "cfg", "num_samples", "sample_seed")):
     """Groups of rows equal on `keys` (by default: the same setting and sample set, over training
     seeds): [{key: value, 'n', 'seeds', 'rows', 'mean': {metric}, 'std': {metric}}]."""
     groups = {}
@@ -139,7 +141,7 @@ def markdown_table(header, lines):
                      + ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]) + "\n"
 
 
-LEAD_NAMES = {"train_min": "train min", "train_img_s": "train img/s"}
+LEAD_NAMES = {"train_min": "train min", "train_img_s": "train img/s"}  # numbers, formatted as such
 
 
 def group_table(groups, names, lead=("setting", "model", "step", "sampler", "cfg")):
@@ -170,7 +172,8 @@ def compare(out_dir):
         raise UsageError(f"no evaluated samples (metrics.json) under {out_dir}/*/samples/")
     groups = sorted(aggregate(rows), key=lambda g: (setting_order(g["setting"]), g["model"], g["sampler"], g["cfg"], g["sample_seed"]))
     names = metric_names(rows)
-    table = group_table(groups, names, lead=("setting", "model", "step", "train_min", "train_img_s", "sampler", "cfg", "num_samples"))
+    table = group_table(groups, names, lead=("setting", "model", "step", "train_min", "train_img_s", "sampler", "sampler_options", "cfg",
+                                             "num_samples"))
     atomic_write_text(os.path.join(out_dir, "comparison.md"), table)
     print(table, end="")
     plot_eta(groups, names, os.path.join(out_dir, "comparison_eta.png"))
@@ -205,7 +208,8 @@ def plot_eta(groups, names, path, title=None):
         ax.set_title(name)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    if lines:
+        axes.flat[0].legend(fontsize=6)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -187,4 +187,6 @@ def test_every_readme_command_runs(fixtures, tmp_path):
         ran = sum(f.result() for f in futures)
     assert ran >= 45, ran
     metrics = {lane: list((tmp_path / lane).glob("out/*/samples/*/metrics.json")) for lane in lanes}
-    assert len(metrics["embedded"]) >= 4 and len(metrics["dit"]) == 1 and len(metrics["ldm"]) >= 4, metrics
+    assert len(metrics["embedded"]) >= 4 and len(metrics["dit"]) == 1 + 5 and len(metrics["ldm"]) >= 4, metrics  # dit: + the study's run
+    for lane, results in (("embedded", "fashion-mnist"), ("dit", "imagefolder")):  # the study's report in each lane
+        assert "| clean | " in (tmp_path / lane / "results" / results / "README.md").read_text()

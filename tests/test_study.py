@@ -43,8 +43,8 @@ def test_compare_gives_mean_and_std_over_seeds(tmp_path):
     for setting, vals in values.items():
         line = next(ln for ln in table if ln.startswith(f"| {setting} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[8:10] == ["3", "0,1,2"]  # n, seeds
-        for cell, col in zip(cells[10:], zip(*vals)):
+        assert cells[9:11] == ["3", "0,1,2"]  # n, seeds
+        for cell, col in zip(cells[11:], zip(*vals)):
             mean, std = (float(x) for x in cell.split("±"))
             assert mean == pytest.approx(statistics.mean(col), rel=2e-3) and std == pytest.approx(statistics.stdev(col), rel=2e-2)
     assert (tmp_path / "comparison_eta.png").stat().st_size > 0 and (tmp_path / "comparison_fid_is.png").stat().st_size > 0
