@@ -106,7 +106,7 @@ def test_evaluate_and_compare(trained):
     assert (out / "classifier" / "fashion-mnist.pt").exists()  # trained once, cached
     run_script("evaluate.py", ["--compare", out])
     table = (out / "comparison.md").read_text()
-    assert table.count("\n") == 2 + 4 and "| corrupt | 0.1 |" in table
+    assert table.count("\n") == 2 + 4 and "| η 10 % | DiT-T/8 | 12 |" in table and "| clean | DiT-T/8 | 12 |" in table
     assert (out / "comparison_eta.png").exists() and (out / "comparison_fid_is.png").exists()
 
 
