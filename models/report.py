@@ -3,6 +3,7 @@
 A row is one metrics.json (<out-dir>/<run>/samples/<tag>/metrics.json). Rows of runs that differ only
 in their seed form one *setting* (what was trained: η, corruption type, CEP, IP, model, steps), and a
 table cell is the mean ± sample standard deviation (ddof 1) over the seeds of the setting."""
+import argparse
 import glob
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 
 import numpy as np
 
+from models.build import describe_recipe
 from models.common import UsageError, atomic_write_text
 
 # metric -> +1 higher is better, -1 lower is better (the suffixes _fmnist / _clip are ignored);
@@ -258,10 +260,6 @@ def plot_bars(groups, names, path, settings):
         stds = [np.nan_to_num(g["std"].get(name, np.nan)) for g in chosen]
         ax.bar(range(len(chosen)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(chosen))])
         ax.set_xticks(range(len(chosen)), [g["setting"] for g in chosen], rotation=40, ha="right", fontsize=7)
-        lo = np.nanmin(np.array(means) - np.array(stds)) if chosen else 0
-        hi = np.nanmax(np.array(means) + np.array(stds)) if chosen else 1
-        if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
-            ax.set_ylim(lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo))
         ax.set_title(name)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
@@ -412,8 +410,6 @@ def write_study_report(args, grid_runs):
     floor = next((r["floor"] for r in rows if r["floor"]), {})
     times = stage_times(runs_dir, grid_runs)
     rc = rows[0]["rc"]
-    from models.build import describe_recipe
-    import argparse
     recipe = describe_recipe(argparse.Namespace(**rc)) if "lr" in rc else ""
     seeds_done = {s: sorted({r["seed"] for r in rows if r["setting"] == s}) for s in settings}
     doc = [f"# {rc.get('dataset', '?')}: the η sweep and CEP at the scale of this machine\n",
