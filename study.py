@@ -23,13 +23,19 @@ import fnmatch
 import json
 import os
 import shlex
+import glob
+import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
-from models.common import UsageError, atomic_write_json, run_main
+from models.build import describe_recipe
+from models.common import UsageError, atomic_write_json, atomic_write_text, run_main
+from models.report import (QUALITY, aggregate, base_name, direction, fmt, group_table, markdown_table, metric_names,
+                           plot_bars, plot_eta, plot_fid_is, read_rows, setting_order)
 
 # the grid: (name, train.py flags, seeds). Three seeds where the paper's claim is decided (clean, slight
 # corruption, CEP), two elsewhere.
@@ -217,6 +223,195 @@ def do_run(args, run, flags, seed):
             add_time(run_dir, f"evaluate {tag}", time.time() - t0)
 
 
+# ---- the report: tables, plots and grids from the runs' small files --------------------------------
+
+def best_scale_groups(groups, fid, sampler):
+    """Per setting, the group (over seeds) of the guidance scale with the lowest mean FID."""
+    best = {}
+    for g in groups:
+        if g["sampler"] != sampler or g["sample_seed"] != 0 or fid not in g["mean"]:
+            continue
+        if g["setting"] not in best or g["mean"][fid] < best[g["setting"]]["mean"][fid]:
+            best[g["setting"]] = g
+    return sorted(best.values(), key=lambda g: setting_order(g["setting"]))
+
+
+def verdicts(chosen, names, reference="clean"):
+    """Each setting against the reference: Δ of the means, and whether it exceeds the seed-to-seed
+    spread s = √((s_a² + s_b²)/2) (pooled std of the two settings). Markdown lines."""
+    ref = next((g for g in chosen if g["setting"] == reference), None)
+    if ref is None:
+        return []
+    lines = []
+    for g in chosen:
+        if g is ref:
+            continue
+        cells = []
+        for name in names:
+            if name not in g["mean"] or name not in ref["mean"]:
+                cells.append("")
+                continue
+            delta = g["mean"][name] - ref["mean"][name]
+            spread = np.sqrt((np.nan_to_num(g["std"][name]) ** 2 + np.nan_to_num(ref["std"][name]) ** 2) / 2)
+            d = direction(name)
+            if not abs(delta) > spread:
+                mark = "≈"
+            elif d == 0:
+                mark = "↑" if delta > 0 else "↓"
+            else:
+                mark = "**better**" if d * delta > 0 else "worse"
+            cells.append(f"{delta:+.3g} (s {spread:.2g}) {mark}")
+        lines.append([g["setting"], f"{g['cfg']:g}"] + cells)
+    return lines
+
+
+def stage_times(out_dir, runs):
+    """Mean wall time per run of training, of one sample set and of one evaluation (seconds)."""
+    train, sample, evaluate = [], [], []
+    for run in runs:
+        path = os.path.join(out_dir, run, "study_times.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                t = json.load(f)
+            train += [t["train"]] if "train" in t else []
+            sample += [v for k, v in t.items() if k.startswith("sample ")]
+            evaluate += [v for k, v in t.items() if k.startswith("evaluate ")]
+    return {k: (float(np.mean(v)) if v else float("nan"), float(np.sum(v)) if v else 0.0, len(v))
+            for k, v in (("train", train), ("sample set", sample), ("evaluation", evaluate))}
+
+
+RUN_FILES = ("config.json", "log.jsonl", "study_times.json")
+SAMPLE_FILES = ("metrics.json", "sample_config.json")
+
+
+def sync_run_files(out_dir, runs, dest, fixed_cfg):
+    """Copy the small files of each run (config, log, stage times, every sample set's metrics and
+    settings, the grid of the fixed-scale set) from out_dir to dest/<run>/: the report is made
+    from these, so it can be regenerated from the committed results without the checkpoints."""
+    for run in runs:
+        src = os.path.join(out_dir, run)
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(src, name)):
+                os.makedirs(os.path.join(dest, run), exist_ok=True)
+                shutil.copyfile(os.path.join(src, name), os.path.join(dest, run, name))
+        for folder in sorted(glob.glob(os.path.join(src, "samples", "*"))):
+            if not os.path.exists(os.path.join(folder, "metrics.json")):
+                continue
+            to = os.path.join(dest, run, "samples", os.path.basename(folder))
+            os.makedirs(to, exist_ok=True)
+            for name in SAMPLE_FILES:
+                shutil.copyfile(os.path.join(folder, name), os.path.join(to, name))
+            with open(os.path.join(folder, "sample_config.json")) as f:
+                sc = json.load(f)
+            if sc.get("cfg_scale") == fixed_cfg and sc.get("seed", 0) == 0 and os.path.exists(os.path.join(folder, "grid.png")):
+                shutil.copyfile(os.path.join(folder, "grid.png"), os.path.join(to, "grid.png"))
+
+
+def write_study_report(args, grid_runs):
+    """results/<dataset>/: runs/ (each run's small files, synced from args.out_dir), README.md
+    (tables, checks, verdicts, grids, conclusion) and plots, all made from runs/."""
+    res = args.results
+    runs_dir = os.path.join(res, "runs")
+    if os.path.isdir(args.out_dir):
+        sync_run_files(args.out_dir, grid_runs, runs_dir, args.fixed_cfg)
+    rows = read_rows(runs_dir, set(grid_runs))
+    if not rows:
+        raise UsageError(f"nothing evaluated yet under {args.out_dir} (nor in {runs_dir}): run the grid first")
+    names = metric_names(rows)
+    fid = next((n for n in names if base_name(n) == "fid"), names[0])
+    sampler = f"dpm-solver++-{args.sample_steps}"
+    main_rows = [r for r in rows if r["sampler"] == sampler and r["sample_seed"] == 0]
+    groups = sorted(aggregate(main_rows), key=lambda g: (setting_order(g["setting"]), g["cfg"]))
+    quality = [n for n in names if base_name(n) in QUALITY]
+    diversity = [n for n in names if n not in quality and not base_name(n).startswith("toppr")]
+    best = best_scale_groups(groups, fid, sampler)
+    fixed = [g for g in groups if g["cfg"] == args.fixed_cfg]
+    settings = [g["setting"] for g in best]
+
+    plot_eta([g for g in groups if g["cfg"] in (args.fixed_cfg,)], quality + diversity, os.path.join(res, "eta.png"),
+             title=f"metric vs η at guidance {args.fixed_cfg:g} (mean ± std over seeds)")
+    plot_eta(best, quality + diversity, os.path.join(res, "eta_best.png"), title="metric vs η at each setting's best guidance scale")
+    plot_fid_is(groups, names, os.path.join(res, "fid_is.png"),
+                settings={"clean", "CEP-U γ 1", "CEP-G γ 1", "IP λ 0.1", "η 2.5 %", "η 5 %", "η 20 %"})
+    cep_settings = [s for s in ("clean", "CEP-U γ 1", "CEP-G γ 1", "IP λ 0.1", "CEP-U γ 0.3", "CEP-U γ 3") if s in settings]
+    plot_bars(fixed, quality + diversity, os.path.join(res, "cep.png"), cep_settings)
+
+    grid_lines = []
+    for s in settings:  # one grid per setting: its first seed at the fixed scale
+        r = min((r for r in main_rows if r["setting"] == s and r["cfg"] == args.fixed_cfg), key=lambda r: r["seed"], default=None)
+        if r is not None and os.path.exists(os.path.join(r["folder"], "grid.png")):
+            rel = os.path.relpath(os.path.join(r["folder"], "grid.png"), res)
+            grid_lines.append(f"| {s} (seed {r['seed']}, cfg {args.fixed_cfg:g}) | ![{s}]({rel}) |")
+
+    # checks on the reference run: sampling steps, and sampling noise against the seed-to-seed spread
+    ref_rows = [r for r in rows if r["setting"] == "clean" and r["seed"] == 0 and r["cfg"] == args.fixed_cfg]
+    steps_rows = sorted({r["sampler"] for r in ref_rows if r["sample_seed"] == 0})
+    checks = []
+    if len(steps_rows) > 1:
+        checks.append(f"**Sampler steps** (clean, seed 0, guidance {args.fixed_cfg:g}, one sample set each):\n")
+        checks.append(markdown_table(["sampler"] + quality, [[s] + [fmt(next(r for r in ref_rows if r["sampler"] == s and r["sample_seed"] == 0)["metrics"].get(m, np.nan)) for m in quality] for s in steps_rows]))
+    noise_rows = [r for r in ref_rows if r["sampler"] == sampler]
+    seed_group = next((g for g in fixed if g["setting"] == "clean"), None)
+    if len(noise_rows) > 1 and seed_group is not None:
+        lines = []
+        for m in quality + diversity:
+            vals = np.array([r["metrics"][m] for r in noise_rows if m in r["metrics"]])
+            lines.append([m, fmt(vals.std(ddof=1)), len(vals), fmt(seed_group["std"].get(m, np.nan)), seed_group["n"]])
+        checks.append(f"\n**Sampling noise against the seed-to-seed spread** (clean, guidance {args.fixed_cfg:g}, "
+                      f"{noise_rows[0]['num_samples']} images per set): the std over sampling seeds of one model, and "
+                      "the std over training seeds (one sample set each):\n")
+        checks.append(markdown_table(["metric", "std over sampling seeds", "sets", "std over training seeds", "runs"], lines))
+
+    floor = next((r["floor"] for r in rows if r["floor"]), {})
+    times = stage_times(runs_dir, grid_runs)
+    rc = rows[0]["rc"]
+    recipe = describe_recipe(argparse.Namespace(**rc)) if "lr" in rc else ""
+    seeds_done = {s: sorted({r["seed"] for r in rows if r["setting"] == s}) for s in settings}
+    doc = [f"# {rc.get('dataset', '?')}: the η sweep and CEP at the scale of this machine\n",
+           f"Generated by `python study.py` from the small files of each run (config, log, evaluate.py's metrics.json, "
+           f"sample grid, stage times), copied from `{args.out_dir}` to `runs/`; do not edit by hand: the conclusion is "
+           "`conclusion.md`, which this page includes.\n",
+           "## Setup\n",
+           f"- Model {rc.get('model')} on {rc.get('dataset')}, every run the same: {recipe}.",
+           "- Settings and seeds done: " + "; ".join(f"{s} ({len(v)})" for s, v in seeds_done.items()) + ".",
+           f"- Sampling: DPM-Solver++ {args.sample_steps} steps, {main_rows[0]['num_samples']} images per set (class-balanced), "
+           f"guidance scales {', '.join(f'{s:g}' for s in args.scales)}; the fixed-scale table uses {args.fixed_cfg:g}.",
+           ("- Metrics: evaluate.py on the offline Fashion-MNIST classifier's features (suffix _fmnist; not comparable with "
+            "Inception numbers), against the test split (FID, KID, IS, precision / recall, density / coverage, TopP&R, accuracy) "
+            "and the training set (RMD, top-5 L2, memorisation, within-class distance)." if fid.endswith("_fmnist") else
+            f"- Metrics: evaluate.py ({', '.join(names)}), evaluate-args `{args.eval_args}`."),
+           "- Wall time on this machine (mean per run / total): " + "; ".join(
+               f"{k} {v[0] / 60:.1f} min / {v[1] / 3600:.2f} h ({v[2]})" for k, v in times.items()) + ".",
+           ]
+    if floor:
+        doc.append("- Floor (real training images against the test split, as many as the samples): "
+                   + ", ".join(f"{k} {fmt(v)}" for k, v in floor.items()) + ".")
+    doc += ["\n## At each setting's best guidance scale (lowest mean FID)\n",
+            group_table(best, quality, lead=("setting", "cfg")), "\n", group_table(best, diversity, lead=("setting", "cfg")),
+            f"\n## At the fixed guidance scale {args.fixed_cfg:g}\n",
+            group_table(fixed, quality, lead=("setting", "cfg")), "\n", group_table(fixed, diversity, lead=("setting", "cfg")),
+            "\n## Against clean training\n",
+            "Δ = setting mean − clean mean at each one's best scale; s = √((s_a² + s_b²)/2), the pooled seed-to-seed std. "
+            "**better** / worse: |Δ| > s on the metric's better / worse side; ≈: within the spread; ↑ / ↓: a difference on a "
+            "metric with no better side.\n",
+            markdown_table(["setting", "cfg"] + quality, verdicts(best, quality)), "\n",
+            markdown_table(["setting", "cfg"] + diversity, verdicts(best, diversity)),
+            "\n## Checks\n", *checks,
+            "\n## Plots\n",
+            f"![metric vs η](eta.png)\n\n![metric vs η, best scale](eta_best.png)\n\n![FID vs IS](fid_is.png)\n\n"
+            f"![clean, CEP, IP at guidance {args.fixed_cfg:g}](cep.png)\n",
+            "\n## Sample grids (one class per column)\n", "| setting | samples |", "|---|---|", *grid_lines]
+    conclusion = os.path.join(res, "conclusion.md")
+    if os.path.exists(conclusion):
+        with open(conclusion, encoding="utf-8") as f:
+            doc += ["\n## Conclusion\n", f.read()]
+    doc += ["\n## Regenerate\n", "```bash", "python study.py" + (f" --only '{args.only}'" if args.only else "")
+            + "      # trains, samples and evaluates what is missing, then writes this page",
+            "python study.py --report-only   # this page from the files on disk", "```"]
+    atomic_write_text(os.path.join(res, "README.md"), "\n".join(doc) + "\n")
+    print(f"-> {os.path.join(res, 'README.md')} ({len(rows)} sample sets of {len({r['run'] for r in rows})} runs)")
+
+
 def main():
     args = get_parser().parse_args()
     check_args(args)
@@ -232,7 +427,6 @@ def main():
                 print(f"== [{k + 1}/{len(runs)}] {run}", flush=True)
                 do_run(args, run, flags, seed)
     if not args.no_report:
-        from models.report import write_study_report
         write_study_report(args, [r[0] for r in grid_runs(argparse.Namespace(**{**vars(args), "only": None}))])
 
 

@@ -90,8 +90,8 @@ def test_explicit_flags_override_the_recipe():
 
 def test_help_shows_the_table():
     out = run_script("train.py", ["--help"]).stdout
-    assert "LDM     scaled_linear  0.0015      0.0195    False        0.0001  0.01" in out
-    assert "DiT     linear         0.0001      0.02      True         0.0001  0 " in out
+    assert "LDM     scaled_linear  0.0015      0.0195    False        0.0001  0             0.01" in out
+    assert "DiT     linear         0.0001      0.02      True         0.0001  0             0 " in out
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +130,13 @@ def test_effective_values_are_saved_and_used(fake_data, tmp_path):
                             "--global-batch-size", "8", "--max-steps", "2", "--weight-decay", "0.05", "--schedule", "scaled_linear",
                             "--beta-start", "0.0015", "--beta-end", "0.0195"])
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert {k: config[k] for k in ("lr", "grad_clip", "ema_decay", "ema_warmup", "learn_sigma", "class_dropout")} == \
-        dict(lr=3e-4, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, learn_sigma=True, class_dropout=0.1)
+    assert {k: config[k] for k in ("lr", "warmup_steps", "grad_clip", "ema_decay", "ema_warmup", "learn_sigma", "class_dropout")} == \
+        dict(lr=4e-3, warmup_steps=200, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, learn_sigma=True, class_dropout=0.1)
     ckpt = load_ckpt(tmp_path / "r")
     assert ckpt["diffusion"] == dict(schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, num_timesteps=1000,
                                      learn_sigma=True, loss="hybrid")
-    assert ckpt["opt"]["param_groups"][0]["weight_decay"] == 0.05 and ckpt["opt"]["param_groups"][0]["lr"] == 3e-4
+    assert ckpt["opt"]["param_groups"][0]["weight_decay"] == 0.05
+    assert ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(4e-3 * 2 / 200, rel=1e-12)  # step 2 of the linear warm-up
 
 
 def test_sample_rebuilds_the_stored_schedule(fake_data, tmp_path):

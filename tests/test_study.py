@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import REPO, make_fake_fmnist, run_script
 
 sys.path.insert(0, str(REPO))
-from models import report  # noqa: E402
+import study  # noqa: E402
 
 
 def fake_metrics(root, run, tag, rc, metrics, cfg=2.0, sampler="dpm-solver++", steps=20, seed=0):
@@ -59,7 +59,7 @@ def test_verdicts_read_differences_against_the_pooled_spread():
     clean = group("clean", [10, 11, 12], [0.80, 0.82, 0.84], [1.0, 1.1, 1.2])
     eta = group("η 5 %", [8.0, 8.5, 9.0], [0.81, 0.83, 0.85], [2.0, 2.1, 2.2])   # FID Δ −2.5 against s = √((1 + 0.25)/2) = 0.79
     worse = group("η 20 %", [14, 15, 16], [0.60, 0.61, 0.62], [0.5, 0.6, 0.7])
-    lines = report.verdicts([clean, eta, worse], ["fid_fmnist", "accuracy", "rmd_top1_fmnist"])
+    lines = study.verdicts([clean, eta, worse], ["fid_fmnist", "accuracy", "rmd_top1_fmnist"])
     assert [ln[0] for ln in lines] == ["η 5 %", "η 20 %"]
     assert lines[0][2] == f"{-2.5:+.3g} (s {np.sqrt(1.25 / 2):.2g}) **better**"
     assert lines[0][3].endswith("≈")  # accuracy +0.01 against s = 0.02
