@@ -42,7 +42,16 @@ from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_reci
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
 NOT_SAVED = {"resume", "out_dir", "run", "dry_run"}  # where the run is, not what it is
 # what runs saved before these flags existed were trained with (their config.json lacks them)
-LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0)
+LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0, lr_decay="none")
+
+
+def learning_rate(step, args):
+    """The lr of step `step` (0-based): linear warm-up over warmup_steps, then constant or cosine to 0 at max_steps."""
+    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_decay == "cosine":
+        progress = max(0, step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return args.lr * warm
 
 
 def get_parser():
@@ -81,6 +90,7 @@ def get_parser():
     a("--global-batch-size", type=int, default=None, help="summed over all ranks; fixed whatever the world size")
     a("--lr", type=float, default=None, help="learning rate of AdamW (constant after the warm-up)")
     a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up from 0 over the first N steps (0 = none)")
+    a("--lr-decay", choices=("none", "cosine"), default=None, help="after the warm-up: constant lr, or cosine decay to 0 at --max-steps")
     a("--weight-decay", type=float, default=None, help="AdamW weight decay")
     a("--grad-clip", type=float, default=None, help="max gradient norm (0 = no clipping)")
     a("--max-steps", type=int, default=None)
@@ -402,7 +412,7 @@ def train(args, parser, rank, world, device, stage=None):
             losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
                                                args.input_perturbation, xi)
         loss = losses["loss"].mean()
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+        lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         scaler.scale(loss).backward()

@@ -57,7 +57,7 @@ def model_from_checkpoint(ckpt, use_ema=True):
 TRAINING_RECIPES = {
     # facebookresearch/DiT train.py (AdamW lr 1e-4, no weight decay, no clipping, EMA 0.9999 from
     # step 0, batch 256) with the paper's DiT-XL/2 length: 400 K steps at 32 per GPU x 8 A100
-    "DiT": dict(schedule="linear", beta_start=1e-4, beta_end=0.02, learn_sigma=True, lr=1e-4, warmup_steps=0,
+    "DiT": dict(schedule="linear", beta_start=1e-4, beta_end=0.02, learn_sigma=True, lr=1e-4, warmup_steps=0, lr_decay="none",
                 weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, ema_warmup=False, global_batch_size=256, max_steps=400_000,
                 class_dropout=0.1, ckpt_every=50_000),
     # CompVis latent-diffusion configs/latent-diffusion/cin256-v2.yaml: LDM's "linear" schedule
@@ -65,12 +65,12 @@ TRAINING_RECIPES = {
     # use_ema False, AdamW at torch's default weight decay 0.01, no clipping (Lightning's default);
     # the paper: lr 1e-4, 64 per GPU x 8 A100, 178 K steps on ImageNet-1K (396 K on CC3M)
     "LDM": dict(schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, learn_sigma=False, lr=1e-4,
-                warmup_steps=0, weight_decay=0.01, grad_clip=0.0, ema_decay=0.0, ema_warmup=False, global_batch_size=512,
+                warmup_steps=0, lr_decay="none", weight_decay=0.01, grad_clip=0.0, ema_decay=0.0, ema_warmup=False, global_batch_size=512,
                 class_dropout=0.1, max_steps=178_000, ckpt_every=10_000),
     # the tiny CPU models (DiT-T/*, UNet-T/S) of the embedded Fashion-MNIST run: ~11 min on 2 idle cores;
-    # lr 4e-3 with 200 warm-up steps is what trains DiT-T/4 in that budget (results/fashion-mnist/recipe:
-    # at 3e-4 it had not learned the class after 1,500 steps)
-    "tiny": dict(schedule="linear", beta_start=1e-4, beta_end=0.02, learn_sigma=True, lr=4e-3, warmup_steps=200, weight_decay=0.0,
+    # lr 4e-3 with 200 warm-up steps and a cosine decay is what trains DiT-T/4 in that budget
+    # (results/fashion-mnist/recipe: at 3e-4 it had not learned the class after 1,500 steps)
+    "tiny": dict(schedule="linear", beta_start=1e-4, beta_end=0.02, learn_sigma=True, lr=4e-3, warmup_steps=200, lr_decay="cosine", weight_decay=0.0,
                  grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64, class_dropout=0.1, max_steps=2000,
                  ckpt_every=500),
 }
@@ -80,12 +80,12 @@ TRAINING_RECIPES = {
 # lr, no EMA, no prompt dropout (proportion_empty_prompts 0), 4 images per GPU (x 8 GPUs = 32).
 # train_text_to_image.py (full fine-tuning): lr 1e-4, 16 per GPU (x 8 = 128), the rest the same.
 # max_steps 40 K is about the paper's 10 epochs of ImageNet-100 (126,689 images) at batch 32.
-STOCK_ADAPTATION = dict(lr=5e-6, warmup_steps=0, weight_decay=0.01, grad_clip=1.0, ema_decay=0.0, ema_warmup=False, global_batch_size=32,
+STOCK_ADAPTATION = dict(lr=5e-6, warmup_steps=0, lr_decay="none", weight_decay=0.01, grad_clip=1.0, ema_decay=0.0, ema_warmup=False, global_batch_size=32,
                         class_dropout=0.0, max_steps=40_000, ckpt_every=500)
 FINETUNE_RECIPES = {
     "stock": STOCK_ADAPTATION,
     "stock-full": {**STOCK_ADAPTATION, "lr": 1e-4, "global_batch_size": 128, "max_steps": 10_000},
-    "tiny": dict(lr=1e-4, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64,
+    "tiny": dict(lr=1e-4, warmup_steps=0, lr_decay="none", weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64,
                  class_dropout=0.1, max_steps=1000, ckpt_every=500),
 }
 TINY_MODELS = ("UNet-T", "UNet-S", *(n for n in DIT_CONFIGS if n.startswith("DiT-T/")))
@@ -131,6 +131,7 @@ def describe_recipe(args):
     return (f"{args.schedule} β {args.beta_start:g} -> {args.beta_end:g}, "
             + ("learn_sigma (L_simple + L_vb)" if args.learn_sigma else "fixed variance (L_simple)")
             + f", AdamW lr {args.lr:g}" + (f" (linear warm-up over {args.warmup_steps} steps)" if args.warmup_steps else "")
+            + (", cosine decay to 0," if args.lr_decay == "cosine" else "")
             + f" weight decay {args.weight_decay:g}, "
             + (f"grad clip {args.grad_clip:g}" if args.grad_clip else "no grad clip")
             + f", {ema}, class dropout {args.class_dropout:g}, global batch {args.global_batch_size}, {args.max_steps} steps")

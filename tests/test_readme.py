@@ -150,9 +150,9 @@ def test_tiny_rewrites_only_sizes():
     assert tiny("python train.py --corrupt 0.025 --cep", fx).endswith("--data-path <fmnist>")
     ldm = tiny("python train.py --model LDM-4 --dataset imagefolder --data-path /data/imagenet/train", fx)
     assert ("--model UNet-T --schedule scaled_linear --beta-start 0.0015 --beta-end 0.0195 --no-learn-sigma --lr 0.0001 "
-            "--warmup-steps 0 --weight-decay 0.01 --grad-clip 0.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.1") in ldm
+            "--warmup-steps 0 --lr-decay none --weight-decay 0.01 --grad-clip 0.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.1") in ldm
     ft = tiny("python finetune.py --init out/x --dataset imagefolder --data-path /data/imagenet/train", fx)
-    assert ft.endswith("--lr 5e-06 --warmup-steps 0 --weight-decay 0.01 --grad-clip 1.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.0")
+    assert ft.endswith("--lr 5e-06 --warmup-steps 0 --lr-decay none --weight-decay 0.01 --grad-clip 1.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.0")
     assert tiny("pip install -r requirements.txt", fx) is None and tiny("printf 'a' > b.txt", fx) == "printf 'a' > b.txt"
 
 

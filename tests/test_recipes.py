@@ -90,8 +90,8 @@ def test_explicit_flags_override_the_recipe():
 
 def test_help_shows_the_table():
     out = run_script("train.py", ["--help"]).stdout
-    assert "LDM     scaled_linear  0.0015      0.0195    False        0.0001  0             0.01" in out
-    assert "DiT     linear         0.0001      0.02      True         0.0001  0             0 " in out
+    assert "LDM     scaled_linear  0.0015      0.0195    False        0.0001  0             none      0.01" in out
+    assert "DiT     linear         0.0001      0.02      True         0.0001  0             none      0 " in out
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,16 @@ def test_resume_of_a_run_saved_before_the_recipes(tmp_path):
     finally:
         sys.argv = sys_argv
     shutil.rmtree(run)
+
+
+def test_learning_rate_warm_up_then_cosine():
+    import math
+    from argparse import Namespace
+    cosine = Namespace(lr=2.0, warmup_steps=4, lr_decay="cosine", max_steps=12)
+    got = [train.learning_rate(s, cosine) for s in range(12)]
+    assert got[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # (s + 1) / 4 of the peak
+    assert got[8] == pytest.approx(1.0)  # half-way through the decay: cos(π/2) = 0
+    assert got[11] == pytest.approx(1 + math.cos(7 * math.pi / 8)) and got[11] < 0.04 * 2  # last step: under 4 % of the peak
+    assert all(a > b for a, b in zip(got[4:], got[5:]))
+    constant = Namespace(lr=2.0, warmup_steps=0, lr_decay="none", max_steps=12)
+    assert [train.learning_rate(s, constant) for s in (0, 5, 11)] == [2.0, 2.0, 2.0]
