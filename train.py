@@ -36,13 +36,11 @@ from models.common import (UsageError, atomic_torch_save, atomic_write_json, ato
 from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import FrozenTextCache, build_text_encoder, cep_on_tokens
 from models.vae import latents_from_stats
-from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
+from models.build import CLASS_COND_MODES, LEGACY_RUN, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
 NOT_SAVED = {"resume", "out_dir", "run", "dry_run"}  # where the run is, not what it is
-# what runs saved before these flags existed were trained with (their config.json lacks them)
-LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0, lr_decay="none")
 
 
 def learning_rate(step, args):

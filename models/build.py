@@ -74,6 +74,8 @@ TRAINING_RECIPES = {
                  grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64, class_dropout=0.1, max_steps=2000,
                  ckpt_every=500),
 }
+# what runs saved before these flags existed were trained with (their config.json lacks them)
+LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0, lr_decay="none")
 # finetune.py: the schedule and learn_sigma are the pre-trained model's; these set the optimisation.
 # Stock diffusers examples (train_controlnet.py, train_t2i_adapter_sdxl.py; the paper adapts with
 # them at their default lr and batch): AdamW lr 5e-6, weight decay 1e-2, max_grad_norm 1.0, constant
