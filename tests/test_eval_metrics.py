@@ -66,6 +66,7 @@ def test_sfid_takes_mixed_6_conv_first_7_channels_hwc(inception, tmp_path):
     assert "sfid" not in m["metrics"] and "fid" in m["metrics"] and any("sFID skipped" in n for n in m["notes"])
 
 
+@pytest.mark.slow  # ~35 s
 def test_adm_reference_statistics(inception, tmp_path):
     """An ADM reference batch with precomputed mu/sigma (pool3) and mu_s/sigma_s (spatial): FID and
     sFID use them (with images present too, as ADM's evaluator); with statistics only, the

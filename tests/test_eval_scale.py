@@ -55,6 +55,7 @@ def evaluate_rss(root, train, out):
     return int(proc.stdout.strip().splitlines()[-1]), json.loads((root / "gen" / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # memory of 20 K training images; ~60 s
 def test_training_features_stream_into_a_reusable_cache(scale):
     rss_small, _ = evaluate_rss(scale, "train2k", scale / "out-small")
     rss_first, first = evaluate_rss(scale, "train20k", scale / "out-big")

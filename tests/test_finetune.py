@@ -204,6 +204,7 @@ def test_control_f1_scores_the_requested_edges(pretrained, tmp_path):
     assert chance == pytest.approx(shuffled, abs=1e-6)  # images vs the next one's control: the shuffled case
 
 
+@pytest.mark.slow  # train.py's exact resume is in the default suite; ~50 s
 def test_finetune_resume_is_exact(pretrained):
     root, out = pretrained
     args = ["--init", out / "dit", "--method", "t2i-adapter", "--control", "canny", "--out-dir", out, "--cep",

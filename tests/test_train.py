@@ -31,7 +31,7 @@ def load_ckpt(run_dir, name="last.pt"):
     return torch.load(os.path.join(run_dir, "ckpt", name), map_location="cpu", weights_only=True)
 
 
-TINY = ["--model", "DiT-T/8", "--global-batch-size", "16", "--lr", "1e-3", "--log-every", "1"]
+TINY = ["--model", "DiT-T/8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup-steps", "0", "--lr-decay", "none", "--log-every", "1"]
 
 
 def test_loss_decreases_when_overfitting(fake_data, tmp_path):
