@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from models.corruption import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
-from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, ema_decay_at,
+from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, ema_decay_at, learning_rate,
                            measure_matmul_tflops, restore_rng, rng_states, run_main, seed_rank, setup_distributed,
                            step_generator, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
@@ -41,15 +41,6 @@ from models.build import CLASS_COND_MODES, LEGACY_RUN, MODEL_NAMES, UNET_CONFIGS
 # flags that do not change what is trained: a --resume may change them (the others must match)
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
 NOT_SAVED = {"resume", "out_dir", "run", "dry_run"}  # where the run is, not what it is
-
-
-def learning_rate(step, args):
-    """The lr of step `step` (0-based): linear warm-up over warmup_steps, then constant or cosine to 0 at max_steps."""
-    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    if args.lr_decay == "cosine":
-        progress = max(0, step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return args.lr * warm
 
 
 def get_parser():

@@ -150,6 +150,17 @@ def ema_decay_at(step, decay, warmup):
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
+# ---- the learning rate
+
+def learning_rate(step, args):
+    """The lr of step `step` (0-based): linear warm-up over warmup_steps, then constant or cosine to 0 at max_steps."""
+    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_decay == "cosine":
+        progress = max(0, step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return args.lr * warm
+
+
 # ---- training randomness: one generator per step for the global batch; each rank's own global RNG
 
 def step_generator(seed, step, device):

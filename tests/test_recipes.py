@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from models.common import learning_rate  # noqa: E402
 from models.build import FINETUNE_RECIPES, TRAINING_RECIPES, apply_recipe, recipe_family, training_recipe  # noqa: E402
 from models.common import UsageError  # noqa: E402
 from models.diffusion import GaussianDiffusion, beta_schedule  # noqa: E402
@@ -207,10 +208,10 @@ def test_learning_rate_warm_up_then_cosine():
     import math
     from argparse import Namespace
     cosine = Namespace(lr=2.0, warmup_steps=4, lr_decay="cosine", max_steps=12)
-    got = [train.learning_rate(s, cosine) for s in range(12)]
+    got = [learning_rate(s, cosine) for s in range(12)]
     assert got[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # (s + 1) / 4 of the peak
     assert got[8] == pytest.approx(1.0)  # half-way through the decay: cos(π/2) = 0
     assert got[11] == pytest.approx(1 + math.cos(7 * math.pi / 8)) and got[11] < 0.04 * 2  # last step: under 4 % of the peak
     assert all(a > b for a, b in zip(got[4:], got[5:]))
     constant = Namespace(lr=2.0, warmup_steps=0, lr_decay="none", max_steps=12)
-    assert [train.learning_rate(s, constant) for s in (0, 5, 11)] == [2.0, 2.0, 2.0]
+    assert [learning_rate(s, constant) for s in (0, 5, 11)] == [2.0, 2.0, 2.0]
