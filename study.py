@@ -9,7 +9,7 @@ run over a guidance sweep, evaluate every sample set, then write the tables, plo
     python study.py --only 'clean_*,cep-u_*'         # a part of the grid, e.g. for another session or machine
     python study.py --report-only                    # tables and plots from the files on disk
     python study.py --dataset imagefolder --data-path /data/imagenet/train --image-size 256 \\
-        --model DiT-XL/2 --vae stabilityai/sd-vae-ft-ema --groups cifar100_shared.txt \\
+        --model DiT-XL/2 --vae stabilityai/sd-vae-ft-ema --groups cifar100_groups.txt \\
         --nproc-per-node 8 --eval-args "--ref VIRTUAL_imagenet256_labeled.npz --features inception"   # the paper's grid
 
 It only runs train.py, sample.py and evaluate.py, as a user would, so every run of the study is an
