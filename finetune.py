@@ -11,6 +11,10 @@ IN-1K and CC3M LDMs adapted with ControlNet and T2I-Adapter to Canny / SAM contr
 --method controlnet | t2i-adapter: the pre-trained model is frozen and only the adapter trains
 (models/adapters.py; at step 0 the output equals the pre-trained model's). --method full: every
 weight trains; when the downstream classes differ (--classes), the class table is resized.
+--method lcm: latent consistency distillation (Luo et al. 2023) of the pre-trained model (the
+frozen teacher, guided by classifier-free guidance at a random w in [--w-min, --w-max]) into a
+student that starts as its copy plus a zero-initialised guidance embedding; it samples in 1-8
+steps with `sample.py --sampler lcm`. The maths is models/diffusion.py's consistency_* functions.
 --control canny: OpenCV's Canny (models/controls.py, thresholds 100/200 as the paper) of each image,
 computed once per split and cached under <out-dir>/data/<key>/ (or ahead of time by
 corrupt_data.py --control canny); --control seg: segmentation colour
@@ -24,6 +28,7 @@ The training loop is train.py's, unchanged: DDP, precision, EMA, CEP and the pap
 (<run>/controls/<label>/<index>.png + control.json) and images (<run>/controls/reference.npz) are
 written for `sample.py --control <run>/controls` and `evaluate.py --ref <run>/controls/reference.npz`.
 """
+import copy
 import hashlib
 import os
 import shutil
@@ -36,32 +41,43 @@ from PIL import Image
 
 import train
 from models.adapters import METHODS, Adapted, resize_class_table
-from models.build import FINETUNE_RECIPES, model_from_checkpoint, recipe_table
-from models.common import UsageError, atomic_write_json, run_main, setup_distributed
+from models.build import FINETUNE_RECIPES, apply_recipe, build_model, model_from_checkpoint, recipe_table
+from models.common import UsageError, atomic_write_json, run_main, setup_distributed, update_ema
 from models.controls import ControlData, control_cache_path, control_maps, image_uint8
 from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
-from models.diffusion import DEFAULT_DIFFUSION
+from models.diffusion import DEFAULT_DIFFUSION, classifier_free_guidance, skipping_timesteps
 from models.dit import config_from_state_dict
 
 CONTROLS = ("canny", "seg")
+LCM_LOSSES = ("huber", "l2")
+LCM_GUIDANCE_DIM = 256  # width of the guidance weight's Fourier features (diffusers' LCM: time_cond_proj_dim 256)
+LCM_FLAGS = ("w_min", "w_max", "lcm_skip", "lcm_target_ema", "lcm_loss", "lcm_huber_c")
 # the architecture comes from --init: these flags must agree with it (or be left out)
 ARCHITECTURE = ("model", "learn_sigma", "class_cond", "text_encoder", "text_mode", "caption_length", "schedule", "beta_start", "beta_end")
 
 
 def get_parser():
     p = train.get_parser()
-    p.description = "Adapt a pre-trained run: ControlNet, T2I-Adapter or full fine-tuning (with CEP, corruption, ...)."
+    p.description = "Adapt a pre-trained run: ControlNet, T2I-Adapter, full fine-tuning or consistency distillation (with CEP, corruption, ...)."
     a = p.add_argument_group("adaptation").add_argument
     a("--init", default=None, help="the pre-trained run (<out-dir>/<run>: its ckpt/last.pt) or a checkpoint file")
-    a("--method", default="controlnet", choices=(*METHODS, "full"))
+    a("--method", default="controlnet", choices=(*METHODS, "full", "lcm"))
     a("--control", default=None, choices=CONTROLS, help="controlnet / t2i-adapter: Canny edges or segmentation maps")
     a("--control-path", default=None, help="--control seg: folder of segmentation maps mirroring the image folder")
     a("--canny-low", type=float, default=100.0, help="Canny hysteresis thresholds (OpenCV's, on 0-255 images)")
     a("--canny-high", type=float, default=200.0)
     a("--split", default=None, choices=("train", "test"), help="fashion-mnist: which split to adapt on (default test, held out from pre-training)")
     a("--classes", default=None, help="class-list file (folder names, class names or ids): adapt on these classes only")
-    a("--val-size", type=int, default=500, help="downstream examples held out for sampling with controls and evaluation")
+    a("--val-size", type=int, default=None, help="downstream examples held out for sampling with controls and evaluation "
+      "(default 500; 0 for --method lcm)")
     a("--adapter-blocks", type=int, default=None, help="DiT: blocks the ControlNet copies (default half) / the adapter feeds (default 4)")
+    c = p.add_argument_group("consistency distillation (--method lcm)").add_argument
+    c("--w-min", type=float, default=None, help="guidance weights w are drawn from U[w_min, w_max]; scale = 1 + w (LCM's ω)")
+    c("--w-max", type=float, default=None)
+    c("--lcm-skip", type=int, default=None, help="skipping step k: the teacher's DDIM step goes from t_{n+k} to t_n (LCM: 20)")
+    c("--lcm-target-ema", type=float, default=None, help="target network = EMA of the student at this decay (0: the student itself; LCM: 0.95)")
+    c("--lcm-loss", default=None, choices=LCM_LOSSES, help="distance between online and target outputs (LCM: huber)")
+    c("--lcm-huber-c", type=float, default=None, help="Huber constant c: sqrt(d² + c²) - c (LCM: 0.001)")
     # the optimisation defaults are --method's recipe (models/build.py FINETUNE_RECIPES); the
     # architecture and the diffusion schedule are the pre-trained run's
     p.set_defaults(model=None, dataset=None, class_cond=None, text_encoder=None, text_mode=None, caption_length=None)
@@ -91,6 +107,7 @@ class Finetune:
     """What finetune.py changes in train.train: the data, the model and the held-out control set."""
 
     def __init__(self, args):
+        self.teacher = self.target = None
         if args.init is None:
             raise UsageError("pass --init, the pre-trained run (<out-dir>/<run>) or checkpoint to adapt")
         self.ckpt, self.init_config, init_run = load_init(args.init)
@@ -112,23 +129,40 @@ class Finetune:
             args.data_path = args.data_path or init_run.get("data_path")
         args.image_size = args.image_size or init_run.get("image_size")  # the model's input space, whatever the data
         args.vae = args.vae or init_run.get("vae")
-        if args.method == "full" and args.control:
-            raise UsageError("--method full has no control input; --control is for controlnet / t2i-adapter")
-        if args.method != "full" and args.control is None:
+        if args.method in ("full", "lcm") and args.control:
+            raise UsageError(f"--method {args.method} has no control input; --control is for controlnet / t2i-adapter")
+        if args.method == "lcm":
+            self.check_distillation(args)
+        elif any(getattr(args, name) is not None for name in LCM_FLAGS):
+            raise UsageError(f"--{next(n for n in LCM_FLAGS if getattr(args, n) is not None).replace('_', '-')} is for --method lcm")
+        if args.method not in ("full", "lcm") and args.control is None:
             raise UsageError(f"--method {args.method} needs --control ({' or '.join(CONTROLS)})")
         if args.control == "seg" and not args.control_path:
             raise UsageError("--control seg needs --control-path, the folder of segmentation maps")
+        args.val_size = (0 if args.method == "lcm" else 500) if args.val_size is None else args.val_size
         if args.val_size < 0 or (args.adapter_blocks is not None and args.adapter_blocks < 1):
             raise UsageError("--val-size must be >= 0 and --adapter-blocks >= 1")
         fmnist = args.dataset.startswith("fashion-mnist")
         if args.split is not None and not fmnist:
             raise UsageError("--split is for fashion-mnist; for a folder dataset pass another --data-path")
-        self.split = (args.split or "test") if fmnist else "train"
+        # adaptation: Fashion-MNIST's held-out test split; distillation: the pre-training data
+        self.split = (args.split or ("train" if args.method == "lcm" else "test")) if fmnist else "train"
         args.split = self.split if fmnist else None
         if args.run is None:
             tag = f"{args.method}-{args.control}" if args.control else args.method
             name = train.default_run_name(args).replace(f"{args.model.replace('/', '-')}_", "", 1)
             args.run = f"{os.path.basename(os.path.normpath(args.init)).removesuffix('.pt')}_ft-{tag}_{name}"
+
+    def check_distillation(self, args):
+        """--method lcm: the teacher must have a null condition (classifier-free guidance) and the flags a valid range."""
+        if self.init_config.get("class_dropout", 0) <= 0:
+            raise UsageError(f"--method lcm distils the teacher's classifier-free guidance; --init {args.init} was trained "
+                             "without condition dropout (no null condition)")
+        apply_recipe(args)  # --w-min, --w-max and the --lcm-* flags from --method lcm's recipe
+        if not 0 <= args.w_min <= args.w_max:
+            raise UsageError(f"--method lcm needs 0 <= --w-min <= --w-max, got {args.w_min:g}, {args.w_max:g}")
+        if not 1 <= args.lcm_skip <= 1000 or not 0 <= args.lcm_target_ema < 1 or args.lcm_huber_c <= 0:
+            raise UsageError("--lcm-skip must be in [1, 1000], --lcm-target-ema in [0, 1), --lcm-huber-c > 0")
 
     def load_data(self, args):
         images = load_dataset(args.dataset, args.data_path, args.image_size, split=self.split,
@@ -172,6 +206,15 @@ class Finetune:
         if not text and args.class_dropout > 0 and base.y_embedder.embedding_table.num_embeddings == base.num_classes:
             raise UsageError("--init was trained without label dropout (no null class): pass --class-dropout 0")
         torch.manual_seed(args.seed)  # the same new weights on every rank
+        if args.method == "lcm":  # the student: the teacher plus a zero-initialised guidance embedding
+            config["guidance_dim"] = LCM_GUIDANCE_DIM
+            student = build_model(**config).train()
+            missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
+            assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+            self.teacher = base.eval().requires_grad_(False)
+            self.target = copy.deepcopy(student).requires_grad_(False) if args.lcm_target_ema > 0 else None
+            self.grid = torch.from_numpy(skipping_timesteps(self.diffusion["num_timesteps"], args.lcm_skip))
+            return student, config
         if args.method == "full":
             if not text and len(dataset.classes) != base.num_classes:
                 resize_class_table(base, len(dataset.classes))
@@ -185,6 +228,47 @@ class Finetune:
         except ValueError as e:
             raise UsageError(f"--method {args.method}: {e}")
         return model, {**config, "adapter": model.config}
+
+    # ---- what train.train calls for --method lcm (no-ops for the other methods) ---------------
+
+    @property
+    def distills(self):
+        return self.teacher is not None
+
+    def distillation_losses(self, args, net, x, noise, cond, extra, delta, g, B, share, diffusion):
+        """One step of latent consistency distillation (LCM, Luo et al. 2023, Algorithm 1): t = t_{n+k}
+        from the skipping grid and w ~ U[w_min, w_max], drawn for the global batch; the teacher sees the
+        same (possibly corrupted) condition, its null condition for guidance, and no CEP δ, which only
+        the online student gets (the paper's CEP acts on the model being trained)."""
+        device = x.device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+            self.target = self.target.to(device) if self.target is not None else None
+        grid = self.grid.to(device)
+        t = grid[torch.randint(0, len(grid), (B,), generator=g, device=device)][share]
+        t_prev = (t - args.lcm_skip).clamp(min=0)  # the first grid point k - 1 steps to 0, where f(x, 0) = x
+        w = (args.w_min + (args.w_max - args.w_min) * torch.rand(B, generator=g, device=device))[share]
+        if len(cond) == 1:  # class labels: the null class
+            null = self.teacher.num_classes
+        else:  # captions: the empty caption
+            tokens = self.teacher.tokenize([""] * len(t))
+            null = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        teacher_fn = classifier_free_guidance(self.teacher, cond, null, 1 + w)  # ε(∅) + (1 + w)(ε(c) - ε(∅))
+        target = self.target if self.target is not None else net  # --lcm-target-ema 0: the student, no gradient
+        return diffusion.consistency_distillation_losses(
+            lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, guidance=w, **extra), teacher_fn,
+            lambda xt, tt: target(xt, tt, *cond, guidance=w, **extra), x, t, t_prev, noise, args.lcm_loss, args.lcm_huber_c)
+
+    def after_step(self, args, model):
+        if self.target is not None:  # θ⁻ <- μ θ⁻ + (1 - μ) θ (LCM Algorithm 1)
+            update_ema(self.target, model, args.lcm_target_ema)
+
+    def checkpoint_state(self):
+        return {"lcm_target": self.target.state_dict()} if self.target is not None else {}
+
+    def resume(self, ckpt):
+        if self.target is not None:
+            self.target.load_state_dict(ckpt["lcm_target"])
 
     def prepare(self, args, run_dir):
         """Rank 0, once every check has passed: the held-out controls and images, written to a

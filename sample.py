@@ -13,6 +13,11 @@ byte-identical images; a rerun of the same command skips the images already writ
 
 Adapted models (finetune.py --method controlnet / t2i-adapter) need --control <folder>: image i
 follows control image i mod M (and takes its class), e.g. the held-out controls <run>/controls.
+Consistency-distilled students (finetune.py --method lcm) sample with `--sampler lcm --steps N`
+(N = 1, 2, 4, 8: multistep consistency sampling); --cfg-scale s is then the embedded guidance
+w = s - 1, inside the range the student was distilled on, at the cost of one forward per step.
+
+    python sample.py --run out/<lcm run> --sampler lcm --steps 4 --cfg-scale 3
 
 Writes <run>/samples/<tag>/: images/<index>.png, samples.npz (ADM evaluator layout: arr_0 uint8
 N x H x W x C, arr_1 labels), grid.png and sample_config.json (and controls.npz: each image's
@@ -30,7 +35,7 @@ from tqdm import tqdm
 
 from models.common import ImageNoise, UsageError, atomic_write_json, atomic_write_text, run_main, setup_distributed
 from models.data import load_dataset
-from models.diffusion import DEFAULT_DIFFUSION, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance
+from models.diffusion import DEFAULT_DIFFUSION, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
 from models.build import model_from_checkpoint
 from models.dit import config_from_state_dict
 from models.vae import decode_latents, open_vae
@@ -42,7 +47,10 @@ def get_parser():
     a("--run", "--run-dir", dest="run", default=None, help="run directory (<out-dir>/<run>); uses ckpt/last.pt")
     a("--ckpt", default=None, help="a checkpoint file instead of --run (samples go next to its run)")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    a("--sampler", default="dpm-solver++", choices=SAMPLERS, help="the paper's default is DPM-Solver++ with 50 steps")
+    a("--sampler", default="dpm-solver++", choices=SAMPLERS, help="the paper's default is DPM-Solver++ with 50 steps; "
+      "lcm: multistep consistency sampling of a finetune.py --method lcm run")
+    a("--force-sampler", action="store_true", help="run --sampler ddpm / ddim / dpm-solver++ on an LCM student's ε-prediction "
+      "(at its embedded guidance) although it was distilled for --sampler lcm")
     a("--steps", type=int, default=50)
     a("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     a("--cfg-scale", default="1.5", help="guidance scale, or a comma list for a sweep (1 = no guidance)")
@@ -212,7 +220,25 @@ def main():
     if args.control:
         if num_classes and (args.control_labels >= num_classes).any():
             raise UsageError(f"--control {args.control} has class folders beyond the model's {num_classes} classes")
-    if num_classes and any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:
+    run_config = ckpt.get("config") or {}
+    args.lcm = run_config.get("method") == "lcm"
+    if args.sampler == "lcm" and not args.lcm:
+        raise UsageError(f"--sampler lcm samples a consistency-distilled run (finetune.py --method lcm); {ckpt_path} is not one")
+    if args.lcm:
+        if args.sampler != "lcm" and not args.force_sampler:
+            raise UsageError(f"{ckpt_path} is a consistency-distilled student: sample it with --sampler lcm --steps 1..8, or pass "
+                             f"--force-sampler to run {args.sampler} on its ε-prediction")
+        w_min, w_max = run_config["w_min"], run_config["w_max"]
+        for s in scales:
+            if not w_min - 1e-9 <= s - 1 <= w_max + 1e-9:
+                raise UsageError(f"--cfg-scale {s:g} is outside the guidance this student was distilled on: scales "
+                                 f"{1 + w_min:g} to {1 + w_max:g} (w = scale - 1 in [{w_min:g}, {w_max:g}])")
+        if args.sampler == "lcm":
+            try:
+                lcm_timesteps(1000, run_config["lcm_skip"], args.steps)
+            except ValueError as e:
+                raise UsageError(f"--steps {args.steps}: {e}")
+    elif num_classes and any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:
         raise UsageError("this model was trained without label dropout (no null class): use --cfg-scale 1")
 
     rank, world, device = setup_distributed(args.device)
@@ -254,7 +280,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
 
     model.to(device)
     diffusion = GaussianDiffusion.from_config(ckpt.get("diffusion"), learn_sigma=model.learn_sigma)  # the run's schedule
-    sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised)
+    sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised,
+                      lcm_skip=ckpt["config"]["lcm_skip"] if args.lcm else 20)
     text = model.num_classes == 0
     if text:  # image i gets prompt i mod P; its label (held-out class, or -1) goes to arr_1
         prompts = [args.prompt_list[i % len(args.prompt_list)] for i in range(args.num_samples)]
@@ -280,7 +307,11 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         else:
             cond, null = torch.from_numpy(labels[idx.start: idx.stop]).to(device), model.num_classes
         extra = {"control": torch.from_numpy(controls[idx.start: idx.stop]).to(device).float() / 255} if controls is not None else {}
-        model_fn = classifier_free_guidance(model, cond, null, scale, args.cfg_channels, extra)
+        if args.lcm:  # the student's embedded guidance w = s - 1: one forward, no unconditional half
+            w = torch.full((len(idx),), scale - 1.0, device=device)
+            model_fn = lambda x, t: model(x, t, *(cond if isinstance(cond, tuple) else (cond,)), guidance=w, **extra)  # noqa: E731
+        else:
+            model_fn = classifier_free_guidance(model, cond, null, scale, args.cfg_channels, extra)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
         if vae is not None:

@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from models.corruption import CORRUPT_TYPES, corrupt_captions, corrupt_labels, is_text_dataset, prepare_corruption
+from models.corruption import CORRUPT_TYPES, is_text_dataset, prepare_corruption, resampled_conditions
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
 from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, ema_decay_at, learning_rate,
                            measure_matmul_tflops, restore_rng, rng_states, run_main, seed_rank, setup_distributed,
                            step_generator, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
-from models.text import FrozenTextCache, build_text_encoder, cep_on_tokens
+from models.text import build_text_encoder, cep_on_tokens, frozen_text_cache
 from models.vae import latents_from_stats
 from models.build import CLASS_COND_MODES, LEGACY_RUN, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
 
@@ -260,28 +260,6 @@ def step_conditions(args, model, conditions, idx, dropped, g, B, share, text_cac
     return cond, extra, delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))
 
 
-def resampled_conditions(args, dataset, manifest, epoch, device):
-    """--corrupt-resample: a fresh corrupted set each epoch (never the base seed's draw)."""
-    seed = [args.seed, 0xC0FFEE, epoch]
-    if is_text_dataset(dataset):
-        return corrupt_captions(dataset.captions, args.corrupt, seed)[0]
-    labels, _ = corrupt_labels(dataset.labels, len(dataset.classes), args.corrupt, seed, manifest["corrupt_type"], manifest["groups"])
-    return torch.from_numpy(labels).to(device)
-
-
-def frozen_text_cache(args, model, dataset, key, conditions, master, world):
-    """A frozen text encoder (CLIP) runs once per distinct caption: rank 0 extracts, every rank maps."""
-    if not (is_text_dataset(dataset) and model.text_encoder.is_frozen):
-        return None
-    path = os.path.join(args.out_dir, "data", key, f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}")
-    strings = list(dataset.captions) + list(conditions)
-    if master:
-        FrozenTextCache(model.text_encoder, strings, path)
-    if world > 1:
-        dist.barrier()
-    return FrozenTextCache(model.text_encoder, strings, path)
-
-
 def log(log_path, record):
     with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -340,6 +318,8 @@ def train(args, parser, rank, world, device, stage=None):
         start_step = ckpt["step"]
         loss_acc = ckpt["loss_acc"].clone() if master else loss_acc
         rng_restored = restore_rng(ckpt["rng"], rank, world, args.seed, start_step, device)
+        if stage is not None:
+            stage.resume(ckpt)
     startup = (f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
                f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), {world} rank(s) on {device.type}, "
                f"{precision}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else "")
@@ -373,7 +353,9 @@ def train(args, parser, rank, world, device, stage=None):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     train_conditions = conditions if text else torch.from_numpy(conditions).to(device)
-    text_cache = frozen_text_cache(args, model, dataset, key, conditions, master, world)
+    text_cache = (frozen_text_cache(model.text_encoder, list(dataset.captions) + list(conditions), os.path.join(
+        args.out_dir, "data", key, f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}"), master, world)
+                  if text and model.text_encoder.is_frozen else None)
     conditions_epoch = None
     B, share = args.global_batch_size, slice(rank, None, world)
     flops_per_image = 3 * model.flops_per_forward()
@@ -385,7 +367,7 @@ def train(args, parser, rank, world, device, stage=None):
         x, idx, epoch = next(data)
         x, control = x if isinstance(x, tuple) else (x, None)  # finetune.py: control images beside the data
         if args.corrupt_resample and epoch != conditions_epoch:
-            train_conditions, conditions_epoch = resampled_conditions(args, dataset, manifest, epoch, device), epoch
+            train_conditions, conditions_epoch = resampled_conditions(dataset, args.corrupt, args.seed, manifest, epoch, device), epoch
         # every random draw of the step, for the global batch; this rank keeps rows rank::world
         g = step_generator(args.seed, step, device)
         if args.vae:
@@ -398,8 +380,11 @@ def train(args, parser, rank, world, device, stage=None):
         if control is not None:  # kept for dropped conditions too: guidance is over the class / caption only
             extra["control"] = control
         with autocast:
-            losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
-                                               args.input_perturbation, xi)
+            if stage is not None and stage.distills:  # finetune.py --method lcm: consistency distillation
+                losses = stage.distillation_losses(args, net, x, noise, cond, extra, delta, g, B, share, diffusion)
+            else:
+                losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
+                                                   args.input_perturbation, xi)
         loss = losses["loss"].mean()
         lr = learning_rate(step, args)
         for group in opt.param_groups:
@@ -411,6 +396,8 @@ def train(args, parser, rank, world, device, stage=None):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
+        if stage is not None:
+            stage.after_step(args, model)  # --method lcm: the target network's EMA
         loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         steps_since_log += 1
         done = step + 1
@@ -439,7 +426,8 @@ def train(args, parser, rank, world, device, stage=None):
             if master:
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "scaler": scaler.state_dict(), "step": done, "rng": rng, "loss_acc": acc,
-                         "config": config, "model_config": model_config, "diffusion": diffusion_config(args)}
+                         "config": config, "model_config": model_config, "diffusion": diffusion_config(args),
+                         **(stage.checkpoint_state() if stage is not None else {})}
                 save_checkpoint(run_dir, state, numbered=done % args.ckpt_every == 0)
     if master:
         print(f"done: {run_dir}")

@@ -25,6 +25,7 @@ import os
 from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
+import torch
 
 from models.common import UsageError
 from models.data import FASHION_MNIST_CLASSES, FASHION_MNIST_GROUPS
@@ -226,3 +227,13 @@ def prepare_corruption(dataset, key, out_dir, eta, seed, kind=None, groups_file=
         if not same:
             raise UsageError(f"{path} holds a different corruption (another dataset copy?); use another --out-dir")
     return new_conditions, manifest, path
+
+
+def resampled_conditions(dataset, eta, seed, manifest, epoch, device):
+    """train.py --corrupt-resample: a fresh corrupted set each epoch (never the base seed's draw):
+    captions (a list) or labels (a tensor on `device`)."""
+    seed = [seed, 0xC0FFEE, epoch]
+    if is_text_dataset(dataset):
+        return corrupt_captions(dataset.captions, eta, seed)[0]
+    labels, _ = corrupt_labels(dataset.labels, len(dataset.classes), eta, seed, manifest["corrupt_type"], manifest["groups"])
+    return torch.from_numpy(labels).to(device)

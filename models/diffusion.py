@@ -7,6 +7,9 @@ Training: q_sample, the ε-prediction MSE, the hybrid loss L_simple + L_vb when 
 predicts its variance, and input perturbation (Ning et al. 2023).
 Sampling: ancestral DDPM and DDIM on a respaced subsequence of timesteps (ADM's spacing), and
 DPM-Solver++(2M) (Lu et al. 2022), plus classifier-free guidance (Ho & Salimans 2022).
+Consistency distillation (Song et al. 2023; latent consistency models, Luo et al. 2023): the
+boundary parametrisation, the skipping-step DDIM teacher solver, the distillation loss, and
+multistep consistency sampling.
 """
 import math
 
@@ -151,6 +154,62 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 
+    # ---- consistency distillation (LCM, Luo et al. 2023, Algorithm 1) -----------------------------
+
+    def ddim_jump(self, x0, eps, t_prev):
+        """Deterministic DDIM (η = 0) to t_prev from the predictions x̂_0, ε̂ made at any t (per-example
+        tensors): x_prev = √ᾱ_prev x̂_0 + √(1 - ᾱ_prev) ε̂ (DDIM Eq. 12)."""
+        return self._gather(self.sqrt_alphas_cumprod, t_prev, x0) * x0 + self._gather(self.sqrt_one_minus_alphas_cumprod, t_prev, x0) * eps
+
+    def consistency_function(self, eps, xt, t):
+        """f(x_t, t) = c_skip(t) x_t + c_out(t) x̂_0(x_t, ε̂) (LCM Eq. 9): f(x, 0) = x exactly."""
+        c_skip, c_out = consistency_boundary(t.float())
+        shape = (-1, *([1] * (xt.dim() - 1)))
+        return c_skip.view(shape) * xt + c_out.view(shape) * self.predict_x0_from_eps(xt, t, eps)
+
+    def consistency_distillation_losses(self, student_fn, teacher_fn, target_fn, x0, t, t_prev, noise, distance="huber",
+                                        huber_c=0.001):
+        """Per-example loss (N,) of latent consistency distillation. x_{t} = q_sample(x0, t, noise) with
+        t = t_{n+k}; the guided teacher (teacher_fn(x, t) -> ε̃, with ε̃ = ε(∅) + (1 + w)(ε(c) - ε(∅)))
+        takes one skipping DDIM step to t_prev = t_n; the loss is d(f_student(x_t, t), f_target(x_prev, t_n))
+        with the target network under no gradient. student_fn / target_fn return ε̂ (+ variance channels,
+        ignored). distance: "huber" (sqrt(d² + c²) - c, LCM's) or "l2"."""
+        C = x0.shape[1]
+        xt = self.q_sample(x0, t, noise)
+        online = self.consistency_function(student_fn(xt, t).float()[:, :C], xt, t)
+        with torch.no_grad():
+            eps = teacher_fn(xt, t).float()[:, :C]
+            x_prev = self.ddim_jump(self.predict_x0_from_eps(xt, t, eps), eps, t_prev)
+            target = self.consistency_function(target_fn(x_prev, t_prev).float()[:, :C], x_prev, t_prev)
+        sq = (online - target) ** 2
+        per_pixel = torch.sqrt(sq + huber_c ** 2) - huber_c if distance == "huber" else sq
+        return {"loss": per_pixel.mean(dim=(1, 2, 3)), "mse": sq.mean(dim=(1, 2, 3))}
+
+
+def consistency_boundary(t, sigma_data=0.5, timestep_scaling=10.0):
+    """(c_skip(t), c_out(t)) of the consistency parametrisation on discrete timesteps, LCM's choice
+    (Luo et al. 2023, Sec. 4.2, with CM's σ_data = 0.5 on t scaled by 10): c_skip(0) = 1, c_out(0) = 0."""
+    scaled = timestep_scaling * t
+    return sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2), scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
+
+
+def skipping_timesteps(num_timesteps, skip):
+    """The teacher solver's grid of LCM's skipping-step schedule, ascending: t_n = n k - 1 for
+    n = 1..T/k (19, 39, ..., 999 for k = 20); a distillation step goes from t_{n+1} to t_n = t_{n+1} - k."""
+    if not 1 <= skip <= num_timesteps:
+        raise ValueError(f"the skipping step k must be in [1, {num_timesteps}], got {skip}")
+    return np.arange(1, num_timesteps // skip + 1, dtype=np.int64) * skip - 1
+
+
+def lcm_timesteps(num_timesteps, skip, steps):
+    """Multistep consistency sampling's `steps` timesteps, descending, evenly strided over the
+    skipping grid from its top (LCMScheduler's): 4 steps of k = 20 -> 999, 759, 519, 279."""
+    grid = skipping_timesteps(num_timesteps, skip)
+    if not 1 <= steps <= len(grid):
+        raise ValueError(f"an LCM distilled with k = {skip} samples in 1 to {len(grid)} steps, not {steps}")
+    return grid[::-(len(grid) // steps)][:steps].tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # sampling
 
@@ -178,13 +237,14 @@ def classifier_free_guidance(model, cond, null_cond, scale, guided_channels=None
     condition tensors (labels y, or caption ids and mask); null_cond: the null condition (the null
     class index for labels, or tensors like cond). All ε channels are guided unless
     guided_channels = k (DiT's legacy behaviour guides only the first 3 of 4 latent channels);
-    learned-variance channels come from the conditional half. scale = 1: no extra forward.
+    learned-variance channels come from the conditional half. scale = 1: no extra forward; scale may
+    also be a tensor (N,), one scale per example (consistency distillation's teacher).
     model_kwargs: tensors both halves get unchanged (the control image of an adapted model)."""
     cond = cond if isinstance(cond, tuple) else (cond,)
     if not isinstance(null_cond, tuple):
         null_cond = (torch.full_like(cond[0], null_cond),) if isinstance(null_cond, int) else (null_cond,)
     kwargs = model_kwargs or {}
-    if scale == 1:
+    if not isinstance(scale, torch.Tensor) and scale == 1:
         return lambda x, t: model(x, t, *cond, **kwargs)
 
     def guided(x, t):
@@ -192,7 +252,8 @@ def classifier_free_guidance(model, cond, null_cond, scale, guided_channels=None
                     **{k: torch.cat([v, v]) for k, v in kwargs.items()})
         c_out, u_out = out.chunk(2)
         k, C = guided_channels or x.shape[1], x.shape[1]
-        eps = torch.cat([u_out[:, :k] + scale * (c_out[:, :k] - u_out[:, :k]), c_out[:, k:C]], dim=1)
+        s = scale.view(-1, 1, 1, 1) if isinstance(scale, torch.Tensor) else scale
+        eps = torch.cat([u_out[:, :k] + s * (c_out[:, :k] - u_out[:, :k]), c_out[:, k:C]], dim=1)
         return torch.cat([eps, c_out[:, C:]], dim=1)
     return guided
 
@@ -202,12 +263,15 @@ class Sampler:
     channels for learn_sigma models); noise_fn() returns fresh N(0, I) noise shaped like x (the
     caller decides where it comes from, e.g. one generator per image)."""
 
-    def __init__(self, diffusion, kind="dpm-solver++", steps=50, ddim_eta=0.0, clip_denoised=False):
+    def __init__(self, diffusion, kind="dpm-solver++", steps=50, ddim_eta=0.0, clip_denoised=False, lcm_skip=20):
         if kind not in SAMPLERS:
             raise ValueError(f"unknown sampler '{kind}'; choose one of {SAMPLERS}")
         self.d, self.kind, self.eta, self.clip = diffusion, kind, ddim_eta, clip_denoised
         T = diffusion.num_timesteps
-        self.timesteps = dpm_solver_timesteps(T, steps) if kind == "dpm-solver++" else spaced_timesteps(T, steps)
+        if kind == "lcm":  # model_fn: a consistency-distilled student (its guidance weight built in)
+            self.timesteps = lcm_timesteps(T, lcm_skip, steps)
+        else:
+            self.timesteps = dpm_solver_timesteps(T, steps) if kind == "dpm-solver++" else spaced_timesteps(T, steps)
 
     def alpha_bar(self, t):
         return 1.0 if t < 0 else float(self.d.alphas_cumprod[t])
@@ -262,6 +326,16 @@ class Sampler:
             x_next = x_next - 0.5 * a_n * phi * (x0 - x0_prev) / r
         return x_next
 
+    def consistency_step(self, x, x0, t, t_next, noise):
+        """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM Alg. 3): jump to the
+        consistency output f(x_t, t), then (unless last) re-noise it to t_next with fresh noise."""
+        c_skip, c_out = consistency_boundary(float(t))
+        f = c_skip * x + c_out * x0
+        if t_next < 0:
+            return f
+        ab = self.alpha_bar(t_next)
+        return math.sqrt(ab) * f + math.sqrt(1 - ab) * noise
+
     @torch.no_grad()
     def sample(self, model_fn, x, noise_fn=None, progress=None):
         ts = self.timesteps
@@ -273,10 +347,12 @@ class Sampler:
                 x = self.ddpm_step(x, x0, v, t, t_next, noise_fn() if t_next >= 0 else None)
             elif self.kind == "ddim":
                 x = self.ddim_step(x, x0, eps, t, t_next, noise_fn() if self.eta > 0 and t_next >= 0 else None)
+            elif self.kind == "lcm":
+                x = self.consistency_step(x, x0, t, t_next, noise_fn() if t_next >= 0 else None)
             else:
                 x = self.dpm_solver_step(x, x0, x0_prev, t, ts[i - 1] if i else None, t_next)
                 x0_prev = x0
         return x
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "lcm")

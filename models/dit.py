@@ -52,13 +52,26 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> sinusoidal frequency embedding (256 wide) -> 2-layer MLP."""
+def guidance_embedding(w, dim):
+    """Fourier features of the guidance weight w (N,) of a latent consistency model (Luo et al. 2023,
+    Sec. 4.2; VDM's embedding, as diffusers' LCM): [sin(1000 w f_i), cos(1000 w f_i)], f_i = 10000^(-i/(half-1))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1))
+    args = 1000.0 * w.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
 
-    def __init__(self, hidden_size, frequency_embedding_size=256, freq_shift=0):
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> sinusoidal frequency embedding (256 wide) -> 2-layer MLP. guidance_dim > 0
+    (a consistency-distilled student, finetune.py --method lcm): the guidance weight's Fourier features,
+    projected by `cond_proj` (zero at initialisation), are added to the frequency embedding."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256, freq_shift=0, guidance_dim=0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.freq_shift = freq_shift
+        self.cond_proj = nn.Linear(guidance_dim, frequency_embedding_size, bias=False) if guidance_dim else None
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -78,8 +91,13 @@ class TimestepEmbedder(nn.Module):
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
         return emb
 
-    def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift))
+    def forward(self, t, guidance=None):
+        freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        if guidance is not None:
+            if self.cond_proj is None:
+                raise ValueError("this model has no guidance embedding (not a consistency-distilled student)")
+            freq = freq + self.cond_proj(guidance_embedding(guidance, self.cond_proj.in_features))
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -210,7 +228,7 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout=0.1, num_classes=None, learn_sigma=True, text_dim=0,
-                 text_mode="pooled", t_freq_shift=0):
+                 text_mode="pooled", t_freq_shift=0, guidance_dim=0):
         super().__init__()
         num_classes = (0 if text_dim else 1000) if num_classes is None else num_classes
         if text_mode not in TEXT_MODES:
@@ -227,7 +245,7 @@ class DiT(nn.Module):
         self.hidden_size = hidden_size
         self.text_dim, self.text_mode = text_dim, text_mode
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=t_freq_shift)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=t_freq_shift, guidance_dim=guidance_dim)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout) if num_classes else None
         cross = bool(text_dim) and text_mode == "crossattn"
         self.text_pool = nn.Linear(text_dim, hidden_size) if text_dim else None  # masked-mean caption -> c
@@ -251,7 +269,8 @@ class DiT(nn.Module):
         def basic_init(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         self.apply(basic_init)
         w = self.x_embedder.proj.weight  # init the patch conv like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -260,6 +279,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.t_embedder.cond_proj is not None:
+            nn.init.zeros_(self.t_embedder.cond_proj.weight)  # the guidance embedding starts as a no-op
         # adaLN-Zero: every modulation, every cross-attention output and the output projection start at zero
         for block in self.blocks:
             zero = [block.adaLN_modulation[-1]] + ([block.cross_attn.proj] if block.cross_attn is not None else [])
@@ -293,8 +314,8 @@ class DiT(nn.Module):
         tokens = self.context_proj(context) if self.context_proj is not None else None
         return self.text_pool(pooled), tokens, mask
 
-    def embed(self, x, t, y=None, cond_noise=None, context=None, context_mask=None):
-        """The block inputs: image tokens (N, T, D), the adaLN condition c = t_emb + c_θ(y) (+ δ),
+    def embed(self, x, t, y=None, cond_noise=None, context=None, context_mask=None, guidance=None):
+        """The block inputs: image tokens (N, T, D), the adaLN condition c = t_emb(t, w) + c_θ(y) (+ δ),
         and the caption tokens and mask of a text model (None for a class model)."""
         h = self.x_embedder(x) + self.pos_embed
         tokens = mask = None
@@ -306,16 +327,17 @@ class DiT(nn.Module):
             cond = self.y_embedder(y)
             if cond_noise is not None:
                 cond = cond + cond_noise.to(cond.dtype)  # CEP: c_θ(y) + δ  (Chen et al. 2024, Eq. 3)
-        return h, self.t_embedder(t) + cond, tokens, mask
+        return h, self.t_embedder(t, guidance) + cond, tokens, mask
 
-    def forward(self, x, t, y=None, cond_noise=None, context=None, context_mask=None, residuals=None):
+    def forward(self, x, t, y=None, cond_noise=None, context=None, context_mask=None, residuals=None, guidance=None):
         """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) labels (num_classes = null) of a class
         model; context (N, L, text_dim) and context_mask (N, L) (1 = token, 0 = padding; None = all 1)
         of a text model. cond_noise: optional CEP perturbation δ, (N, hidden_size) added to the class
         embedding, or (N, text_dim) / (N, L, text_dim) added to every valid caption token.
         residuals: {block index i: (N, T, D)} added to the tokens entering block i (ControlNet and
-        T2I-Adapter, models/adapters.py)."""
-        h, c, tokens, mask = self.embed(x, t, y, cond_noise, context, context_mask)
+        T2I-Adapter, models/adapters.py). guidance: (N,) guidance weights w of a consistency-distilled
+        student (built with guidance_dim > 0)."""
+        h, c, tokens, mask = self.embed(x, t, y, cond_noise, context, context_mask, guidance)
         for i, block in enumerate(self.blocks):
             if residuals and i in residuals:
                 h = h + residuals[i].to(h.dtype)
@@ -372,6 +394,8 @@ def config_from_state_dict(sd):
                       text_mode="crossattn" if "context_proj.weight" in sd else "pooled")
     else:
         config.update(num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, class_dropout=0.1)
+    if "t_embedder.cond_proj.weight" in sd:
+        config["guidance_dim"] = sd["t_embedder.cond_proj.weight"].shape[1]
     return dict(config, learn_sigma=out_channels == 2 * in_channels)
 
 

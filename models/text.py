@@ -298,9 +298,10 @@ class TextConditioned(nn.Module):
             context = context + cond_noise.to(context.dtype)  # CEP on every caption token
         return {"context": context, **({"context_mask": attention_mask} if self.takes_mask else {})}
 
-    def forward(self, x, t, input_ids, attention_mask, cond_noise=None, context=None, residuals=None):
+    def forward(self, x, t, input_ids, attention_mask, cond_noise=None, context=None, residuals=None, guidance=None):
         inputs = self.denoiser_inputs(input_ids, attention_mask, cond_noise, context)
-        return self.denoiser(x, t, **inputs, **({"residuals": residuals} if residuals else {}))
+        extra = {**({"residuals": residuals} if residuals else {}), **({"guidance": guidance} if guidance is not None else {})}
+        return self.denoiser(x, t, **inputs, **extra)
 
     def flops_per_forward(self):
         return self.denoiser.flops_per_forward()  # the text encoder's cost is not counted
@@ -342,3 +343,13 @@ class FrozenTextCache:
         import numpy as np
         rows = np.asarray([self.row[c] for c in captions])
         return torch.from_numpy(np.ascontiguousarray(self.embeddings[rows])).float().to(device)
+
+
+def frozen_text_cache(encoder, strings, path, master=True, world=1):
+    """A frozen text encoder (CLIP) runs once per distinct caption: rank 0 extracts into `path`, then
+    every rank maps it (train.py)."""
+    if master:
+        FrozenTextCache(encoder, strings, path)
+    if world > 1:
+        torch.distributed.barrier()
+    return FrozenTextCache(encoder, strings, path)

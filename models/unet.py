@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.dit import LabelEmbedder, TimestepEmbedder
+from models.dit import LabelEmbedder, TimestepEmbedder, guidance_embedding
 
 CLASS_COND_MODES = ("crossattn", "add")
 
@@ -261,7 +261,7 @@ class UNet(nn.Module):
     def __init__(self, input_size=32, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(2,), num_heads=1, num_head_channels=None, transformer_depth=1,
                  context_dim=None, num_classes=10, class_cond="crossattn", class_dropout=0.1,
-                 learn_sigma=False, dropout=0.0):
+                 learn_sigma=False, dropout=0.0, guidance_dim=0):
         super().__init__()
         if num_classes and class_cond not in CLASS_COND_MODES:
             raise ValueError(f"unknown class_cond '{class_cond}'; choose one of {CLASS_COND_MODES}")
@@ -283,6 +283,11 @@ class UNet(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
+        # a consistency-distilled student (finetune.py --method lcm): the guidance weight's Fourier
+        # features, projected onto the timestep features (diffusers' time_embedding.cond_proj), zero at start
+        self.time_cond_proj = nn.Linear(guidance_dim, model_channels, bias=False) if guidance_dim else None
+        if guidance_dim:
+            nn.init.zeros_(self.time_cond_proj.weight)
         if num_classes:
             width = context_dim if class_cond == "crossattn" else time_embed_dim
             self.y_embedder = LabelEmbedder(num_classes, width, class_dropout)
@@ -340,9 +345,14 @@ class UNet(nn.Module):
             return self.y_embedder.embedding_table.embedding_dim
         return self.context_dim
 
-    def embed(self, t, y=None, context=None, cond_noise=None, dtype=torch.float32):
-        """(timestep (+ class) embedding added in every ResBlock, cross-attention context)."""
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
+    def embed(self, t, y=None, context=None, cond_noise=None, dtype=torch.float32, guidance=None):
+        """(timestep (+ guidance, + class) embedding added in every ResBlock, cross-attention context)."""
+        freq = timestep_embedding(t, self.model_channels)
+        if guidance is not None:
+            if self.time_cond_proj is None:
+                raise ValueError("this model has no guidance embedding (not a consistency-distilled student)")
+            freq = freq + self.time_cond_proj(guidance_embedding(guidance, self.time_cond_proj.in_features))
+        emb = self.time_embed(freq.to(dtype))
         if self.num_classes:
             if y is None:
                 raise ValueError("class-conditional U-Net: labels y are required")
@@ -368,14 +378,15 @@ class UNet(nn.Module):
             raise ValueError("unconditional U-Net: y, context and cond_noise must be None")
         return emb, context
 
-    def forward(self, x, t, y=None, context=None, cond_noise=None, residuals=None):
+    def forward(self, x, t, y=None, context=None, cond_noise=None, residuals=None, guidance=None):
         """x: (N, C, H, W), t: (N,) timesteps, y: (N,) labels (num_classes = null) for a
         class-conditional model, context: (N, L, context_dim) text tokens for a text model,
         cond_noise: CEP δ, (N, cond_dim) for class models, (N, L, context_dim) for text models.
         residuals (models/adapters.py): {"skips": one tensor per input block, added to the skip
         connections only, "middle": added to the middle block's output} (ControlNet), or
-        {"features": {input block index: tensor}} added to the encoder's features (T2I-Adapter)."""
-        emb, context = self.embed(t, y, context, cond_noise, x.dtype)
+        {"features": {input block index: tensor}} added to the encoder's features (T2I-Adapter).
+        guidance: (N,) guidance weights w of a consistency-distilled student (guidance_dim > 0)."""
+        emb, context = self.embed(t, y, context, cond_noise, x.dtype, guidance)
         residuals = residuals or {}
         skips, h = [], x
         for i, block in enumerate(self.input_blocks):
