@@ -42,6 +42,8 @@ def setting_label(rc):
                      + (" fixed" if rc.get("cep_fixed") else ""))
     if rc.get("input_perturbation"):
         parts.append(f"IP λ {rc['input_perturbation']:g}")
+    if rc.get("method") == "lcm":  # finetune.py --method lcm: its sampler column holds the step count (lcm-4)
+        return "LCM " + (" + ".join(parts) or "clean")
     return " + ".join(parts) or "clean"
 
 
