@@ -173,8 +173,10 @@ def resolve_run(args, parser):
                          + ", ".join(f"--{k.replace('_', '-')}={saved[k]} (now {fresh[k]})" for k in conflicts))
     vars(args).update(fresh, run=args.run)
     ckpt_path = os.path.join(run_dir, "ckpt", "last.pt")
-    if not os.path.exists(ckpt_path):
-        raise UsageError(f"--resume: {ckpt_path} does not exist")
+    if not os.path.exists(ckpt_path):  # stopped before its first checkpoint: nothing to lose, start again
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--resume: {run_dir} has no checkpoint yet; training it from step 0", flush=True)
+        return run_dir, None
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt, dict) and {"model", "ema", "opt", "step"} <= ckpt.keys()

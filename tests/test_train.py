@@ -94,6 +94,12 @@ def test_resume_after_kill_is_exact(fake_data, tmp_path):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    # killed before its first checkpoint (config.json and a log, no ckpt/): --resume trains it from step 0
+    shutil.rmtree(tmp_path / "killed" / "ckpt")
+    proc = run_script("train.py", ["--out-dir", tmp_path, "--run", "killed", "--resume", "--data-path", fake_data])
+    assert "no checkpoint yet; training it from step 0" in proc.stdout
+    assert strip(read_log(tmp_path / "killed")) == strip(read_log(tmp_path / "straight"))
+    assert all(torch.equal(a["ema"][k], load_ckpt(tmp_path / "killed")["ema"][k]) for k in a["ema"])
 
 
 def test_checkpoint_contents(fake_data, tmp_path):
