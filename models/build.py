@@ -149,4 +149,7 @@ def describe_recipe(args):
             + (", cosine decay to 0," if args.lr_decay == "cosine" else "")
             + f" weight decay {args.weight_decay:g}, "
             + (f"grad clip {args.grad_clip:g}" if args.grad_clip else "no grad clip")
-            + f", {ema}, class dropout {args.class_dropout:g}, global batch {args.global_batch_size}, {args.max_steps} steps")
+            + f", {ema}, class dropout {args.class_dropout:g}, global batch {args.global_batch_size}, {args.max_steps} steps"
+            + (f"; consistency distillation: w in [{args.w_min:g}, {args.w_max:g}], skipping step {args.lcm_skip}, target "
+               + (f"EMA {args.lcm_target_ema:g}" if args.lcm_target_ema else "the student") + f", {args.lcm_loss} loss"
+               if getattr(args, "method", None) == "lcm" else ""))

@@ -421,6 +421,9 @@ class UNet(nn.Module):
         return total + conv_flops(self.out[-1], size, size)
 
 
+# SD-1.5 is Stable Diffusion v1's U-Net (CompVis v1-inference.yaml, diffusers' UNet2DConditionModel of
+# runwayml/stable-diffusion-v1-5: 859,520,964 parameters): 64x64x4 latents of the KL-f8 VAE, captions
+# through the frozen CLIP ViT-L/14 text tower (context 768), 8 heads, attention at 64, 32 and 16 px.
 # LDM-4 is CompVis' cin256-v2.yaml (the released class-conditional ImageNet 256 model; LDM Table 3,
 # "LDM-4", 400M parameters): 64x64x3 VQ latents, class token via cross-attention from a 1001-row
 # ClassEmbedder of width 512. That config sets num_heads: 1 (legacy=True: one head of width ch).
@@ -433,6 +436,8 @@ UNET_CONFIGS = {
                    attention_resolutions=(2,), num_head_channels=16, context_dim=64, num_classes=10, class_cond="crossattn"),
     "UNet-S": dict(input_size=32, in_channels=1, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
                    attention_resolutions=(2, 4), num_head_channels=32, context_dim=128, num_classes=10, class_cond="crossattn"),
+    "SD-1.5": dict(input_size=64, in_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                   attention_resolutions=(4, 2, 1), num_heads=8, transformer_depth=1, context_dim=768, num_classes=0),
 }
 
 
@@ -440,3 +445,73 @@ def build_unet(name, **overrides):
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(UNET_CONFIGS)}")
     return UNet(**{**UNET_CONFIGS[name], **overrides})
+
+
+# ---- diffusers' UNet2DConditionModel (Stable Diffusion 1.x / 2.x, LCM students) -> this U-Net --------
+
+def unet_config_from_diffusers(cfg):
+    """UNet(...) keywords for a diffusers UNet2DConditionModel config.json (a dict). ValueError for a
+    layout this U-Net does not have (SDXL's added embeddings, class embeddings, uneven heads, ...)."""
+    unsupported = [k for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "num_class_embeds") if cfg.get(k)]
+    if unsupported or cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"a UNet2DConditionModel with {unsupported or cfg.get('mid_block_type')} is not supported")
+    channels = list(cfg["block_out_channels"])
+    mc = channels[0]
+    if any(c % mc for c in channels) or cfg.get("norm_num_groups", 32) != 32 or not isinstance(cfg.get("layers_per_block", 2), int):
+        raise ValueError("supported: block widths multiple of the first, 32 groups, one layers_per_block")
+    attention = [i for i, kind in enumerate(cfg["down_block_types"]) if kind.startswith("CrossAttn")]
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # SD 1.x's attention_head_dim is the head count
+    if isinstance(heads, (list, tuple)):
+        widths = {channels[i] // heads[i] for i in attention}
+        if len(widths) != 1:
+            raise ValueError(f"attention heads {heads} give different head widths")
+        head_kwargs = dict(num_head_channels=widths.pop())
+    else:
+        head_kwargs = dict(num_heads=heads)
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        raise ValueError("transformer_layers_per_block must be one number")
+    return dict(input_size=cfg["sample_size"], in_channels=cfg["in_channels"], model_channels=mc,
+                channel_mult=tuple(c // mc for c in channels), num_res_blocks=cfg.get("layers_per_block", 2),
+                attention_resolutions=tuple(2 ** i for i in reversed(attention)), transformer_depth=depth,
+                context_dim=cfg["cross_attention_dim"], num_classes=0, learn_sigma=cfg["out_channels"] == 2 * cfg["in_channels"],
+                guidance_dim=cfg.get("time_cond_proj_dim") or 0, **head_kwargs)
+
+
+RESNET_KEYS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+               "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_state_dict_from_diffusers(sd, num_res_blocks=2):
+    """State dict of a diffusers UNet2DConditionModel -> this U-Net's (CompVis names). Level i's j-th
+    ResBlock (+ transformer) of the encoder is input_blocks.{1 + i(R+1) + j}, its down-sampler
+    input_blocks.{(i+1)(R+1)}; the decoder's up_blocks are output_blocks.{i(R+1) + j}, deepest first;
+    a linear proj_in / proj_out (use_linear_projection) becomes the equivalent 1x1 conv."""
+    R, out = num_res_blocks, {}
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "time_embedding.cond_proj": "time_cond_proj", "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    up_has_attention = {k.split(".")[1] for k in sd if k.startswith("up_blocks.") and ".attentions." in k}
+    for key, value in sd.items():
+        parts = key.split(".")
+        head = next((f for f in fixed if key.startswith(f + ".")), None)
+        if head is not None:
+            new = fixed[head] + key[len(head):]
+        elif parts[0] == "down_blocks" and parts[2] == "downsamplers":
+            new = f"input_blocks.{(int(parts[1]) + 1) * (R + 1)}.0.op." + ".".join(parts[5:])
+        elif parts[0] == "up_blocks" and parts[2] == "upsamplers":
+            new = f"output_blocks.{int(parts[1]) * (R + 1) + R}.{2 if parts[1] in up_has_attention else 1}.conv." + ".".join(parts[5:])
+        elif parts[0] in ("down_blocks", "up_blocks"):
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            block = 1 + i * (R + 1) + j if parts[0] == "down_blocks" else i * (R + 1) + j
+            new = f"{'input' if parts[0] == 'down_blocks' else 'output'}_blocks.{block}." + ("0." if kind == "resnets" else "1.")
+            new += (RESNET_KEYS[rest[0]] + "." + ".".join(rest[1:])) if kind == "resnets" else ".".join(rest)
+        elif parts[0] == "mid_block":
+            index = {("resnets", "0"): "0", ("attentions", "0"): "1", ("resnets", "1"): "2"}[(parts[1], parts[2])]
+            rest = parts[3:]
+            new = f"middle_block.{index}." + ((RESNET_KEYS[rest[0]] + "." + ".".join(rest[1:])) if parts[1] == "resnets" else ".".join(rest))
+        else:
+            raise ValueError(f"unexpected key in a diffusers UNet2DConditionModel state dict: {key}")
+        if new.split(".")[-2] in ("proj_in", "proj_out") and value.dim() == 2:
+            value = value[:, :, None, None]  # use_linear_projection: Linear == 1x1 conv
+        out[new] = value
+    return out

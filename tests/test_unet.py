@@ -451,3 +451,53 @@ def test_matches_diffusers_unet_loaded_from_our_state_dict(mode):
         theirs = reference(x, t, encoder_hidden_states=context).sample
     assert ours.abs().max() > 1e-2
     assert (ours - theirs).abs().max() < 1e-4 * max(1.0, ours.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable Diffusion 1.x layout and diffusers weights (the LCM teacher of finetune.py)
+# ---------------------------------------------------------------------------------------------
+SD15_DIFFUSERS_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (the keys that shape it)
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+
+
+def test_sd15_layout_parameter_count():
+    """The SD 1.x configuration, from its own entry and from diffusers' config.json, has Stable
+    Diffusion 1.5's 859,520,964 U-Net parameters (counted without weights, on the meta device)."""
+    from models.unet import unet_config_from_diffusers
+    derived = unet_config_from_diffusers(SD15_DIFFUSERS_CONFIG)
+    assert {k: v for k, v in derived.items() if k not in ("learn_sigma", "guidance_dim")} == UNET_CONFIGS["SD-1.5"]
+    with torch.device("meta"):
+        assert n_params(build_unet("SD-1.5")) == n_params(UNet(**derived)) == 859_520_964
+
+
+@pytest.mark.parametrize("cond_proj", [0, 16])
+def test_sd_layout_loads_diffusers_weights_and_matches_diffusers(cond_proj):
+    """A tiny random UNet2DConditionModel of SD 1.x's layout (3 cross-attention levels and a plain
+    one, 2 layers per block, 8 heads; with cond_proj: an LCM student's guidance embedding): its state
+    dict converted by unet_state_dict_from_diffusers loads strictly and gives diffusers' output."""
+    if os.environ.get("CI"):
+        import diffusers  # noqa: F401  (must be installed in CI)
+    diffusers = pytest.importorskip("diffusers")
+    from models.unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
+    config = dict(SD15_DIFFUSERS_CONFIG, sample_size=16, block_out_channels=[32, 64, 64, 64], cross_attention_dim=24,
+                  time_cond_proj_dim=cond_proj or None)
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():  # no zero-initialised layer left: every path counts
+            p.add_(0.05 * torch.randn_like(p))
+    ours = UNet(**unet_config_from_diffusers(config)).eval()
+    ours.load_state_dict(unet_state_dict_from_diffusers(reference.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 24, generator=g)
+    t, w = torch.tensor([3, 870]), torch.tensor([1.5, 7.0])
+    kw = {}
+    if cond_proj:  # diffusers' LCM pipeline embeds w itself; ours takes w
+        kw["timestep_cond"] = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=cond_proj)
+    with torch.no_grad():
+        theirs = reference(x, t, encoder_hidden_states=context, **kw).sample
+        mine = ours(x, t, context=context, guidance=w if cond_proj else None)
+    assert theirs.abs().max() > 1e-2
+    assert (mine - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max().item())
