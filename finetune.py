@@ -41,7 +41,8 @@ from PIL import Image
 
 import train
 from models.adapters import METHODS, Adapted, resize_class_table
-from models.build import FINETUNE_RECIPES, apply_recipe, build_model, model_from_checkpoint, recipe_table
+from models.build import (FINETUNE_RECIPES, apply_recipe, build_model, checkpoint_from_diffusers_pipeline, is_diffusers_pipeline,
+                          model_from_checkpoint, recipe_table)
 from models.common import UsageError, atomic_write_json, run_main, setup_distributed, update_ema
 from models.controls import ControlData, control_cache_path, control_maps, image_uint8
 from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
@@ -87,7 +88,14 @@ def get_parser():
 
 
 def load_init(path):
-    """The pre-trained checkpoint --init names -> (checkpoint dict, its model_config, its run config)."""
+    """The pre-trained checkpoint --init names -> (checkpoint dict, its model_config, its run config).
+    A diffusers Stable Diffusion pipeline (folder or hub id) is read as such a checkpoint."""
+    if is_diffusers_pipeline(path):
+        try:
+            ckpt = checkpoint_from_diffusers_pipeline(path)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--init {path}: {str(e).splitlines()[0]}")
+        return ckpt, ckpt["model_config"], ckpt["config"]
     ckpt_path = os.path.join(path, "ckpt", "last.pt") if os.path.isdir(path) else path
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--init {path}: no checkpoint (expected a run folder with ckpt/last.pt or a .pt file)")
@@ -125,6 +133,9 @@ class Finetune:
             if getattr(args, name) is None:
                 setattr(args, name, getattr(train_defaults, name))
         if args.dataset is None:
+            if "pipeline" in init_run:
+                raise UsageError(f"--init {args.init} is a pipeline without training data: pass --dataset and --data-path "
+                                 "(their latents pre-extracted by corrupt_data.py --vae <pipeline>/vae)")
             args.dataset = init_run.get("dataset", "fashion-mnist")
             args.data_path = args.data_path or init_run.get("data_path")
         args.image_size = args.image_size or init_run.get("image_size")  # the model's input space, whatever the data

@@ -12,7 +12,7 @@ The paper's CC3M model (Chen et al. 2024) conditions an LDM U-Net on captions th
   - 'bert:<folder|hub id>' (default bert-base-uncased, Devlin et al. 2019): trainable, as in the
     paper. Output: last_hidden_state, with the padding masked out of BERT's attention.
   - 'clip:<folder|hub id>' (default openai/clip-vit-large-patch14, Stable Diffusion v1's; Radford et
-    al. 2021): frozen, so its embeddings can be extracted once (`is_frozen`). Output: last_hidden_state,
+    al. 2021; or a diffusers pipeline folder, its tokenizer/ and text_encoder/): frozen, so its embeddings can be extracted once (`is_frozen`). Output: last_hidden_state,
     computed as Stable Diffusion's FrozenCLIPEmbedder does, from the ids alone: CLIP's attention is
     causal, so padding after the caption cannot change the caption's tokens, and the padding tokens'
     outputs are those the released U-Nets were trained on.
@@ -183,9 +183,10 @@ class HFTextEncoder(nn.Module):
                 self.tokenizer = transformers.AutoTokenizer.from_pretrained(where)
                 # no pooler: it is unused here and would leave parameters without gradients (DDP)
                 self.model = transformers.BertModel.from_pretrained(where, add_pooling_layer=False)
-            else:
-                self.tokenizer = transformers.CLIPTokenizer.from_pretrained(where)
-                self.model = transformers.CLIPTextModel.from_pretrained(where)
+            else:  # a diffusers pipeline folder (Stable Diffusion) keeps them in tokenizer/ and text_encoder/
+                pipeline = os.path.isdir(os.path.join(where, "text_encoder")) and os.path.isdir(os.path.join(where, "tokenizer"))
+                self.tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(where, "tokenizer") if pipeline else where)
+                self.model = transformers.CLIPTextModel.from_pretrained(os.path.join(where, "text_encoder") if pipeline else where)
         except Exception as err:  # OSError offline / missing files, ValueError for a malformed folder
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"cannot load the {kind} text encoder '{name}': {reason} (offline, pass a folder "

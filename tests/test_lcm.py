@@ -261,3 +261,70 @@ def test_bad_input_one_line_exit_2_nothing_written(teachers):
         proc = run_script(script, args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
     assert tree_snapshot(out) == before
+
+
+# ---- a Stable Diffusion pipeline as the teacher (--init <diffusers folder or hub id>) --------------
+
+def make_tiny_sd_pipeline(folder):
+    """A diffusers-format Stable Diffusion folder with tiny random parts of SD 1.x's layout: unet/
+    (UNet2DConditionModel), text_encoder/ + tokenizer/ (CLIP), vae/ (KL, 2x down), scheduler/."""
+    diffusers = pytest.importorskip("diffusers")
+    from tests.helpers import make_tiny_clip
+    from tests.test_latents import save_vae
+    from tests.test_unet import SD15_DIFFUSERS_CONFIG
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**dict(SD15_DIFFUSERS_CONFIG, sample_size=16, block_out_channels=[32, 64, 64, 64],
+                                                 cross_attention_dim=32))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    unet.save_pretrained(folder / "unet")
+    make_tiny_clip(folder / "text_encoder")
+    make_tiny_clip(folder / "tokenizer")
+    save_vae(folder / "vae")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
+        _class_name="PNDMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        num_train_timesteps=1000, prediction_type="epsilon")))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return unet
+
+
+def test_stable_diffusion_pipeline_teacher_distils_and_samples(tmp_path, monkeypatch):
+    """The pipeline read as a checkpoint gives diffusers' U-Net output on CLIP's last hidden state (the
+    SD teacher, exactly); then corrupt_data.py extracts latents with its vae/, finetune.py --method lcm
+    distils it (with corrupted captions and CEP) and sample.py --sampler lcm decodes samples."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from models.build import checkpoint_from_diffusers_pipeline, is_diffusers_pipeline, model_from_checkpoint
+    pipe = tmp_path / "sd"
+    unet = make_tiny_sd_pipeline(pipe).eval()
+    assert is_diffusers_pipeline(pipe) and is_diffusers_pipeline("runwayml/stable-diffusion-v1-5")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)  # out/run names a (missing) local run, not a hub repo
+    assert not is_diffusers_pipeline(tmp_path) and not is_diffusers_pipeline("out/run") and not is_diffusers_pipeline(f"{tmp_path}/x")
+    ckpt = checkpoint_from_diffusers_pipeline(pipe)
+    assert ckpt["diffusion"]["schedule"] == "scaled_linear" and ckpt["config"]["image_size"] == 32
+    teacher = model_from_checkpoint(ckpt)
+    tokenizer, clip = CLIPTokenizer.from_pretrained(pipe / "tokenizer"), CLIPTextModel.from_pretrained(pipe / "text_encoder").eval()
+    ids = tokenizer(["a photo of a bag", ""], padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
+    tok = teacher.tokenize(["a photo of a bag", ""])
+    assert torch.equal(tok["input_ids"], ids)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        theirs = unet(x, t, encoder_hidden_states=clip(input_ids=ids).last_hidden_state).sample
+        mine = teacher(x, t, tok["input_ids"], tok["attention_mask"])
+    assert theirs.abs().max() > 1e-2 and (mine - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max().item())
+
+    make_fake_fmnist(tmp_path / "data", n=64)
+    out = tmp_path / "out"
+    data = ["--dataset", "fashion-mnist-captions", "--data-path", tmp_path / "data", "--out-dir", out]
+    run_script("corrupt_data.py", [*data, "--vae", pipe / "vae", "--vae-batch-size", "16"])
+    proc = run_script("finetune.py", ["--init", pipe, "--out-dir", out, "--run", "sd"], check=False)
+    assert proc.returncode == 2 and "pass --dataset" in proc.stderr
+    run_script("finetune.py", ["--init", pipe, *data, "--run", "sd-lcm", *LCM, "--max-steps", "2", "--corrupt", "0.25", "--cep"])
+    ckpt = load(out / "sd-lcm" / "ckpt" / "last.pt")
+    assert ckpt["model_config"]["guidance_dim"] == 256 and ckpt["config"]["vae"] == str(pipe / "vae")
+    run_script("sample.py", ["--run", out / "sd-lcm", "--sampler", "lcm", "--steps", "2", "--cfg-scale", "5", "--num-samples", "4",
+                             "--tag", "s"])
+    assert np.load(out / "sd-lcm" / "samples" / "s" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
