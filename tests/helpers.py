@@ -168,3 +168,37 @@ class StandIn(torch.nn.Module):
 def save_stand_in_inception(path, seed=0):
     torch.manual_seed(seed)
     torch.jit.script(StandIn()).save(str(path))
+
+
+SD15_DIFFUSERS_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (the keys that shape it)
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+
+
+def make_tiny_sd_pipeline(folder):
+    """A diffusers-format Stable Diffusion folder with tiny random parts of SD 1.x's layout: unet/
+    (UNet2DConditionModel, 16x16x4 latents), text_encoder/ + tokenizer/ (CLIP, width 32), vae/ (KL,
+    2x down: 32 px images), scheduler/, model_index.json. Returns the diffusers U-Net."""
+    import json
+
+    import diffusers
+    folder = Path(folder)
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**dict(SD15_DIFFUSERS_CONFIG, sample_size=16, block_out_channels=[32, 64, 64, 64],
+                                                 cross_attention_dim=32))
+    with torch.no_grad():
+        for p in unet.parameters():  # no zero-initialised layer left
+            p.add_(0.02 * torch.randn_like(p))
+    unet.save_pretrained(folder / "unet")
+    make_tiny_clip(folder / "text_encoder")
+    make_tiny_clip(folder / "tokenizer")
+    diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                            latent_channels=4).save_pretrained(folder / "vae")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
+        _class_name="PNDMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        num_train_timesteps=1000, prediction_type="epsilon")))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return unet

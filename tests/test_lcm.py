@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.build import build_model  # noqa: E402
 from models.diffusion import GaussianDiffusion, Sampler, consistency_boundary, lcm_timesteps, skipping_timesteps  # noqa: E402
 from models.text import build_text_encoder  # noqa: E402
-from tests.helpers import make_fake_fmnist, run_script, tree_snapshot  # noqa: E402
+from tests.helpers import make_fake_fmnist, make_tiny_sd_pipeline, run_script, tree_snapshot  # noqa: E402
 
 D = GaussianDiffusion(learn_sigma=False)  # DDPM's linear schedule
 AB = torch.tensor(D.alphas_cumprod, dtype=torch.float64)
@@ -265,31 +265,6 @@ def test_bad_input_one_line_exit_2_nothing_written(teachers):
 
 # ---- a Stable Diffusion pipeline as the teacher (--init <diffusers folder or hub id>) --------------
 
-def make_tiny_sd_pipeline(folder):
-    """A diffusers-format Stable Diffusion folder with tiny random parts of SD 1.x's layout: unet/
-    (UNet2DConditionModel), text_encoder/ + tokenizer/ (CLIP), vae/ (KL, 2x down), scheduler/."""
-    diffusers = pytest.importorskip("diffusers")
-    from tests.helpers import make_tiny_clip
-    from tests.test_latents import save_vae
-    from tests.test_unet import SD15_DIFFUSERS_CONFIG
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**dict(SD15_DIFFUSERS_CONFIG, sample_size=16, block_out_channels=[32, 64, 64, 64],
-                                                 cross_attention_dim=32))
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    unet.save_pretrained(folder / "unet")
-    make_tiny_clip(folder / "text_encoder")
-    make_tiny_clip(folder / "tokenizer")
-    save_vae(folder / "vae")
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
-        _class_name="PNDMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        num_train_timesteps=1000, prediction_type="epsilon")))
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return unet
-
-
 def test_stable_diffusion_pipeline_teacher_distils_and_samples(tmp_path, monkeypatch):
     """The pipeline read as a checkpoint gives diffusers' U-Net output on CLIP's last hidden state (the
     SD teacher, exactly); then corrupt_data.py extracts latents with its vae/, finetune.py --method lcm
@@ -298,7 +273,7 @@ def test_stable_diffusion_pipeline_teacher_distils_and_samples(tmp_path, monkeyp
 
     from models.build import checkpoint_from_diffusers_pipeline, is_diffusers_pipeline, model_from_checkpoint
     pipe = tmp_path / "sd"
-    unet = make_tiny_sd_pipeline(pipe).eval()
+    unet = make_tiny_sd_pipeline(pipe).eval()  # tests/helpers.py
     assert is_diffusers_pipeline(pipe) and is_diffusers_pipeline("runwayml/stable-diffusion-v1-5")
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)  # out/run names a (missing) local run, not a hub repo

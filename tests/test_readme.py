@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.build import FINETUNE_RECIPES, TRAINING_RECIPES  # noqa: E402
-from tests.helpers import REPO, make_fake_fmnist, make_tiny_bert, make_tiny_clip, save_stand_in_inception  # noqa: E402
+from tests.helpers import REPO, make_fake_fmnist, make_tiny_bert, make_tiny_clip, make_tiny_sd_pipeline, save_stand_in_inception  # noqa: E402
 
 SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py", "study.py")
 SKIPPED = ("pip install", "apt-get", "python -m pytest", "python -m models.gmm")  # installs; the suite; 2 min of theory
@@ -63,7 +63,8 @@ def tiny(line, fx):
             (r"--data-path /data/cc3m/train\.tsv", f"--data-path {fx['tsv']}"),
             (r"--data-path /data/in100/blip_captions\.tsv", f"--data-path {fx['tsv']}"),
             (r"--control-path /data/in100/sam", f"--control-path {fx['sam']}"),
-            (r"--image-size 256", "--image-size 32"),
+            (r"--image-size (256|512)", "--image-size 32"),
+            (r"runwayml/stable-diffusion-v1-5", str(fx["sd"])),  # --init and --vae <it>/vae: a tiny pipeline
             (r"--vae stabilityai/sd-vae-ft-ema", f"--vae {fx['kl']}"),
             (r"--vae CompVis/ldm-super-resolution-4x-openimages/vqvae", f"--vae {fx['vq']}"),
             (r"--model DiT-XL/2", "--model DiT-S/8"),
@@ -105,7 +106,7 @@ def fixtures(tmp_path_factory):
     fx = {"fmnist": root / "fmnist", "folder": root / "imagenet", "tsv": root / "cc3m" / "train.tsv", "kl": root / "kl",
           "vq": root / "vq", "bert": root / "bert", "clip": root / "clip", "inception": root / "inception.pt",
           "adm_ref": root / "VIRTUAL_imagenet256_labeled.npz", "ref_folder": root / "coco", "prompts": root / "prompts.txt",
-          "in100": root / "in100.txt", "sam": root / "sam", "groups": root / "groups.txt"}
+          "in100": root / "in100.txt", "sam": root / "sam", "groups": root / "groups.txt", "sd": root / "sd"}
     make_fake_fmnist(fx["fmnist"], n=256)
     classes = ["n01440764", "n01443537", "n01484850"]
     for k, name in enumerate(classes):  # an ImageNet-like folder: 3 classes x 8 images of 40x48 (cropped to 32)
@@ -137,12 +138,13 @@ def fixtures(tmp_path_factory):
     make_tiny_bert(fx["bert"])
     make_tiny_clip(fx["clip"])
     save_stand_in_inception(fx["inception"])
+    make_tiny_sd_pipeline(fx["sd"])
     return fx
 
 
 def test_tiny_rewrites_only_sizes():
     fx = {k: f"<{k}>" for k in ("fmnist", "folder", "tsv", "kl", "vq", "bert", "clip", "inception", "adm_ref", "ref_folder",
-                                "prompts", "in100", "sam", "groups")}
+                                "prompts", "in100", "sam", "groups", "sd")}
     line = tiny("torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data-path /data/imagenet/train "
                 "--image-size 256 --vae stabilityai/sd-vae-ft-ema --model DiT-XL/2 --corrupt 0.025 --max-steps 400000 --run-name x", fx)
     assert line == ("torchrun --standalone --nproc_per_node=1 train.py --dataset imagefolder --data-path <folder> --image-size 32 "

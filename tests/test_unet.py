@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.unet import UNET_CONFIGS, Attention, ResBlock, SpatialTransformer, UNet, build_unet, timestep_embedding
+from tests.helpers import SD15_DIFFUSERS_CONFIG
 
 torch.set_num_threads(2)
 
@@ -456,10 +457,7 @@ def test_matches_diffusers_unet_loaded_from_our_state_dict(mode):
 # ---------------------------------------------------------------------------------------------
 # Stable Diffusion 1.x layout and diffusers weights (the LCM teacher of finetune.py)
 # ---------------------------------------------------------------------------------------------
-SD15_DIFFUSERS_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json (the keys that shape it)
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+
 
 
 def test_sd15_layout_parameter_count():
