@@ -41,13 +41,13 @@ from PIL import Image
 
 import train
 from models.adapters import METHODS, Adapted, resize_class_table
-from models.build import (FINETUNE_RECIPES, apply_recipe, build_model, checkpoint_from_diffusers_pipeline, is_diffusers_pipeline,
-                          model_from_checkpoint, recipe_table)
+from models.build import FINETUNE_RECIPES, apply_recipe, build_model, model_from_checkpoint, recipe_table
 from models.common import UsageError, atomic_write_json, run_main, setup_distributed, update_ema
 from models.controls import ControlData, control_cache_path, control_maps, image_uint8
 from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
 from models.diffusion import DEFAULT_DIFFUSION, classifier_free_guidance, skipping_timesteps
 from models.dit import config_from_state_dict
+from models.from_diffusers import checkpoint_from_diffusers_pipeline, is_diffusers_pipeline
 
 CONTROLS = ("canny", "seg")
 LCM_LOSSES = ("huber", "l2")

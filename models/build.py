@@ -1,17 +1,12 @@
 """Build any of the repo's denoisers by name (DiT-* from models/dit.py, LDM-4 / UNet-* from
 models/unet.py), rebuild one from a checkpoint, and the training recipe of each model family (the
 defaults train.py and finetune.py fill in), for train.py / sample.py / finetune.py."""
-import json
-import os
-import re
-
-import torch
 import torch.nn as nn
 
 from models.adapters import Adapted
 from models.dit import DIT_CONFIGS, build_dit, dit_from_checkpoint
 from models.text import TextConditioned, rebuild_text_encoder
-from models.unet import CLASS_COND_MODES, UNET_CONFIGS, build_unet, unet_config_from_diffusers, unet_state_dict_from_diffusers  # noqa: F401
+from models.unet import CLASS_COND_MODES, UNET_CONFIGS, build_unet  # noqa: F401
 
 MODEL_NAMES = (*DIT_CONFIGS, *UNET_CONFIGS)
 
@@ -49,78 +44,6 @@ def model_from_checkpoint(ckpt, use_ema=True):
         model = Adapted(model, **adapter)
     model.load_state_dict(weights)
     return model.eval()
-
-
-def is_diffusers_pipeline(spec):
-    """A diffusers pipeline folder (model_index.json, or unet/config.json), or what can only be a hub
-    id ('owner/name', not a local path): finetune.py --init then loads a Stable Diffusion teacher."""
-    spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        return any(os.path.isfile(os.path.join(spec, f)) for f in ("model_index.json", os.path.join("unet", "config.json")))
-    hub = bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not spec.endswith(".pt")
-    return hub and not os.path.exists(spec) and not os.path.isdir(spec.split("/")[0])  # out/<run>: a local run
-
-
-PIPELINE_FILES = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "vae/config.json",
-                  "text_encoder/config.json", "tokenizer/*"]
-
-
-def checkpoint_from_diffusers_pipeline(spec):
-    """A Stable Diffusion 1.x / 2.x pipeline (diffusers folder or hub id, e.g. runwayml/stable-diffusion-v1-5)
-    as a train.py checkpoint dict: its U-Net (models/unet.py, weights converted from diffusers') and
-    frozen CLIP text tower as one TextConditioned model ("ema"), their config, its β schedule, and a
-    run config whose --vae is the pipeline's vae/ and --image-size its pixel size. ValueError if it is
-    not one (another prediction type, an unsupported layout, missing files)."""
-    spec = os.fspath(spec)
-    folder = spec
-    if not os.path.isdir(spec):  # a hub id: fetch what is needed (the cache is used offline)
-        from huggingface_hub import snapshot_download
-        weights = [f"{part}/{w}" for part in ("unet", "vae", "text_encoder")
-                   for w in ("diffusion_pytorch_model.safetensors", "model.safetensors")]
-        try:
-            folder = snapshot_download(spec, allow_patterns=PIPELINE_FILES + weights)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"'{spec}' is not a local folder and could not be fetched from the Hugging Face Hub "
-                             f"(offline?): {type(e).__name__}") from e
-
-    def read(name):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise ValueError(f"{spec} is not a Stable Diffusion pipeline: no {name}")
-        with open(path) as f:
-            return json.load(f)
-    unet_cfg, sched, vae_cfg = read("unet/config.json"), read("scheduler/scheduler_config.json"), read("vae/config.json")
-    if sched.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"{spec} predicts {sched['prediction_type']}; this repo's diffusion is ε-prediction")
-    schedule = {"scaled_linear": "scaled_linear", "linear": "linear"}.get(sched.get("beta_schedule"))
-    if schedule is None or sched.get("num_train_timesteps", 1000) != 1000:
-        raise ValueError(f"{spec}: β schedule {sched.get('beta_schedule')} over {sched.get('num_train_timesteps')} steps is not supported")
-    unet_kwargs = unet_config_from_diffusers(unet_cfg)
-    weights = next((os.path.join(folder, "unet", w) for w in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                    if os.path.isfile(os.path.join(folder, "unet", w))), None)
-    if weights is None:
-        raise ValueError(f"{spec}: no U-Net weights in unet/")
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    text_cfg = read("text_encoder/config.json")
-    length = text_cfg.get("max_position_embeddings") or text_cfg.get("text_config", {}).get("max_position_embeddings", 77)
-    encoder = rebuild_text_encoder({"kind": "clip", "spec": f"clip:{folder}", "max_length": length})
-    model_config = dict(name="SD-1.5", class_dropout=0.1,  # SD dropped 10 % of the captions (the null caption is "")
-                        **{k: v for k, v in unet_kwargs.items() if k not in ("num_classes", "context_dim")})
-    denoiser = build_unet("SD-1.5", num_classes=0, context_dim=encoder.width, **{k: v for k, v in model_config.items() if k != "name"})
-    denoiser.load_state_dict({k: v.float() for k, v in unet_state_dict_from_diffusers(state, unet_kwargs["num_res_blocks"]).items()})
-    model = TextConditioned(denoiser, encoder)
-    model_config.update(num_classes=0, text_encoder=encoder.config(), text_mode="crossattn")
-    vae_factor = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
-    diffusion = dict(schedule=schedule, beta_start=sched["beta_start"], beta_end=sched["beta_end"], num_timesteps=1000,
-                     learn_sigma=False, loss="simple")
-    run = dict(text_encoder=f"clip:{folder}", text_mode="crossattn", caption_length=length, schedule=schedule,
-               beta_start=sched["beta_start"], beta_end=sched["beta_end"], learn_sigma=False, class_dropout=0.1,
-               vae=os.path.join(spec, "vae"), image_size=unet_kwargs["input_size"] * vae_factor, pipeline=spec)
-    return {"ema": model.state_dict(), "model_config": model_config, "config": run, "diffusion": diffusion}
 
 
 # ---------------------------------------------------------------------------------------------

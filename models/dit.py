@@ -224,7 +224,7 @@ TEXT_MODES = ("pooled", "crossattn")
 class DiT(nn.Module):
     """Class-conditional (num_classes > 0, the default 1000) or text-conditional (text_dim > 0,
     num_classes = 0 or None) DiT; see the module docstring. `t_freq_shift=1` reproduces the timestep
-    frequencies of diffusers' DiTTransformer2DModel (see `dit_state_dict_from_diffusers`)."""
+    frequencies of diffusers' DiTTransformer2DModel (see models/from_diffusers.py)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout=0.1, num_classes=None, learn_sigma=True, text_dim=0,
@@ -411,47 +411,3 @@ def dit_from_checkpoint(ckpt, use_ema=True):
     model = build_dit(config.pop("name"), **config)
     model.load_state_dict(weights)
     return model.eval()
-
-
-def dit_state_dict_from_diffusers(sd, sample_size=32):
-    """State dict of a diffusers `DiTTransformer2DModel` -> ours. Per block: attn1.to_q/k/v -> attn.qkv
-    (rows q, k, v), attn1.to_out.0 -> attn.proj, ff.net.0.proj / ff.net.2 -> mlp.fc1 / fc2, norm1.linear ->
-    adaLN_modulation.1 (same shift/scale/gate order); proj_out_1 / proj_out_2 -> final_layer.adaLN_modulation.1
-    / final_layer.linear. diffusers gives every block its own timestep and class embedder
-    (norm1.emb.timestep_embedder / class_embedder; the final layer reuses block 0's); ours shares one,
-    so all copies must be equal (as in converted official checkpoints), else ValueError. pos_embed is
-    a non-persistent buffer there: rebuilt here for the latent side `sample_size` (config.sample_size).
-    Conventions that differ (pinned down in tests/test_dit_diffusers.py):
-      * timestep frequencies: diffusers has downscale_freq_shift=1 (10000^(-i/127)), the official DiT
-        10000^(-i/128): build our DiT with t_freq_shift=1 to reproduce diffusers;
-      * the pre-MLP LayerNorm eps is diffusers' config.norm_eps (default 1e-5; 1e-6 in the official DiT
-        and ours): outputs agree exactly only for norm_eps=1e-6, otherwise to ~1e-6 relative;
-      * null class = row num_embeds_ada_norm in both, but diffusers' LabelEmbedding drops labels itself
-        in train() (p = 0.1, independently in every block's copy): compare in eval()."""
-    sd, out = dict(sd), {}
-    for src, dst in [("pos_embed.proj", "x_embedder.proj"), ("proj_out_1", "final_layer.adaLN_modulation.1"),
-                     ("proj_out_2", "final_layer.linear")]:
-        for kind in ("weight", "bias"):
-            out[f"{dst}.{kind}"] = sd.pop(f"{src}.{kind}")
-    depth = len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})
-    emb_keys = {f"timestep_embedder.linear_{j}.{k}": f"t_embedder.mlp.{2 * j - 2}.{k}"
-                for j in (1, 2) for k in ("weight", "bias")}
-    emb_keys["class_embedder.embedding_table.weight"] = "y_embedder.embedding_table.weight"
-    for i in range(depth):
-        b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
-        for src, dst in emb_keys.items():
-            value = sd.pop(f"{b}norm1.emb.{src}")
-            if i == 0:
-                out[dst] = value
-            elif not torch.equal(value, out[dst]):
-                raise ValueError(f"block {i}'s norm1.emb.{src} differs from block 0's: our DiT shares one embedder")
-        for kind in ("weight", "bias"):
-            out[f"{o}attn.qkv.{kind}"] = torch.cat([sd.pop(f"{b}attn1.to_{n}.{kind}") for n in "qkv"], dim=0)
-            for src, dst in [("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
-                             ("norm1.linear", "adaLN_modulation.1")]:
-                out[f"{o}{dst}.{kind}"] = sd.pop(f"{b}{src}.{kind}")
-    if sd:
-        raise ValueError(f"diffusers keys with no counterpart in our DiT: {sorted(sd)[:8]}")
-    hidden, _, patch, _ = out["x_embedder.proj.weight"].shape
-    out["pos_embed"] = torch.from_numpy(sincos_pos_embed_2d(hidden, sample_size // patch)).float().unsqueeze(0)
-    return out

@@ -11,7 +11,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DiTTransformer2DModel  # noqa: E402
 
-from models.dit import DiT, TimestepEmbedder, dit_state_dict_from_diffusers  # noqa: E402
+from models.dit import DiT, TimestepEmbedder  # noqa: E402
+from models.from_diffusers import dit_state_dict_from_diffusers  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -271,7 +271,8 @@ def test_stable_diffusion_pipeline_teacher_distils_and_samples(tmp_path, monkeyp
     distils it (with corrupted captions and CEP) and sample.py --sampler lcm decodes samples."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from models.build import checkpoint_from_diffusers_pipeline, is_diffusers_pipeline, model_from_checkpoint
+    from models.build import model_from_checkpoint
+    from models.from_diffusers import checkpoint_from_diffusers_pipeline, is_diffusers_pipeline
     pipe = tmp_path / "sd"
     unet = make_tiny_sd_pipeline(pipe).eval()  # tests/helpers.py
     assert is_diffusers_pipeline(pipe) and is_diffusers_pipeline("runwayml/stable-diffusion-v1-5")

@@ -463,7 +463,7 @@ def test_matches_diffusers_unet_loaded_from_our_state_dict(mode):
 def test_sd15_layout_parameter_count():
     """The SD 1.x configuration, from its own entry and from diffusers' config.json, has Stable
     Diffusion 1.5's 859,520,964 U-Net parameters (counted without weights, on the meta device)."""
-    from models.unet import unet_config_from_diffusers
+    from models.from_diffusers import unet_config_from_diffusers
     derived = unet_config_from_diffusers(SD15_DIFFUSERS_CONFIG)
     assert {k: v for k, v in derived.items() if k not in ("learn_sigma", "guidance_dim")} == UNET_CONFIGS["SD-1.5"]
     with torch.device("meta"):
@@ -478,7 +478,7 @@ def test_sd_layout_loads_diffusers_weights_and_matches_diffusers(cond_proj):
     if os.environ.get("CI"):
         import diffusers  # noqa: F401  (must be installed in CI)
     diffusers = pytest.importorskip("diffusers")
-    from models.unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
+    from models.from_diffusers import unet_config_from_diffusers, unet_state_dict_from_diffusers
     config = dict(SD15_DIFFUSERS_CONFIG, sample_size=16, block_out_channels=[32, 64, 64, 64], cross_attention_dim=24,
                   time_cond_proj_dim=cond_proj or None)
     torch.manual_seed(0)
