@@ -231,6 +231,18 @@ def test_distillation_resume_is_exact(teachers):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
+def test_two_ranks_match_one(teachers):
+    """train.py's DDP loop under --method lcm: t, w, noise and δ are drawn for the global batch, so 2
+    gloo ranks end where 1 rank ends (student and target network)."""
+    root, out = teachers
+    args = ["--init", out / "dit", "--out-dir", out, *LCM, "--cep", "--max-steps", "2"]
+    run_script("finetune.py", [*args, "--run", "one"])
+    run_script("finetune.py", [*args, "--run", "two"], nproc=2)
+    a, b = load(out / "one" / "ckpt" / "last.pt"), load(out / "two" / "ckpt" / "last.pt")
+    for part in ("model", "lcm_target"):
+        assert max((a[part][k] - b[part][k]).abs().max().item() for k in a[part]) < 1e-4, part
+
+
 def test_text_teacher_with_corrupted_captions_and_cep(teachers):
     root, out = teachers
     run_script("finetune.py", ["--init", out / "text", "--out-dir", out, "--run", "tl", *LCM, "--max-steps", "2",
