@@ -14,6 +14,7 @@ import torch
 from models.dit import sincos_pos_embed_2d
 from models.text import TextConditioned, rebuild_text_encoder
 from models.unet import build_unet
+from models.vae import read_weights
 
 
 def dit_state_dict_from_diffusers(sd, sample_size=32):
@@ -173,15 +174,9 @@ def checkpoint_from_diffusers_pipeline(spec):
     if schedule is None or sched.get("num_train_timesteps", 1000) != 1000:
         raise ValueError(f"{spec}: β schedule {sched.get('beta_schedule')} over {sched.get('num_train_timesteps')} steps is not supported")
     unet_kwargs = unet_config_from_diffusers(unet_cfg)
-    weights = next((os.path.join(folder, "unet", w) for w in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                    if os.path.isfile(os.path.join(folder, "unet", w))), None)
+    weights, state = read_weights(os.path.join(folder, "unet"))
     if weights is None:
         raise ValueError(f"{spec}: no U-Net weights in unet/")
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
     text_cfg = read("text_encoder/config.json")
     length = text_cfg.get("max_position_embeddings") or text_cfg.get("text_config", {}).get("max_position_embeddings", 77)
     encoder = rebuild_text_encoder({"kind": "clip", "spec": f"clip:{folder}", "max_length": length})

@@ -334,6 +334,17 @@ def _download(repo_id, subfolder):
     return folder
 
 
+def read_weights(folder):
+    """(path, state dict) of a diffusers save_pretrained folder's weights, safetensors first; (None, None) if none."""
+    weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(folder, w))), None)
+    if weights is None:
+        return None, None
+    if weights.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return weights, load_file(weights)
+    return weights, torch.load(weights, map_location="cpu", weights_only=True)
+
+
 def load_vae(spec, kind=None, subfolder=None):
     """A frozen (eval, no grad) first stage from a diffusers `save_pretrained` folder, or from a hub id
     'owner/name' (+ subfolder, e.g. 'vae' / 'vqvae', also written 'owner/name/vqvae') when online or
@@ -359,14 +370,9 @@ def load_vae(spec, kind=None, subfolder=None):
     if class_name not in VAE_CLASSES:
         raise ValueError(f"{config_path}: unsupported autoencoder class {class_name!r} "
                          f"(supported: {', '.join(VAE_CLASSES)})")
-    weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(folder, w))), None)
+    weights, state = read_weights(folder)
     if weights is None:
         raise FileNotFoundError(f"no weights in VAE folder {folder} (expected one of {', '.join(WEIGHT_FILES)})")
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
     state = {re.sub(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.",
                     lambda m: f"{m[1]}.{LEGACY_ATTENTION_NAMES[m[2]]}.", k): v.float() for k, v in state.items()}
     with torch.device("meta"):  # no random init: every tensor comes from the file
