@@ -277,6 +277,7 @@ def test_bad_input_one_line_exit_2_nothing_written(teachers):
 
 # ---- a Stable Diffusion pipeline as the teacher (--init <diffusers folder or hub id>) --------------
 
+@pytest.mark.slow  # ~30 s; CI's README walk runs the same path (the LCM-v1.5 recipe on a tiny pipeline)
 def test_stable_diffusion_pipeline_teacher_distils_and_samples(tmp_path, monkeypatch):
     """The pipeline read as a checkpoint gives diffusers' U-Net output on CLIP's last hidden state (the
     SD teacher, exactly); then corrupt_data.py extracts latents with its vae/, finetune.py --method lcm
