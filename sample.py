@@ -235,7 +235,7 @@ def main():
                                  f"{1 + w_min:g} to {1 + w_max:g} (w = scale - 1 in [{w_min:g}, {w_max:g}])")
         if args.sampler == "lcm":
             try:
-                lcm_timesteps(1000, run_config["lcm_skip"], args.steps)
+                lcm_timesteps({**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})}["num_timesteps"], run_config["lcm_skip"], args.steps)
             except ValueError as e:
                 raise UsageError(f"--steps {args.steps}: {e}")
     elif num_classes and any(s != 1 for s in scales) and model.y_embedder.embedding_table.num_embeddings == num_classes:

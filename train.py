@@ -355,9 +355,11 @@ def train(args, parser, rank, world, device, stage=None):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     train_conditions = conditions if text else torch.from_numpy(conditions).to(device)
-    text_cache = (frozen_text_cache(model.text_encoder, list(dataset.captions) + list(conditions), os.path.join(
-        args.out_dir, "data", key, f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}"), master, world)
-                  if text and model.text_encoder.is_frozen else None)
+    text_cache = None
+    if text and model.text_encoder.is_frozen:  # a frozen encoder (CLIP) runs once per distinct caption
+        cache = f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}"
+        text_cache = frozen_text_cache(model.text_encoder, list(dataset.captions) + list(conditions),
+                                       os.path.join(args.out_dir, "data", key, cache), master, world)
     conditions_epoch = None
     B, share = args.global_batch_size, slice(rank, None, world)
     flops_per_image = 3 * model.flops_per_forward()

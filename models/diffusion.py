@@ -153,7 +153,6 @@ class GaussianDiffusion:
         vb = self.vb_terms_bpd(frozen, x0, xt, t) * (self.num_timesteps / 1000.0)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
-
     # ---- consistency distillation (LCM, Luo et al. 2023, Algorithm 1) -----------------------------
 
     def ddim_jump(self, x0, eps, t_prev):

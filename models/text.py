@@ -12,7 +12,8 @@ The paper's CC3M model (Chen et al. 2024) conditions an LDM U-Net on captions th
   - 'bert:<folder|hub id>' (default bert-base-uncased, Devlin et al. 2019): trainable, as in the
     paper. Output: last_hidden_state, with the padding masked out of BERT's attention.
   - 'clip:<folder|hub id>' (default openai/clip-vit-large-patch14, Stable Diffusion v1's; Radford et
-    al. 2021; or a diffusers pipeline folder, its tokenizer/ and text_encoder/): frozen, so its embeddings can be extracted once (`is_frozen`). Output: last_hidden_state,
+    al. 2021; or a diffusers pipeline folder, its tokenizer/ and text_encoder/): frozen, so its
+    embeddings can be extracted once (`is_frozen`). Output: last_hidden_state,
     computed as Stable Diffusion's FrozenCLIPEmbedder does, from the ids alone: CLIP's attention is
     causal, so padding after the caption cannot change the caption's tokens, and the padding tokens'
     outputs are those the released U-Nets were trained on.
