@@ -24,6 +24,7 @@ from models.common import UsageError, atomic_write_json, run_main
 from models.controls import control_cache_path, control_maps, seg_map_paths
 from models.corruption import CORRUPT_TYPES, prepare_corruption
 from models.data import DATASETS, dataset_key, latent_dir, load_dataset
+from models.runs import check_writable
 from models.vae import AutoencoderKL, encode_images, open_vae
 
 
@@ -87,6 +88,7 @@ def main():
     args = p.parse_args()
     if not 0 <= args.corrupt < 1:
         raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
+    check_writable(args.out_dir, "--out-dir")
     dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"))
     key = dataset_key(args.dataset, dataset)
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"

@@ -1,14 +1,14 @@
 """
 Stage 4: score generated images, and compare evaluated runs.
 
-    python evaluate.py --samples out/demo/samples/<tag>            # writes <tag>/metrics.json, prints a table
+    python evaluate.py --samples out/<run>/samples/<tag>           # writes <tag>/metrics.json, prints a table
     python evaluate.py --samples x.npz --ref VIRTUAL_imagenet256_labeled.npz --features inception --inception inception-2015-12-05.pt
     python evaluate.py --samples out/in1k/samples/<tag> --clip openai/clip-vit-base-patch16 --train-data /data/imagenet/train
     python evaluate.py --compare out                                # out/comparison.md + plots over η and guidance
 
 Feature networks (--features)
 - fmnist (offline default for the embedded dataset): a small CNN trained once on the clean
-  Fashion-MNIST training set, cached in <out-dir>/classifier/; metrics carry the suffix _fmnist
+  Fashion-MNIST training set, cached in <cache-dir>/classifier/ for every run; metrics carry the suffix _fmnist
   and are not comparable with Inception numbers. Its logits give IS and the condition accuracy.
 - inception: the StyleGAN2-ADA TorchScript Inception-v3 that clean-fid downloads
   (inception-2015-12-05.pt; --inception PATH): pool3 for FID / KID / precision-recall / TopP&R,
@@ -24,7 +24,8 @@ Runs on VQ latents (their --vae is a VQModel): vq_entropy, the entropy in bits o
 indices of the generated images re-encoded by that autoencoder (all images and positions), with
 vq_perplexity = 2^H and vq_code_usage, the share of codes used.
 Reference and training features are streamed by a DataLoader into a float16 cache under
-<out-dir>/features/ (models/features.py), so a second evaluation against the same sets only reads.
+<cache-dir>/features/ (models/features.py), so a second evaluation against the same sets only reads;
+<cache-dir> is $SLIGHT_CORRUPTION_CACHE, else $XDG_CACHE_HOME/slight-corruption, else ~/.cache/slight-corruption.
 Samples of a Canny-adapted model (finetune.py, sample.py --control): control_f1 and control_f1_chance.
 """
 import argparse
@@ -41,8 +42,9 @@ from models.classifier import load_or_train_classifier
 from models.common import UsageError, atomic_write_json, run_main
 from models.controls import canny, edge_f1
 from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
-from models.features import (ClipNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached, dataset_images,
-                             extract, folder_files, npz_member)
+from models.features import (ClipNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached, dataset_images, default_cache_dir,
+                             extract, folder_files, npz_member, source_identity)
+from models.runs import check_writable
 
 ADM_STATS = {"feat": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # keys of precomputed reference statistics
 
@@ -57,7 +59,8 @@ def get_parser():
     a("--data-path", default=None, help="Fashion-MNIST IDX folder (default: the run's, else Debian's copy)")
     a("--train-data", default=None, help="training set of the diversity metrics: an ImageFolder (class sub-folders); default: the run's")
     a("--image-size", type=int, default=None, help="centre-crop size of --train-data images (default: the samples' size)")
-    a("--out-dir", default=None, help="where the classifier and the feature cache live (default: the run's out-dir, else ./out)")
+    a("--cache-dir", "--out-dir", dest="cache_dir", default=None,
+      help=f"where the feature classifier and the feature cache live, shared by every run (default: {default_cache_dir()})")
     a("--mem-threshold", type=float, default=0.12)
     a("--clip", default=None, help="CLIP model (folder or hub id, e.g. openai/clip-vit-base-patch16) for the *_clip diversity metrics")
     a("--compare", default=None, metavar="OUT_DIR", help="tabulate and plot every evaluated run under OUT_DIR")
@@ -275,6 +278,8 @@ def vq_codebook_metrics(vae, images, batch_size):
 
 
 def evaluate(args):
+    out_dir = args.cache_dir or default_cache_dir()  # the classifier and the feature cache
+    check_writable(out_dir, "--cache-dir")
     images, labels, folder, config = load_samples(args.samples)
     if labels is not None and (labels < 0).any():  # prompts without a known class
         labels = None
@@ -295,13 +300,13 @@ def evaluate(args):
     if args.train_data and not os.path.isdir(args.train_data):
         raise UsageError(f"--train-data {args.train_data} is not a directory of class sub-folders")
     vq = open_vq(config, device)
-    out_dir = args.out_dir or (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(folder)))) if config else "out")
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     out = {"samples": os.path.abspath(args.samples), "num_samples": int(len(images)), "features": features}
     notes, timings = [], {}
     if features == "fmnist":
+        key = source_identity(dataset_split("fashion-mnist", data_path, "train")[0])[:16]  # trained once per training set
         classifier, out["classifier_test_accuracy"] = load_or_train_classifier(
-            os.path.join(out_dir, "classifier", "fashion-mnist.pt"), lambda split: dataset_split("fashion-mnist", data_path, split))
+            os.path.join(out_dir, "classifier", f"fashion-mnist-{key}.pt"), lambda split: dataset_split("fashion-mnist", data_path, split))
         net, suffix = FmnistNet(classifier), "_fmnist"
         shapes = {images.shape[1:]} | ({image_shape(ref_source)} if ref_source is not None else set())
         if shapes != {(32, 32, 1)}:

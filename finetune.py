@@ -42,7 +42,7 @@ from PIL import Image
 import train
 from models.adapters import METHODS, Adapted, resize_class_table
 from models.build import FINETUNE_RECIPES, apply_recipe, build_model, model_from_checkpoint, recipe_table
-from models.common import UsageError, atomic_write_json, run_main, setup_distributed, update_ema
+from models.common import UMASK, UsageError, atomic_write_json, run_main, setup_distributed, update_ema
 from models.controls import ControlData, control_cache_path, control_maps, image_uint8
 from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
 from models.diffusion import DEFAULT_DIFFUSION, classifier_free_guidance, skipping_timesteps
@@ -288,6 +288,7 @@ class Finetune:
         if os.path.isdir(out) or not len(self.val_rows):
             return
         tmp = tempfile.mkdtemp(dir=run_dir, prefix=".controls-")
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
         labels = self.images.labels[self.val_rows] if self.images.labels is not None else np.full(len(self.val_rows), -1)
         if self.relabel is not None:
             labels = np.searchsorted(self.relabel, labels)
@@ -311,7 +312,7 @@ class Finetune:
 def main():
     parser = get_parser()
     args = parser.parse_args()
-    if args.resume and args.run is not None:  # the run's config.json restores --init and the rest
+    if args.resume_from or (args.resume and args.run is not None):  # the run's config.json restores --init and the rest
         train.resolve_run(args, parser)
     stage = Finetune(args)
     train.check_args(args)

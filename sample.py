@@ -1,9 +1,10 @@
 """
 Stage 3: generate images from a trained (or adapted) run, sharded over ranks.
 
-    python sample.py --run out/demo --num-samples 100 --sampler ddim --steps 25 --cfg-scale 1.5
-    torchrun --nproc_per_node=2 sample.py --run out/demo ...          # same images, half the time each
-    python sample.py --run out/demo --cfg-scale 1.5,2,3,4              # a guidance sweep: one folder each
+    RUN=out/DiT-T-4_fashion-mnist_eta0.025_cep-uniform1_seed0          # the README's quick-start run
+    python sample.py --run $RUN --num-samples 100 --sampler ddim --steps 25 --cfg-scale 1.5
+    torchrun --standalone --nproc_per_node=2 sample.py --run-dir $RUN --num-samples 100   # same images, half the time each
+    python sample.py --run $RUN --cfg-scale 1,2,3,4                    # a guidance sweep: one folder each
 
 Every image has a global index i, a class (i mod K, so any prefix is class-balanced, or --class)
 and its own noise stream (PCG64 seeded by the full (seed, i), models.common.ImageNoise) for its
@@ -37,6 +38,7 @@ from models.common import ImageNoise, UsageError, atomic_write_json, atomic_writ
 from models.data import load_dataset
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
 from models.build import model_from_checkpoint
+from models.runs import check_writable
 from models.dit import config_from_state_dict
 from models.vae import decode_latents, open_vae
 
@@ -195,13 +197,19 @@ def main():
         scales = [float(s) for s in args.cfg_scale.split(",")]
     except ValueError:
         raise UsageError(f"--cfg-scale takes numbers separated by commas, got {args.cfg_scale}")
-    if any(s < 1 for s in scales) or args.num_samples <= 0 or args.batch_size <= 0 or args.steps <= 0 or args.ddim_eta < 0:
-        raise UsageError("--cfg-scale must be >= 1; --num-samples, --batch-size, --steps positive; --ddim-eta >= 0")
+    for flag, value, ok, rule in (("--cfg-scale", args.cfg_scale, all(s >= 1 for s in scales), ">= 1 (1 = no guidance)"),
+                                  ("--num-samples", args.num_samples, args.num_samples > 0, "positive"),
+                                  ("--batch-size", args.batch_size, args.batch_size > 0, "positive"),
+                                  ("--steps", args.steps, args.steps > 0, "positive"),
+                                  ("--ddim-eta", args.ddim_eta, args.ddim_eta >= 0, ">= 0")):
+        if not ok:
+            raise UsageError(f"{flag} must be {rule}, got {value}")
     if args.steps > 1000:
         raise UsageError("--steps must be at most the 1000 training timesteps")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     model, ckpt, run_dir, ckpt_path = load_model(args)
+    check_writable(os.path.join(run_dir, "samples"), "--run" if args.run else "--ckpt")
     num_classes = model.num_classes
     args.control_maps = args.control_labels = captions = None
     if args.control:
@@ -268,8 +276,11 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     config_path = os.path.join(out, "sample_config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
-            if json.load(f) != json.loads(json.dumps(config)):
-                raise UsageError(f"{out} holds samples made with other settings; choose another --tag")
+            saved, now = json.load(f), json.loads(json.dumps(config))
+        differ = [k if isinstance(saved.get(k), dict) else f"{k} {saved.get(k)} (now {now.get(k)})"
+                  for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+        if differ:
+            raise UsageError(f"{out} holds samples made with other settings: {', '.join(differ)}; choose another --tag")
     if world > 1:
         dist.barrier()
     if rank == 0:

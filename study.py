@@ -222,7 +222,7 @@ def do_run(args, run, flags, seed):
             add_time(run_dir, f"sample {tag}", time.time() - t0)
         if not os.path.exists(os.path.join(folder, "metrics.json")):
             t0 = time.time()
-            call([sys.executable, "evaluate.py", "--samples", folder, "--out-dir", args.out_dir, *shlex.split(args.eval_args)],
+            call([sys.executable, "evaluate.py", "--samples", folder, *shlex.split(args.eval_args)],
                  f"evaluating {run}/{tag}")
             add_time(run_dir, f"evaluate {tag}", time.time() - t0)
 

@@ -20,27 +20,31 @@ import copy
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from models.corruption import CORRUPT_TYPES, is_text_dataset, prepare_corruption, resampled_conditions
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
-from models.common import (UsageError, atomic_torch_save, atomic_write_json, atomic_write_text, ema_decay_at, learning_rate,
+from models.common import (UsageError, atomic_write_json, atomic_write_text, ema_decay_at, learning_rate,
                            measure_matmul_tflops, restore_rng, rng_states, run_main, seed_rank, setup_distributed,
                            step_generator, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import build_text_encoder, cep_on_tokens, frozen_text_cache
 from models.vae import latents_from_stats
+from models import runs
 from models.build import CLASS_COND_MODES, LEGACY_RUN, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
-NOT_SAVED = {"resume", "out_dir", "run", "dry_run"}  # where the run is, not what it is
+NOT_SAVED = {"resume", "resume_from", "out_dir", "run", "dry_run"}  # where the run is, not what it is
 
 
 def get_parser():
@@ -97,6 +101,7 @@ def get_parser():
     # `--run` as an ambiguous prefix of its --run-path / --run_path options
     a("--run", "--run-name", dest="run", default=None, help="run name (default: built from model, dataset, η, CEP, seed)")
     a("--resume", action="store_true", help="continue <out-dir>/<run> from ckpt/last.pt")
+    a("--resume-from", default=None, metavar="CKPT", help="continue a run from one of its numbered checkpoints, <run>/ckpt/<step>.pt")
     a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
     a("--dry-run", action="store_true", help="check the input, print the effective configuration and exit (writes nothing)")
     p.epilog = recipe_table()
@@ -145,44 +150,8 @@ def default_run_name(args):
 
 
 def resolve_run(args, parser):
-    """Find the run directory; with --resume, flags not given on the command line come from the
-    run's config.json and flags given must agree with it. Checks only: writes nothing."""
-    if args.run is None:
-        args.run = default_run_name(args)
-    run_dir = os.path.join(args.out_dir, args.run)
-    config_path = os.path.join(run_dir, "config.json")
-    if not args.resume:
-        if os.path.exists(config_path):
-            raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --run / --out-dir")
-        if os.path.isdir(run_dir) and os.listdir(run_dir):
-            raise UsageError(f"{run_dir} exists and is not a run of train.py; choose another --run / --out-dir")
-        return run_dir, None
-    if not os.path.exists(config_path):
-        raise UsageError(f"--resume: {run_dir} holds no run (no config.json)")
-    try:
-        with open(config_path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--resume: cannot read {config_path}: {e}")
-    saved = {**LEGACY_RUN, **saved}
-    parser.set_defaults(**saved)
-    fresh = vars(parser.parse_args())  # the saved config, overridden by the flags given now
-    conflicts = [k for k, v in saved.items() if k not in NON_RUN_FLAGS and fresh.get(k) != v]
-    if conflicts:
-        raise UsageError(f"--resume: {run_dir} was trained with other settings: "
-                         + ", ".join(f"--{k.replace('_', '-')}={saved[k]} (now {fresh[k]})" for k in conflicts))
-    vars(args).update(fresh, run=args.run)
-    ckpt_path = os.path.join(run_dir, "ckpt", "last.pt")
-    if not os.path.exists(ckpt_path):  # stopped before its first checkpoint: nothing to lose, start again
-        if os.environ.get("RANK", "0") == "0":
-            print(f"--resume: {run_dir} has no checkpoint yet; training it from step 0", flush=True)
-        return run_dir, None
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and {"model", "ema", "opt", "step"} <= ckpt.keys()
-    except Exception as e:  # noqa: BLE001  (truncated file, foreign pickle, wrong content)
-        raise UsageError(f"--resume: {ckpt_path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    return run_dir, ckpt
+    """The run directory and the checkpoint to continue from (models/runs.py); writes nothing."""
+    return runs.resolve_run(args, parser, NON_RUN_FLAGS, LEGACY_RUN, default_run_name)
 
 
 def run_config(args):
@@ -262,18 +231,28 @@ def step_conditions(args, model, conditions, idx, dropped, g, B, share, text_cac
     return cond, extra, delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))
 
 
-def log(log_path, record):
+def log(log_path, record, eta_s):
     with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
-    print(f"step {record['step']:7d} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | {record['img_per_s']:8.1f} img/s"
-          + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""), flush=True)
+    tqdm.write(f"step {record['step']:7d} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | {record['img_per_s']:8.1f} img/s"
+               + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else "") + f" | ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s")
+    sys.stdout.flush()
 
 
-def save_checkpoint(run_dir, state, numbered):
-    """ckpt/last.pt (and ckpt/<step>.pt every --ckpt-every steps), each written atomically."""
-    if numbered:
-        atomic_torch_save(os.path.join(run_dir, "ckpt", f"{state['step']:07d}.pt"), state)
-    atomic_torch_save(os.path.join(run_dir, "ckpt", "last.pt"), state)
+def next_commands(args, run_dir):
+    """The sample and evaluate commands for this run, printed when training ends."""
+    run, tag = shlex.quote(run_dir), "quick"
+    if getattr(args, "method", None) == "lcm":  # finetune.py --method lcm: a few steps at the embedded guidance
+        scales = f"{1 + min(max(2.0, args.w_min), args.w_max):g}"
+        flags = f"--sampler lcm --steps 4 --cfg-scale {scales}"
+    else:
+        scales = "1,3" if args.class_dropout > 0 else "1"
+        flags = f"--steps 20 --cfg-scale {scales}"
+    if getattr(args, "method", None) in ("controlnet", "t2i-adapter"):
+        flags += f" --control {shlex.quote(os.path.join(run_dir, 'controls'))}"
+    folder = os.path.join(run_dir, "samples", tag + (f"_cfg{scales.split(',')[-1]}" if "," in scales else ""))
+    return (f"python sample.py --run {run} --num-samples 1000 {flags} --tag {tag}\n"
+            f"python evaluate.py --samples {shlex.quote(folder)}")
 
 
 def train(args, parser, rank, world, device, stage=None):
@@ -282,6 +261,7 @@ def train(args, parser, rank, world, device, stage=None):
     master = rank == 0
     # ---- check all input before writing anything -------------------------------------------
     run_dir, ckpt = resolve_run(args, parser)
+    runs.check_writable(run_dir, "--out-dir")
     check_args(args)
     if args.global_batch_size % world:
         raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
@@ -295,7 +275,9 @@ def train(args, parser, rank, world, device, stage=None):
         raise UsageError("--cep-fixed is implemented for class labels only")
     if text and args.corrupt_resample and manifest["corrupt_type"] == "rewrite":
         raise UsageError("--corrupt-resample re-draws caption swaps; it does not apply to --corrupt-type rewrite")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    # config.json records the values used, not the defaults that chose them
+    args.precision = precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.corrupt_type = manifest["corrupt_type"]
     if args.dry_run:
         if master:
             print(f"{manifest['summary']}\n{args.model}, {world} rank(s) on {device.type}, {precision}, run {run_dir}\n"
@@ -307,7 +289,8 @@ def train(args, parser, rank, world, device, stage=None):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start_step, loss_acc = 0, torch.zeros(2, dtype=torch.float64)
+    # (sum of step losses, steps) since the last log, kept on the device: read only at log steps
+    start_step, loss_acc = 0, torch.zeros(2, dtype=torch.float64, device=device)
     seed_rank(args.seed, rank)  # the weights are built (the same on every rank): from here each rank draws its own
     if ckpt is not None:
         try:
@@ -318,7 +301,7 @@ def train(args, parser, rank, world, device, stage=None):
             raise UsageError(f"--resume: checkpoint does not fit {args.model}: {str(e).splitlines()[0]}")
         scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
-        loss_acc = ckpt["loss_acc"].clone() if master else loss_acc
+        loss_acc = ckpt["loss_acc"].to(device) if master else loss_acc
         rng_restored = restore_rng(ckpt["rng"], rank, world, args.seed, start_step, device)
         if stage is not None:
             stage.resume(ckpt)
@@ -366,7 +349,11 @@ def train(args, parser, rank, world, device, stage=None):
     peak_tflops = measure_matmul_tflops(device) if device.type == "cuda" else None
     data = batches(dataset, B, rank, world, args.seed, start_step, args.num_workers, device)
     model.train()
-    t_last, steps_since_log = time.perf_counter(), 0
+    progress = tqdm(total=args.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False,
+                    disable=not (master and sys.stderr.isatty()))  # the log lines carry the ETA when there is no terminal
+    t_start = t_last = time.perf_counter()
+    steps_since_log = 0
+    one = torch.ones((), dtype=torch.float64, device=device)
     for step in range(start_step, args.max_steps):
         x, idx, epoch = next(data)
         x, control = x if isinstance(x, tuple) else (x, None)  # finetune.py: control images beside the data
@@ -402,9 +389,10 @@ def train(args, parser, rank, world, device, stage=None):
         update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
         if stage is not None:
             stage.after_step(args, model)  # --method lcm: the target network's EMA
-        loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        loss_acc += torch.stack((loss.detach().double(), one))  # on the device: no host sync between log steps
         steps_since_log += 1
         done = step + 1
+        progress.update()
 
         if done % args.log_every == 0 or done == args.max_steps:
             total = loss_acc.clone()
@@ -413,12 +401,12 @@ def train(args, parser, rank, world, device, stage=None):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             img_per_s = B * steps_since_log / (time.perf_counter() - t_last)
-            record = {"step": done, "epoch": epoch, "loss": total[0].item() / total[1].item(), "grad_norm": grad_norm.item(),
+            record = {"step": done, "epoch": epoch, "loss": (total[0] / total[1]).item(), "grad_norm": grad_norm.item(),
                       "lr": lr, "img_per_s": round(img_per_s, 2), "time": round(time.time(), 1)}
             if peak_tflops:
                 record["mfu"] = round(flops_per_image * img_per_s / world / (peak_tflops * 1e12), 4)
             if master:
-                log(log_path, record)
+                log(log_path, record, (time.perf_counter() - t_start) / (done - start_step) * (args.max_steps - done))
             loss_acc.zero_()
             t_last, steps_since_log = time.perf_counter(), 0
 
@@ -429,12 +417,14 @@ def train(args, parser, rank, world, device, stage=None):
             rng = rng_states(device, world)  # every rank's, so a resume restores each rank's own
             if master:
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "step": done, "rng": rng, "loss_acc": acc,
+                         "scaler": scaler.state_dict(), "step": done, "rng": rng, "loss_acc": acc.cpu(),
                          "config": config, "model_config": model_config, "diffusion": diffusion_config(args),
                          **(stage.checkpoint_state() if stage is not None else {})}
-                save_checkpoint(run_dir, state, numbered=done % args.ckpt_every == 0)
+                runs.save_checkpoint(run_dir, state, numbered=done % args.ckpt_every == 0)
+    progress.close()
     if master:
-        print(f"done: {run_dir}")
+        minutes = (time.perf_counter() - t_start) / 60
+        print(f"done: {run_dir} ({args.max_steps} steps, {minutes:.1f} min)\nnext:\n{next_commands(args, run_dir)}", flush=True)
 
 
 if __name__ == "__main__":

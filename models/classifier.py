@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from models.common import atomic_torch_save
 
@@ -57,6 +58,7 @@ def train_classifier(train_x, train_y, test_x, test_y, epochs=5, min_steps=300, 
     x_all = torch.from_numpy(np.ascontiguousarray(train_x)).permute(0, 3, 1, 2)
     y_all = torch.from_numpy(train_y).long()
     g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=epochs * -(-len(y_all) // 256), desc="feature classifier", unit="batch", disable=None)  # a bar on a terminal
     for epoch in range(epochs):
         model.train()
         for idx in torch.randperm(len(y_all), generator=g).split(256):
@@ -64,6 +66,8 @@ def train_classifier(train_x, train_y, test_x, test_y, epochs=5, min_steps=300, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            bar.update()
+    bar.close()
     _, logits = features_and_logits(model, test_x)
     acc = float((logits.argmax(1) == test_y).mean())
     log(f"feature classifier: {epochs} epochs, test accuracy {acc:.4f}")

@@ -26,6 +26,10 @@ def run_main(main):
         sys.exit(2)
 
 
+UMASK = os.umask(0o022)  # read the process's umask (the only way is to set it) ...
+os.umask(UMASK)  # ... and put it back
+
+
 def _atomic_write(path, write_fn):
     """Write to a temp file in the same directory, fsync, then rename over `path`: a reader (or a
     crash) sees either the old file or the complete new one, never a partial write."""
@@ -33,6 +37,7 @@ def _atomic_write(path, write_fn):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-" + os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600: give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
@@ -124,16 +129,21 @@ def setup_distributed(device_flag):
     return rank, world, device
 
 
-def measure_matmul_tflops(device, dtype=torch.bfloat16, n=8192, iters=20):
-    """Dense matmul rate of this GPU (the denominator of MFU), measured rather than looked up."""
+def measure_matmul_tflops(device, dtype=torch.bfloat16, n=None, iters=None):
+    """Dense matmul rate of this device in `dtype` (the denominator of MFU), measured rather than
+    looked up: n x n products, 8192 on a GPU, 1024 on a CPU (a few seconds at most)."""
+    cuda = device.type == "cuda"
+    n, iters = n or (8192 if cuda else 1024), iters or (20 if cuda else 10)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         a @ b
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
 
 

@@ -12,7 +12,7 @@ Feature networks map such a batch to named float32 outputs ("kinds"):
              keeps the first 7 channels and flattens in H, W, C order (2 023 dims)
 
 Cache layout (reference and training sets), one folder per (dataset, network):
-    <out-dir>/features/<dataset name>-<sha1 of its identity>/<network name>-<sha1 of its weights>/
+    <cache-dir>/features/<dataset name>-<sha1 of its identity>/<network name>-<sha1 of its weights>/
         feat.npy          float16 (N, D), read back as a memmap, in chunks
         stats_<kind>.npz  GaussianStats in float64, accumulated from the float32 outputs (FID / sFID
                           mean and covariance; per-class sums and scatter of the training set: RMD)
@@ -35,6 +35,12 @@ from PIL import Image
 from models.common import UsageError, atomic_write_json
 from models.data import center_crop_arr
 from models.metrics import GaussianStats
+
+def default_cache_dir():
+    """evaluate.py's classifier and feature cache, shared by all runs of all out-dirs."""
+    return os.environ.get("SLIGHT_CORRUPTION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "slight-corruption")
+
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SFID_CHANNELS = 7  # ADM: mixed_6/conv[..., :7]

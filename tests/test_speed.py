@@ -1,0 +1,82 @@
+"""Speed, checked where a CPU can check it: benchmark.py's FLOP count and report, and no host
+syncs in the training loop between log steps."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.build import build_model  # noqa: E402
+from tests.helpers import REPO, make_fake_fmnist, run_script  # noqa: E402
+
+TINY = ["--model", "DiT-T/8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup-steps", "0", "--lr-decay", "none"]
+
+
+@pytest.mark.parametrize("name, size, channels", [("DiT-T/4", 32, 1), ("DiT-S/2", 32, 4), ("DiT-B/4", 16, 3)])
+def test_flops_per_forward_matches_flop_counter(name, size, channels):
+    """benchmark.py's MFU rests on flops_per_forward(): it must equal what torch's FlopCounterMode
+    counts for a real forward (matmuls, the patch-embedding conv, attention via the MATH backend,
+    which FlopCounterMode decomposes into counted bmm's) to within 1 %."""
+    model = build_model(name, input_size=size, in_channels=channels, num_classes=10, class_dropout=0.1, learn_sigma=True).eval()
+    x, t, y = torch.randn(2, channels, size, size), torch.tensor([3, 500]), torch.tensor([1, 10])
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    counted = counter.get_total_flops() / 2
+    assert abs(model.flops_per_forward() - counted) / counted < 0.01, (model.flops_per_forward(), counted)
+
+
+def test_benchmark_reports_throughput_and_mfu():
+    proc = run_script("benchmark.py", ["--model", "DiT-T/4", "--batch-size", "8", "--sample-batch-size", "4", "--sample-steps", "2",
+                                       "--iters", "2", "--warmup", "1"])
+    for what in ("train", "sample"):
+        m = re.search(rf"^{what}\s+([\d.]+) img/s\s+([\d.]+) TFLOP/s\s+MFU\s+([\d.]+)%", proc.stdout, re.M)
+        assert m, proc.stdout
+        img_s, mfu = float(m.group(1)), float(m.group(3))
+        assert img_s > 0 and 0 < mfu < 150, proc.stdout  # against the measured matmul peak
+    assert "measured fp32 matmul peak" in proc.stdout
+    bad = run_script("benchmark.py", ["--model", "DiT-Q/3"], check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: unknown --model 'DiT-Q/3'; choose one of: " + bad.stderr.split("choose one of: ")[1].strip()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fmnist")
+    make_fake_fmnist(d, n=256)
+    return d
+
+
+def test_no_host_sync_between_log_steps(data, tmp_path, monkeypatch):
+    """Between log steps the loop must never read a tensor back to the host (on a GPU each read
+    stalls the pipeline): count .item() / .tolist() / .cpu() / .numpy() / float() / int() / bool()
+    called from the repo's code in a 3-step and a 6-step run that log and checkpoint only at their
+    end; the extra steps must add no call."""
+    import train
+    counts = {"n": 0}
+    repo = str(REPO)
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(repo) and "site-packages" not in caller and "/tests/" not in caller:
+                counts["n"] += 1
+            return original(self, *a, **k)
+        return wrapper
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    reads = {}
+    for steps in (3, 6):
+        monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "--data-path", str(data), "--out-dir", str(tmp_path), "--run-name",
+                                          f"s{steps}", "--max-steps", str(steps), "--log-every", str(steps), "--cep",
+                                          "--corrupt", "0.1", "--input-perturbation", "0.1"])
+        counts["n"] = 0
+        train.main()
+        reads[steps] = counts["n"]
+    assert reads[3] > 0  # the counter sees the reads at the log and checkpoint step
+    assert reads[6] == reads[3], reads
