@@ -47,6 +47,7 @@ from models.controls import ControlData, control_cache_path, control_maps, image
 from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
 from models.diffusion import DEFAULT_DIFFUSION, classifier_free_guidance, skipping_timesteps
 from models.dit import config_from_state_dict
+from models.runs import launch_ranks
 from models.from_diffusers import checkpoint_from_diffusers_pipeline, is_diffusers_pipeline
 
 CONTROLS = ("canny", "seg")
@@ -316,6 +317,8 @@ def main():
         train.resolve_run(args, parser)
     stage = Finetune(args)
     train.check_args(args)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:  # check here, then start the ranks with torchrun
+        launch_ranks(args.nproc_per_node, lambda: train.check_only(args, parser, stage))
     rank, world, device = setup_distributed(args.device)
     try:
         train.train(args, parser, rank, world, device, stage)

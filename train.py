@@ -16,11 +16,12 @@ Output: <out-dir>/<run>/config.json, log.jsonl, ckpt/last.pt and ckpt/<step>.pt
 (model, ema, optimizer, scaler, step, RNG states, config; loadable with weights_only=True).
 """
 import argparse
+import contextlib
 import copy
+import io
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -44,7 +45,7 @@ from models.build import CLASS_COND_MODES, LEGACY_RUN, MODEL_NAMES, UNET_CONFIGS
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
-NOT_SAVED = {"resume", "resume_from", "out_dir", "run", "dry_run"}  # where the run is, not what it is
+NOT_SAVED = {"resume", "resume_from", "out_dir", "run", "dry_run", "nproc_per_node"}  # where the run is, not what it is
 
 
 def get_parser():
@@ -103,6 +104,8 @@ def get_parser():
     a("--resume", action="store_true", help="continue <out-dir>/<run> from ckpt/last.pt")
     a("--resume-from", default=None, metavar="CKPT", help="continue a run from one of its numbered checkpoints, <run>/ckpt/<step>.pt")
     a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
+    a("--nproc-per-node", type=int, default=1, help="start N ranks on this machine: checks the input, then runs torchrun "
+      "--standalone --nproc_per_node=N with the same flags (ignored under torchrun)")
     a("--dry-run", action="store_true", help="check the input, print the effective configuration and exit (writes nothing)")
     p.epilog = recipe_table()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -162,12 +165,21 @@ def main():
     parser = get_parser()
     args = parser.parse_args()
     check_args(args)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:  # check here, then start the ranks with torchrun
+        runs.launch_ranks(args.nproc_per_node, lambda: check_only(args, parser))
     rank, world, device = setup_distributed(args.device)
     try:
         train(args, parser, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_only(args, parser, stage=None):
+    """Every input check of train() for args.nproc_per_node ranks, in this process; writes nothing."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(argparse.Namespace(**{**vars(args), "dry_run": True}), parser, 0, args.nproc_per_node,
+              setup_distributed(args.device)[2], stage)
 
 
 def load_data(args):
@@ -239,22 +251,6 @@ def log(log_path, record, eta_s):
     sys.stdout.flush()
 
 
-def next_commands(args, run_dir):
-    """The sample and evaluate commands for this run, printed when training ends."""
-    run, tag = shlex.quote(run_dir), "quick"
-    if getattr(args, "method", None) == "lcm":  # finetune.py --method lcm: a few steps at the embedded guidance
-        scales = f"{1 + min(max(2.0, args.w_min), args.w_max):g}"
-        flags = f"--sampler lcm --steps 4 --cfg-scale {scales}"
-    else:
-        scales = "1,3" if args.class_dropout > 0 else "1"
-        flags = f"--steps 20 --cfg-scale {scales}"
-    if getattr(args, "method", None) in ("controlnet", "t2i-adapter"):
-        flags += f" --control {shlex.quote(os.path.join(run_dir, 'controls'))}"
-    folder = os.path.join(run_dir, "samples", tag + (f"_cfg{scales.split(',')[-1]}" if "," in scales else ""))
-    return (f"python sample.py --run {run} --num-samples 1000 {flags} --tag {tag}\n"
-            f"python evaluate.py --samples {shlex.quote(folder)}")
-
-
 def train(args, parser, rank, world, device, stage=None):
     """The training loop of train.py, and of finetune.py, whose `stage` supplies the data
     (load_data), the model (new_model: the pre-trained one, adapted) and files to write (prepare)."""
@@ -308,7 +304,8 @@ def train(args, parser, rank, world, device, stage=None):
     startup = (f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
                f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), {world} rank(s) on {device.type}, "
                f"{precision}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else "")
-               + ("" if ckpt is None or rng_restored else " (RNG reseeded: the checkpoint has another number of ranks)"))
+               + ("" if ckpt is None or rng_restored else " (RNG reseeded: the checkpoint has another number of ranks)")
+               + (" (torchrun starts 1 rank unless --nproc_per_node=N)" if world == 1 and "TORCHELASTIC_RUN_ID" in os.environ else ""))
 
     # ---- all checks passed: write the manifest, config and (on resume) the trimmed log ------
     config = run_config(args)
@@ -424,7 +421,7 @@ def train(args, parser, rank, world, device, stage=None):
     progress.close()
     if master:
         minutes = (time.perf_counter() - t_start) / 60
-        print(f"done: {run_dir} ({args.max_steps} steps, {minutes:.1f} min)\nnext:\n{next_commands(args, run_dir)}", flush=True)
+        print(f"done: {run_dir} ({args.max_steps} steps, {minutes:.1f} min)\nnext:\n{runs.next_commands(args, run_dir)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ resuming it (from ckpt/last.pt or a numbered checkpoint), and writing its checkp
 import glob
 import json
 import os
+import shlex
+import sys
 import tempfile
 
 import torch
@@ -10,6 +12,25 @@ import torch
 from models.common import UsageError, atomic_torch_save
 
 CKPT_KEYS = {"model", "ema", "opt", "step"}
+
+
+def launch_ranks(nproc, check):
+    """`python <script> --nproc-per-node N ...`: call check() (every input check, writing nothing)
+    in this process, so that bad input is one error line and exit status 2 (under torchrun it would
+    be wrapped in torchrun's failure report, exit 1), then become torchrun starting N ranks of the
+    same script with the same flags (less --nproc-per-node and its argparse abbreviations)."""
+    check()
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        name = arg.split("=")[0]
+        if skip or (len(name) > 3 and "--nproc-per-node".startswith(name)):
+            skip = not skip and "=" not in arg
+            continue
+        argv.append(arg)
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}  # torchrun's default is 1, with a warning
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                               "--", sys.argv[0], *argv], env)
 
 
 def check_writable(folder, flag):
@@ -114,3 +135,23 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
         flag = "--resume-from" if args.resume_from else "--resume"
         raise UsageError(f"{flag}: {ckpt_path} is not a readable checkpoint" + ("" if args.resume_from else resume_hint(run_dir)))
     return run_dir, ckpt
+
+
+def next_commands(args, run_dir):
+    """The sample and evaluate commands for this run, printed when training ends."""
+    run, tag = shlex.quote(run_dir), "quick"
+    if getattr(args, "method", None) == "lcm":  # finetune.py --method lcm: a few steps at the embedded guidance
+        scales = f"{1 + min(max(2.0, args.w_min), args.w_max):g}"
+        flags = f"--sampler lcm --steps 4 --cfg-scale {scales}"
+    else:
+        scales = "1,3" if args.class_dropout > 0 else "1"
+        flags = f"--steps 20 --cfg-scale {scales}"
+    ref = ""
+    if getattr(args, "method", None) in ("controlnet", "t2i-adapter"):  # held-out controls and their images
+        flags += f" --control {shlex.quote(os.path.join(run_dir, 'controls'))}"
+        ref = f" --ref {shlex.quote(os.path.join(run_dir, 'controls', 'reference.npz'))}"
+    elif not args.dataset.startswith("fashion-mnist"):
+        ref = " --ref REAL_IMAGES   # a folder or an ADM .npz of real images"
+    folder = os.path.join(run_dir, "samples", tag + (f"_cfg{scales.split(',')[-1]}" if "," in scales else ""))
+    return (f"python sample.py --run {run} --num-samples 1000 {flags} --tag {tag}\n"
+            f"python evaluate.py --samples {shlex.quote(folder)}{ref}")

@@ -93,6 +93,10 @@ def test_damaged_last_names_the_intact_checkpoint_and_resume_from_it_is_exact(tr
 
 @pytest.mark.parametrize("script, args, needles", [
     ("train.py", ["--out-dir", "{file}/out"], ["--out-dir", "is not a directory"]),
+    # the README's 2-rank command after the run exists: checked before torchrun starts, so no torchrun failure report
+    ("train.py", ["--nproc-per-node", "2", *TINY, "--out-dir", "{out}"], ["already holds a run; pass --resume"]),
+    ("train.py", ["--nproc-per-node", "2", *TINY, "--out-dir", "{out}", "--global-batch-size", "15", "--run-name", "odd"],
+     ["--global-batch-size 15 is not divisible by 2 ranks"]),
     ("corrupt_data.py", ["--corrupt", "0.1", "--out-dir", "{file}/out"], ["--out-dir"]),
     ("sample.py", ["--run", "{run}", "--num-samples", "0"], ["--num-samples must be positive, got 0"]),
     ("sample.py", ["--run", "{run}", "--batch-size", "-1"], ["--batch-size must be positive, got -1"]),
@@ -104,7 +108,7 @@ def test_bad_input_is_one_line_with_exit_2(trained, data, tmp_path, script, args
     out, run_dir, _ = trained
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    full = [a.format(file=blocker, run=run_dir) for a in args]
+    full = [a.format(file=blocker, run=run_dir, out=out) for a in args]
     if script in ("train.py", "corrupt_data.py"):
         full += ["--data-path", str(data)]
     before = tree_snapshot(out)
