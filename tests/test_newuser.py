@@ -121,3 +121,14 @@ def test_sample_rerun_names_the_setting_that_differs(trained):
     common = ["--run", run_dir, "--num-samples", "4", "--steps", "2", "--tag", "rerun"]
     run_script("sample.py", common)
     one_error_line(run_script("sample.py", [*common, "--clip-denoised"], check=False), "clip_denoised False (now True)")
+
+
+def test_nproc_per_node_starts_the_ranks_with_torchrun(data, tmp_path):
+    """python train.py --nproc-per-node 2 = torchrun --standalone --nproc_per_node=2 train.py: the same
+    run (same weights, since the run does not depend on the number of ranks), two ranks."""
+    common = [*TINY, "--data-path", data, "--out-dir", tmp_path, "--max-steps", "2"]
+    proc = run_script("train.py", [*common, "--nproc-per-node", "2", "--run-name", "launched"])
+    assert "2 rank(s) on cpu" in proc.stdout and "nproc_per_node" not in json.loads((tmp_path / "launched" / "config.json").read_text())
+    run_script("train.py", [*common, "--run-name", "direct"], nproc=2)
+    a, b = (torch.load(tmp_path / r / "ckpt" / "last.pt", weights_only=True)["model"] for r in ("launched", "direct"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
