@@ -27,6 +27,7 @@ control, for evaluate.py's control fidelity).
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -67,9 +68,13 @@ def get_parser():
     a("--vae", default=None, help="autoencoder that decodes a latent model's samples (default: the run's --vae)")
     a("--prompts", default=None, help="text models: a file of captions, one per line (default: held-out captions)")
     a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the model (pays off for large sample sets)")
     a("--control", default=None, help="adapted models (finetune.py): folder of control images, <label>/<name>.png "
       "(or flat, labels i mod K), e.g. <run>/controls; image i gets control i mod M and its label (classes interleaved)")
     return p
+
+
+TIMING = ("img_per_s", "seconds")  # written to sample_config.json after sampling; not settings
 
 
 def read_controls(folder, model):
@@ -278,9 +283,10 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         with open(config_path) as f:
             saved, now = json.load(f), json.loads(json.dumps(config))
         differ = [k if isinstance(saved.get(k), dict) else f"{k} {saved.get(k)} (now {now.get(k)})"
-                  for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+                  for k in sorted((saved.keys() | now.keys()) - set(TIMING)) if saved.get(k) != now.get(k)]
         if differ:
             raise UsageError(f"{out} holds samples made with other settings: {', '.join(differ)}; choose another --tag")
+        config.update({k: saved[k] for k in TIMING if k in saved})  # a rerun that makes nothing keeps them
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -310,6 +316,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
     batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % world == rank and not all(os.path.exists(png(i)) for i in b)]
+    net = torch.compile(model) if args.compile else model
+    t_start, made = time.perf_counter(), torch.tensor(sum(len(b) for b in mine), device=device)
     for idx in tqdm(mine, desc=f"{tag} rank {rank}", disable=rank != 0):
         draw = ImageNoise(args.seed, idx, shape, device)  # image i's noise depends on (seed, i) only
         if text:  # guidance against the empty caption
@@ -320,17 +328,21 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         extra = {"control": torch.from_numpy(controls[idx.start: idx.stop]).to(device).float() / 255} if controls is not None else {}
         if args.lcm:  # the student's embedded guidance w = s - 1: one forward, no unconditional half
             w = torch.full((len(idx),), scale - 1.0, device=device)
-            model_fn = lambda x, t: model(x, t, *(cond if isinstance(cond, tuple) else (cond,)), guidance=w, **extra)  # noqa: E731
+            model_fn = lambda x, t: net(x, t, *(cond if isinstance(cond, tuple) else (cond,)), guidance=w, **extra)  # noqa: E731
         else:
-            model_fn = classifier_free_guidance(model, cond, null, scale, args.cfg_channels, extra)
+            model_fn = classifier_free_guidance(net, cond, null, scale, args.cfg_channels, extra)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
         if vae is not None:
             x = decode_latents(vae, x.float())
         for i, arr in zip(idx, to_uint8(x)):
             save_png(png(i), arr)
+    seconds = time.perf_counter() - t_start
     if world > 1:
-        dist.barrier()
+        dist.all_reduce(made)  # images made by all ranks (the barrier the assembly needs)
+    if rank == 0 and made > 0:  # sampling speed of this invocation, all ranks together
+        config.update(img_per_s=round(made.item() / seconds, 2), seconds=round(seconds, 1))
+        atomic_write_json(config_path, config)
     if rank == 0:  # assemble from the PNGs, so the arrays are exactly what is on disk
         images = np.stack([np.asarray(Image.open(png(i))) for i in range(args.num_samples)])
         if images.ndim == 3:
