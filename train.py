@@ -44,7 +44,7 @@ from models import runs
 from models.build import CLASS_COND_MODES, LEGACY_RUN, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
-NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "device", "num_workers", "dry_run"}
+NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "grad_checkpoint", "device", "num_workers", "dry_run"}
 NOT_SAVED = {"resume", "resume_from", "out_dir", "run", "dry_run", "nproc_per_node"}  # where the run is, not what it is
 
 
@@ -93,6 +93,7 @@ def get_parser():
       help="use decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA")
     a("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--grad-checkpoint", action="store_true", help="activation checkpointing of every block: less memory, ~1/3 more compute")
     # bookkeeping
     a("--ckpt-every", type=int, default=None, help="numbered checkpoint (and last.pt) every N steps")
     a("--log-every", type=int, default=50)
@@ -281,6 +282,9 @@ def train(args, parser, rank, world, device, stage=None):
         return
     model, model_config = stage.new_model(args, dataset, text) if stage else new_model(args, dataset, text)
     model = model.to(device)
+    for module in model.modules():  # the denoiser (inside a text or adapted model too)
+        if hasattr(module, "grad_checkpoint"):
+            module.grad_checkpoint = args.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
@@ -331,7 +335,7 @@ def train(args, parser, rank, world, device, stage=None):
         torch.backends.cudnn.allow_tf32 = True
     net = torch.compile(model) if args.compile else model
     if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, static_graph=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "fp32" else nullcontext())
     train_conditions = conditions if text else torch.from_numpy(conditions).to(device)

@@ -353,9 +353,11 @@ def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, d
         # horizontal flips (ImageFolder data and latents) fixed by (seed, epoch): resume and world size don't change them
         flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(derived_seed(seed, epoch, 1))) < 0.5
         if hasattr(dataset, "get_batch"):  # in-memory / memory-mapped data: vectorised gather, no workers
-            for chunk in order.split(local_batch):
-                x = dataset.get_batch(chunk, flips[chunk]) if getattr(dataset, "random_flip", False) else dataset.get_batch(chunk)
-                yield to_device(x, device), chunk.to(device), epoch
+            def gathered(order=order, flips=flips):
+                for chunk in order.split(local_batch):
+                    yield dataset.get_batch(chunk, flips[chunk]) if getattr(dataset, "random_flip", False) else dataset.get_batch(chunk), chunk
+            for x, chunk in (prefetched(gathered()) if device.type == "cuda" else gathered()):
+                yield to_device(x, device), chunk.to(device, non_blocking=True), epoch
         else:  # files: workers decode
             keys = [(i, bool(flips[i])) for i in order.tolist()]
             loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
@@ -363,6 +365,32 @@ def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, d
             for x, idx in loader:
                 yield to_device(x, device), idx.to(device), epoch
         step += steps_per_epoch - offset
+
+
+def prefetched(batches, depth=2, pin=True):
+    """A batch iterator run `depth` batches ahead in a thread, each batch in pinned memory: the GPU
+    computes the step while the next batch is gathered (e.g. from latent memory maps) and copied."""
+    import queue
+    import threading
+
+    def pinned(x):
+        if isinstance(x, (tuple, list)):
+            return tuple(pinned(v) for v in x)
+        return x.pin_memory() if pin else x
+    ready, done = queue.Queue(depth), object()
+
+    def work():
+        try:
+            for item in batches:
+                ready.put(pinned(item))
+        except BaseException as e:  # noqa: BLE001  (re-raised in the training loop)
+            ready.put(e)
+        ready.put(done)
+    threading.Thread(target=work, daemon=True).start()
+    while (item := ready.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def to_device(x, device):

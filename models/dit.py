@@ -164,6 +164,14 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def run_block(block, grad_checkpoint, *inputs):
+    """block(*inputs), with activation checkpointing when training with grad_checkpoint: the
+    block's activations are recomputed in the backward pass instead of kept (memory for time)."""
+    if grad_checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the condition c (adaLN-Zero): shift,
     scale and a residual gate for both the attention and the MLP branch, regressed from c by a
@@ -230,6 +238,7 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, class_dropout=0.1, num_classes=None, learn_sigma=True, text_dim=0,
                  text_mode="pooled", t_freq_shift=0, guidance_dim=0):
         super().__init__()
+        self.grad_checkpoint = False  # train.py --grad-checkpoint: recompute each block's activations in the backward
         num_classes = (0 if text_dim else 1000) if num_classes is None else num_classes
         if text_mode not in TEXT_MODES:
             raise ValueError(f"unknown text_mode '{text_mode}'; choose one of {TEXT_MODES}")
@@ -341,7 +350,7 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             if residuals and i in residuals:
                 h = h + residuals[i].to(h.dtype)
-            h = block(h, c, tokens, mask)
+            h = run_block(block, self.grad_checkpoint, h, c, tokens, mask)
         return self.unpatchify(self.final_layer(h, c))
 
     def flops_per_forward(self, context_len=77):

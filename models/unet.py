@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.dit import LabelEmbedder, TimestepEmbedder, guidance_embedding
+from models.dit import LabelEmbedder, TimestepEmbedder, guidance_embedding, run_block
 
 CLASS_COND_MODES = ("crossattn", "add")
 
@@ -263,6 +263,7 @@ class UNet(nn.Module):
                  context_dim=None, num_classes=10, class_cond="crossattn", class_dropout=0.1,
                  learn_sigma=False, dropout=0.0, guidance_dim=0):
         super().__init__()
+        self.grad_checkpoint = False  # train.py --grad-checkpoint (models/dit.py run_block)
         if num_classes and class_cond not in CLASS_COND_MODES:
             raise ValueError(f"unknown class_cond '{class_cond}'; choose one of {CLASS_COND_MODES}")
         if num_classes and class_cond == "crossattn" and context_dim is None:
@@ -390,16 +391,16 @@ class UNet(nn.Module):
         residuals = residuals or {}
         skips, h = [], x
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context)
+            h = run_block(block, self.grad_checkpoint, h, emb, context)
             if i in residuals.get("features", {}):
                 h = h + residuals["features"][i].to(h.dtype)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run_block(self.middle_block, self.grad_checkpoint, h, emb, context)
         if "skips" in residuals:
             skips = [s + r.to(s.dtype) for s, r in zip(skips, residuals["skips"])]
             h = h + residuals["middle"].to(h.dtype)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = run_block(block, self.grad_checkpoint, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
 
     def flops_per_forward(self, context_len=77):

@@ -42,6 +42,35 @@ def test_benchmark_reports_throughput_and_mfu():
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: unknown --model 'DiT-Q/3'; choose one of: " + bad.stderr.split("choose one of: ")[1].strip()]
 
 
+@pytest.mark.parametrize("name", ["DiT-T/4", "UNet-T"])
+def test_forward_compiles_without_graph_breaks(name):
+    """torch.compile captures the whole forward as one graph (a graph break would split the
+    compiled step and fall back to Python in between)."""
+    import torch._dynamo
+    model = build_model(name, input_size=32, in_channels=1, num_classes=10, class_dropout=0.1, learn_sigma=True)
+    explained = torch._dynamo.explain(model)(torch.randn(2, 1, 32, 32), torch.tensor([3, 500]), torch.tensor([1, 10]))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+@pytest.mark.parametrize("name", ["DiT-T/4", "UNet-T"])
+def test_grad_checkpoint_gives_the_same_gradients(name):
+    """--grad-checkpoint recomputes block activations in the backward: same loss, same gradients."""
+    torch.manual_seed(0)
+    model = build_model(name, input_size=32, in_channels=1, num_classes=10, class_dropout=0.1, learn_sigma=True)
+    with torch.no_grad():  # move the zero-initialised layers, so that every block gets a gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, t, y = torch.randn(4, 1, 32, 32), torch.tensor([3, 500, 999, 10]), torch.tensor([1, 10, 4, 2])
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpoint = flag
+        model.zero_grad()
+        model(x, t, y).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+    assert sum(bool(g.abs().sum() > 0) for g in grads[0]) > 0.9 * len(grads[0])  # nearly every parameter moves
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("fmnist")
@@ -80,3 +109,17 @@ def test_no_host_sync_between_log_steps(data, tmp_path, monkeypatch):
         reads[steps] = counts["n"]
     assert reads[3] > 0  # the counter sees the reads at the log and checkpoint step
     assert reads[6] == reads[3], reads
+
+
+def test_prefetched_batches_keep_order_and_errors():
+    """The GPU data path's read-ahead thread (models.data.prefetched; pinning needs a GPU, off here)."""
+    from models.data import prefetched
+    items = [(torch.full((2,), float(i)), torch.tensor([i])) for i in range(7)]
+    got = list(prefetched(iter(items), depth=2, pin=False))
+    assert [int(c) for _, c in got] == list(range(7)) and all(torch.equal(a[0], b[0]) for a, b in zip(got, items))
+
+    def failing():
+        yield items[0]
+        raise OSError("disk gone")
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetched(failing(), pin=False))
