@@ -14,6 +14,7 @@ image and step for guided sampling. MFU = achieved / measured peak, so on a CPU 
 what this CPU's matmul reaches in that precision, not a datasheet number.
 """
 import argparse
+import contextlib
 import copy
 import resource
 import time
@@ -22,7 +23,7 @@ import torch
 
 from models.build import MODEL_NAMES, build_model
 from models.common import UsageError, measure_matmul_tflops, run_main, update_ema
-from models.diffusion import DEFAULT_DIFFUSION, GaussianDiffusion, Sampler, classifier_free_guidance
+from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, GaussianDiffusion, Sampler, classifier_free_guidance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +44,8 @@ def get_parser():
     a("--iters", type=int, default=10, help="timed training steps (after --warmup)")
     a("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, caches)")
     a("--mode", default="both", choices=("train", "sample", "both"))
+    a("--baseline", action="store_true", help="also time sampling as sample.py did before its speed-ups (batch 64, eager, "
+      "fp32) in the same run, and print the speed-up")
     a("--device", default="auto", help="auto | cpu | cuda")
     return p
 
@@ -123,17 +126,22 @@ def main():
         results["train"] = report("train", B / seconds, 3 * flops, peak, device)
     if args.mode in ("sample", "both"):
         model.eval()
-        B = args.sample_batch_size or 64
         sampler = Sampler(diffusion, "dpm-solver++", args.sample_steps)
-        x, y = torch.randn(B, *shape, device=device), torch.arange(B, device=device) % args.num_classes
-        guided = classifier_free_guidance(net, y, args.num_classes, args.cfg_scale)
-
-        def sample_batch():
-            with torch.no_grad(), autocast:
-                sampler.sample(guided, x)
-        seconds = timed(sample_batch, max(1, args.iters // 5), 1, device)
         per_image = (2 if args.cfg_scale != 1 else 1) * flops * args.sample_steps
-        results["sample"] = report("sample", B / seconds, per_image, peak, device)
+
+        def sampling_speed(network, B, cast):  # sample.py's loop body: one batch of guided DPM-Solver++
+            x, y = torch.randn(B, *shape, device=device), torch.arange(B, device=device) % args.num_classes
+            guided = classifier_free_guidance(network, y, args.num_classes, args.cfg_scale)
+
+            def sample_batch():
+                with torch.no_grad(), cast:
+                    sampler.sample(guided, x)
+            return B / timed(sample_batch, max(1, args.iters // 5), 1, device)
+        if args.baseline:
+            results["baseline"] = report("baseline", sampling_speed(model, 64, contextlib.nullcontext()), per_image, peak, device)
+        results["sample"] = report("sample", sampling_speed(net, args.sample_batch_size or SAMPLE_BATCH, autocast), per_image, peak, device)
+        if args.baseline:
+            print(f"sampling speed-up over the baseline: {results['sample']['img_per_s'] / results['baseline']['img_per_s']:.2f}x")
     return results
 
 

@@ -71,6 +71,29 @@ def test_grad_checkpoint_gives_the_same_gradients(name):
     assert sum(bool(g.abs().sum() > 0) for g in grads[0]) > 0.9 * len(grads[0])  # nearly every parameter moves
 
 
+def test_attention_qualifies_for_the_flash_kernel(monkeypatch):
+    """On a GPU, F.scaled_dot_product_attention takes the flash kernel only for fp16 / bf16 inputs
+    with a head dimension that is a multiple of 8 and at most 256, no mask, no dropout: check what
+    the class DiT passes it under bf16 autocast (here on CPU), and DiT-XL/2's head size."""
+    import torch.nn.functional as F
+    from models.dit import DIT_SIZES
+    seen, original = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, *a, **kw):
+        seen.append((q.dtype, q.shape[-1], q.stride(-1), kw.get("attn_mask"), kw.get("dropout_p", 0.0), a))
+        return original(q, k, v, *a, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = build_model("DiT-S/2", input_size=16, in_channels=4, num_classes=10, class_dropout=0.1, learn_sigma=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 4, 16, 16), torch.tensor([3, 500]), torch.tensor([1, 10]))
+    assert len(seen) == 12
+    for dtype, head_dim, stride, mask, dropout, extra in seen:
+        assert dtype == torch.bfloat16 and head_dim % 8 == 0 and head_dim <= 256 and stride == 1
+        assert mask is None and dropout == 0.0 and extra == ()
+    depth, hidden, heads = DIT_SIZES["XL"]
+    assert hidden // heads == 72  # DiT-XL/2: 72 = 9 x 8
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("fmnist")
