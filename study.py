@@ -57,8 +57,10 @@ REFERENCE = "clean"  # every setting is read against it
 # main job's 2,000; ~5.5 min), no guidance and 3 scales around the main job's best (3) at 1,000 images
 # each (~5 min), 4 evaluations (~1.5 min). Other datasets default to train.py's recipe and the paper's
 # sampling (50 K images, 50 steps).
-EMBEDDED = dict(max_steps=1000, num_samples=1000, sample_steps=20, cfg_scales="1,2,3,4", fixed_cfg=3.0)
-PAPER = dict(max_steps=None, num_samples=50_000, sample_steps=50, cfg_scales="1,1.5,1.75,2,3,4", fixed_cfg=1.75)
+# The embedded study samples in batches of 64, the batch its committed results were made with (another
+# batch gives the same images up to float rounding in the batched matmuls).
+EMBEDDED = dict(max_steps=1000, num_samples=1000, sample_steps=20, cfg_scales="1,2,3,4", fixed_cfg=3.0, sample_batch_size=64)
+PAPER = dict(max_steps=None, num_samples=50_000, sample_steps=50, cfg_scales="1,1.5,1.75,2,3,4", fixed_cfg=1.75, sample_batch_size=None)
 
 
 def get_parser():
@@ -85,6 +87,7 @@ def get_parser():
     a("--sample-steps", type=int, default=None, help="DPM-Solver++ steps (embedded: 20, checked against 50; else 50)")
     a("--cfg-scales", default=None, help="guidance sweep (embedded: 1,2,3,4; else 1,1.5,1.75,2,3,4)")
     a("--fixed-cfg", type=float, default=None, help="the scale of the fixed-scale table (embedded: 3; else 1.75)")
+    a("--sample-batch-size", type=int, default=None, help="sample.py --batch-size (embedded: 64; else sample.py's default)")
     a("--sample-args", default="", help="more sample.py flags")
     a("--eval-args", default="", help="more evaluate.py flags, e.g. \"--ref ref.npz --features inception\"")
     return p
@@ -133,6 +136,7 @@ def sample_sets(args, run):
     run's first seed two checks: the same scale at 50 steps, and two more sampling seeds (the
     sampling noise that the seed-to-seed spread is read against)."""
     base = ["--sampler", "dpm-solver++", "--num-samples", str(args.num_samples)]
+    base += ["--batch-size", str(args.sample_batch_size)] if args.sample_batch_size else []
     sets = [(f"dpm{args.sample_steps}_cfg{s:g}", base + ["--steps", str(args.sample_steps), "--cfg-scale", f"{s:g}"])
             for s in args.scales]
     if run == f"{REFERENCE}_seed0":
