@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from models.common import ImageNoise, UsageError, atomic_write_json, atomic_write_text, run_main, setup_distributed
 from models.data import load_dataset
-from models.diffusion import DEFAULT_DIFFUSION, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
+from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
 from models.build import model_from_checkpoint
 from models.runs import check_writable
 from models.dit import config_from_state_dict
@@ -61,7 +61,7 @@ def get_parser():
     a("--clip-denoised", action="store_true", help="clip the predicted x_0 to [-1, 1] (pixel-space models)")
     a("--num-samples", type=int, default=1000)
     a("--class", dest="class_label", type=int, default=None, help="sample only this class")
-    a("--batch-size", type=int, default=64, help="images per forward pass (fixed across world sizes)")
+    a("--batch-size", type=int, default=SAMPLE_BATCH, help="images per forward pass (x2 with guidance; fixed across world sizes)")
     a("--seed", type=int, default=0)
     a("--tag", default=None, help="output folder name under <run>/samples/ (default: built from the settings)")
     a("--device", default="auto", help="auto | cpu | cuda")

@@ -1,7 +1,8 @@
 """
 Stage 2: pre-train a class-conditional DiT on (optionally corrupted) labels, optionally with CEP.
 
-    torchrun train.py --corrupt 0.025 --cep                                   # embedded default, CPU ok
+    python train.py --nproc-per-node 2 --corrupt 0.025 --cep                  # embedded default (README), CPU ok
+    torchrun --standalone --nproc_per_node=2 train.py --corrupt 0.025 --cep   # the same job under torchrun
     torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder \\
         --data-path /data/imagenet/train --image-size 256 ...                 # see README for the recipe
 
@@ -24,7 +25,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -337,7 +337,7 @@ def train(args, parser, rank, world, device, stage=None):
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, static_graph=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else nullcontext())
+                if precision != "fp32" else contextlib.nullcontext())
     train_conditions = conditions if text else torch.from_numpy(conditions).to(device)
     text_cache = None
     if text and model.text_encoder.is_frozen:  # a frozen encoder (CLIP) runs once per distinct caption
