@@ -22,7 +22,7 @@ import time
 import torch
 
 from models.build import MODEL_NAMES, build_model
-from models.common import UsageError, measure_matmul_tflops, run_main, update_ema
+from models.common import UsageError, compile_for_inference, measure_matmul_tflops, run_main, update_ema
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, GaussianDiffusion, Sampler, classifier_free_guidance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,7 +139,8 @@ def main():
             return B / timed(sample_batch, max(1, args.iters // 5), 1, device)
         if args.baseline:
             results["baseline"] = report("baseline", sampling_speed(model, 64, contextlib.nullcontext()), per_image, peak, device)
-        results["sample"] = report("sample", sampling_speed(net, args.sample_batch_size or SAMPLE_BATCH, autocast), per_image, peak, device)
+        sample_net = compile_for_inference(copy.deepcopy(model)) if args.compile else model  # sample.py --compile
+        results["sample"] = report("sample", sampling_speed(sample_net, args.sample_batch_size or SAMPLE_BATCH, autocast), per_image, peak, device)
         if args.baseline:
             print(f"sampling speed-up over the baseline: {results['sample']['img_per_s'] / results['baseline']['img_per_s']:.2f}x")
     return results

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models.common import ImageNoise, UsageError, atomic_write_json, atomic_write_text, run_main, setup_distributed
+from models.common import ImageNoise, UsageError, atomic_write_json, atomic_write_text, compile_for_inference, run_main, setup_distributed
 from models.data import load_dataset
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
 from models.build import model_from_checkpoint
@@ -68,7 +68,8 @@ def get_parser():
     a("--vae", default=None, help="autoencoder that decodes a latent model's samples (default: the run's --vae)")
     a("--prompts", default=None, help="text models: a file of captions, one per line (default: held-out captions)")
     a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the model (pays off for large sample sets)")
+    a("--compile", action="store_true", help="torch.compile the model with frozen weights (pays off for large sample sets; "
+      "with --precision bf16 about 2x faster on a CPU with bf16 instructions)")
     a("--control", default=None, help="adapted models (finetune.py): folder of control images, <label>/<name>.png "
       "(or flat, labels i mod K), e.g. <run>/controls; image i gets control i mod M and its label (classes interleaved)")
     return p
@@ -316,7 +317,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
     batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % world == rank and not all(os.path.exists(png(i)) for i in b)]
-    net = torch.compile(model) if args.compile else model
+    net = compile_for_inference(model) if args.compile else model
     t_start, made = time.perf_counter(), torch.tensor(sum(len(b) for b in mine), device=device)
     for idx in tqdm(mine, desc=f"{tag} rank {rank}", disable=rank != 0):
         draw = ImageNoise(args.seed, idx, shape, device)  # image i's noise depends on (seed, i) only

@@ -355,6 +355,6 @@ class Sampler:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "lcm")
-# sample.py's images per forward pass (x2 with guidance): on 2 CPU cores DiT-T/4 samples 1.6x faster
-# at 256 than at 64 (benchmark.py); on a GPU, as large as memory allows
-SAMPLE_BATCH = 256
+# sample.py's images per forward pass (x2 with guidance). On 2 CPU cores DiT-T/4 samples as fast at
+# 64 as at 128 and 10 % slower at 256 (benchmark.py); on a GPU pass a larger --batch-size.
+SAMPLE_BATCH = 64
