@@ -137,8 +137,9 @@ def main():
                 with torch.no_grad(), cast:
                     sampler.sample(guided, x)
             return B / timed(sample_batch, max(1, args.iters // 5), 1, device)
-        if args.baseline:
-            results["baseline"] = report("baseline", sampling_speed(model, 64, contextlib.nullcontext()), per_image, peak, device)
+        if args.baseline:  # its MFU against the fp32 peak
+            fp32_peak = peak if precision == "fp32" else measure_matmul_tflops(device, torch.float32)
+            results["baseline"] = report("baseline", sampling_speed(model, 64, contextlib.nullcontext()), per_image, fp32_peak, device)
         sample_net = compile_for_inference(copy.deepcopy(model)) if args.compile else model  # sample.py --compile
         results["sample"] = report("sample", sampling_speed(sample_net, args.sample_batch_size or SAMPLE_BATCH, autocast), per_image, peak, device)
         if args.baseline:
