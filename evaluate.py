@@ -278,8 +278,8 @@ def vq_codebook_metrics(vae, images, batch_size):
 
 
 def evaluate(args):
-    out_dir = args.cache_dir or default_cache_dir()  # the classifier and the feature cache
-    check_writable(out_dir, "--cache-dir")
+    cache_dir = args.cache_dir or default_cache_dir()  # the classifier and the feature cache
+    check_writable(cache_dir, "--cache-dir")
     images, labels, folder, config = load_samples(args.samples)
     if labels is not None and (labels < 0).any():  # prompts without a known class
         labels = None
@@ -306,7 +306,7 @@ def evaluate(args):
     if features == "fmnist":
         key = source_identity(dataset_split("fashion-mnist", data_path, "train")[0])[:16]  # trained once per training set
         classifier, out["classifier_test_accuracy"] = load_or_train_classifier(
-            os.path.join(out_dir, "classifier", f"fashion-mnist-{key}.pt"), lambda split: dataset_split("fashion-mnist", data_path, split))
+            os.path.join(cache_dir, "classifier", f"fashion-mnist-{key}.pt"), lambda split: dataset_split("fashion-mnist", data_path, split))
         net, suffix = FmnistNet(classifier), "_fmnist"
         shapes = {images.shape[1:]} | ({image_shape(ref_source)} if ref_source is not None else set())
         if shapes != {(32, 32, 1)}:
@@ -318,7 +318,7 @@ def evaluate(args):
     gen, gen_stats = extract(net, images, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
     ref_feats, ref_stats = None, {}
     if ref_source is not None:
-        ref_arrays, ref_stats, timings["reference"] = cached(net, ref_source, out_dir, ref_name, stats=("feat", "spatial"), **kw)
+        ref_arrays, ref_stats, timings["reference"] = cached(net, ref_source, cache_dir, ref_name, stats=("feat", "spatial"), **kw)
         ref_feats = ref_arrays["feat"]
     out["num_reference"] = int(len(ref_source)) if ref_source is not None else None
     metrics = reference_metrics(gen["feat"], gen_stats, ref_feats, ref_stats, pre, suffix, notes)
@@ -335,7 +335,7 @@ def evaluate(args):
             name, source, train_labels = "fashion-mnist-train", dataset_images(ds), ds.labels
         else:
             name, source, train_labels = training_set(args, run_config, dataset, data_path, images.shape[1])
-        tf, ts, timings[f"train_{tnet.name}"] = cached(tnet, source, out_dir, name, labels=train_labels, **kw)
+        tf, ts, timings[f"train_{tnet.name}"] = cached(tnet, source, cache_dir, name, labels=train_labels, **kw)
         g = gen["feat"] if tnet is net else extract(tnet, images, **kw)[0]["feat"]
         tsuffix = "_fmnist" if tnet.name == "fmnist" else "_clip"
         metrics.update(diversity_metrics(g, labels, tf["feat"], ts["feat"], tsuffix, args.mem_threshold))

@@ -1,5 +1,6 @@
-"""A run's folder, shared by train.py and finetune.py: finding it, checking it can be written,
-resuming it (from ckpt/last.pt or a numbered checkpoint), and writing its checkpoints."""
+"""A run's folder: finding it, resuming it (from ckpt/last.pt or a numbered checkpoint) and writing
+its checkpoints (train.py, finetune.py); starting the ranks (--nproc-per-node); checking that an
+output folder can be written (every stage)."""
 import glob
 import json
 import os
