@@ -22,7 +22,8 @@ import time
 import torch
 
 from models.build import MODEL_NAMES, build_model
-from models.common import UsageError, compile_for_inference, measure_matmul_tflops, run_main, update_ema
+from models.cep import cep_noise
+from models.common import UsageError, compile_for_inference, measure_matmul_tflops, run_main, step_generator, update_ema
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, GaussianDiffusion, Sampler, classifier_free_guidance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +47,8 @@ def get_parser():
     a("--mode", default="both", choices=("train", "sample", "both"))
     a("--baseline", action="store_true", help="also time sampling as sample.py did before its speed-ups (batch 64, eager, "
       "fp32) in the same run, and print the speed-up")
+    a("--ranks", type=int, default=1, help="data-parallel ranks: train.py draws the step's randomness for the global batch "
+      "(--batch-size x --ranks) on every rank; its cost is timed against the step")
     a("--device", default="auto", help="auto | cpu | cuda")
     return p
 
@@ -84,7 +87,7 @@ def main():
     args = get_parser().parse_args()
     if args.model not in MODEL_NAMES:
         raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODEL_NAMES)}")
-    for flag in ("input_size", "in_channels", "num_classes", "batch_size", "sample_steps", "iters"):
+    for flag in ("input_size", "in_channels", "num_classes", "batch_size", "sample_steps", "iters", "ranks"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -124,6 +127,18 @@ def main():
             update_ema(ema, model, 0.9999)
         seconds = timed(train_step, args.iters, args.warmup, device)
         results["train"] = report("train", B / seconds, 3 * flops, peak, device)
+
+        def random_draws(step=[0]):  # train.py's draws for the global batch (t, noise, dropout, CEP delta), every rank
+            step[0] += 1
+            G, g = B * args.ranks, step_generator(0, step[0], device)
+            torch.randint(0, diffusion.num_timesteps, (G,), generator=g, device=device)
+            torch.randn((G, *shape), generator=g, device=device)
+            torch.rand(G, generator=g, device=device)
+            cep_noise(G, model.cond_dim, 1.0, "uniform", generator=g, device=device)
+        draw_seconds = timed(random_draws, args.iters, args.warmup, device)
+        results["draws_fraction"] = draw_seconds / seconds
+        print(f"random draws for the global batch of {B * args.ranks}: {draw_seconds * 1e3:.3f} ms per step, "
+              f"{draw_seconds / seconds:.2%} of the training step", flush=True)
     if args.mode in ("sample", "both"):
         model.eval()
         sampler = Sampler(diffusion, "dpm-solver++", args.sample_steps)

@@ -38,6 +38,8 @@ def test_benchmark_reports_throughput_and_mfu():
         img_s, mfu = float(m.group(1)), float(m.group(3))
         assert img_s > 0 and 0 < mfu < 150, proc.stdout  # against the measured matmul peak
     assert "measured fp32 matmul peak" in proc.stdout
+    m = re.search(r"random draws for the global batch of 8: ([\d.]+) ms per step, ([\d.]+)% of the training step", proc.stdout)
+    assert m and 0 < float(m.group(2)) < 100, proc.stdout
     bad = run_script("benchmark.py", ["--model", "DiT-Q/3"], check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: unknown --model 'DiT-Q/3'; choose one of: " + bad.stderr.split("choose one of: ")[1].strip()]
 
