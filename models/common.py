@@ -16,14 +16,23 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr and exit status 2, nothing written."""
 
 
+class NothingToDo(Exception):
+    """What was asked is already on disk (e.g. the same finished run): said once, and exit status 0."""
+
+
 def run_main(main):
-    """Call main(); turn a UsageError into one 'error: ...' line (printed once, by rank 0) and exit 2."""
+    """Call main(); turn a UsageError into one 'error: ...' line (printed once, by rank 0) and exit 2,
+    and NothingToDo into its message and exit 0 (so torchrun ends quietly too)."""
     try:
         main()
     except UsageError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NothingToDo as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, flush=True)
+        sys.exit(0)
 
 
 UMASK = os.umask(0o022)  # read the process's umask (the only way is to set it) ...

@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 
-from models.common import UsageError, atomic_torch_save
+from models.common import NothingToDo, UsageError, atomic_torch_save
 
 CKPT_KEYS = {"model", "ema", "opt", "step"}
 
@@ -52,7 +52,7 @@ def check_writable(folder, flag):
 def read_checkpoint(path):
     """A train.py checkpoint, or None if it is unreadable (truncated, foreign pickle, wrong content)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001
         return None
     return ckpt if isinstance(ckpt, dict) and CKPT_KEYS <= ckpt.keys() else None
@@ -105,6 +105,7 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
     config_path = os.path.join(run_dir, "config.json")
     if not args.resume:
         if os.path.exists(config_path):
+            finished_same_run(run_dir, args, non_run_flags, legacy_defaults)
             raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --run-name / --out-dir")
         if os.path.isdir(run_dir) and os.listdir(run_dir):
             raise UsageError(f"{run_dir} exists and is not a run of train.py; choose another --run-name / --out-dir")
@@ -112,14 +113,9 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
     if not os.path.exists(config_path):
         raise UsageError(f"--resume: {run_dir} holds no run (no config.json)")
     try:
-        with open(config_path) as f:
-            saved = json.load(f)
+        saved, fresh, conflicts = compare_settings(config_path, parser, non_run_flags, legacy_defaults)
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume: cannot read {config_path}: {e}")
-    saved = {**legacy_defaults, **saved}
-    parser.set_defaults(**saved)
-    fresh = vars(parser.parse_args())  # the saved config, overridden by the flags given now
-    conflicts = [k for k, v in saved.items() if k not in non_run_flags and fresh.get(k) != v]
     if conflicts:
         raise UsageError(f"--resume: {run_dir} was trained with other settings: "
                          + ", ".join(f"--{k.replace('_', '-')}={saved[k]} (now {fresh[k]})" for k in conflicts))
@@ -136,6 +132,35 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
         flag = "--resume-from" if args.resume_from else "--resume"
         raise UsageError(f"{flag}: {ckpt_path} is not a readable checkpoint" + ("" if args.resume_from else resume_hint(run_dir)))
     return run_dir, ckpt
+
+
+def compare_settings(config_path, parser, non_run_flags, legacy_defaults):
+    """A run's saved config, the config the command line asks for (the saved one, overridden by the
+    flags given now), and the names of the run settings on which they differ."""
+    with open(config_path) as f:
+        saved = {**legacy_defaults, **json.load(f)}
+    parser.set_defaults(**saved)
+    fresh = vars(parser.parse_args())
+    return saved, fresh, [k for k, v in saved.items() if k not in non_run_flags and fresh.get(k) != v]
+
+
+def finished_same_run(run_dir, args, non_run_flags, legacy_defaults):
+    """Rerunning the command of a finished run (the same settings, last.pt at or past --max-steps) is
+    not an error: say so, with the next commands, and exit 0, so that `torchrun train.py ...` run
+    twice ends quietly. Returns if the run differs or is unfinished. A flag left at None (chosen at
+    run time, e.g. --precision) matches the value the run recorded."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = {**legacy_defaults, **json.load(f)}
+    except (OSError, ValueError):
+        return
+    asked = vars(args)
+    if any(asked[k] is not None and asked[k] != v for k, v in saved.items() if k in asked and k not in non_run_flags):
+        return
+    ckpt = read_checkpoint(os.path.join(run_dir, "ckpt", "last.pt"))
+    if ckpt is not None and ckpt["step"] >= args.max_steps:
+        raise NothingToDo(f"done already: {run_dir} holds this run, trained to step {ckpt['step']}; nothing to do (another "
+                          f"run of these settings needs another --run-name or --out-dir)\nnext:\n{next_commands(args, run_dir)}")
 
 
 def next_commands(args, run_dir):

@@ -132,3 +132,19 @@ def test_nproc_per_node_starts_the_ranks_with_torchrun(data, tmp_path):
     run_script("train.py", [*common, "--run-name", "direct"], nproc=2)
     a, b = (torch.load(tmp_path / r / "ckpt" / "last.pt", weights_only=True)["model"] for r in ("launched", "direct"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rerunning_a_finished_run_is_not_an_error_under_torchrun_either(trained, data):
+    """The developers' promise `torchrun train.py --corrupt 0.025 --cep`, run again after the run
+    finished: 'done already' and the next commands, exit 0, nothing written, no torchrun failure
+    report. The same command for a longer run, or with another setting, still refuses."""
+    out, run_dir, _ = trained
+    same = [*TINY, "--data-path", data, "--out-dir", out, "--max-steps", "5"]
+    before = tree_snapshot(out)
+    for nproc in (1, 2):
+        proc = run_script("train.py", same, nproc=nproc)
+        assert proc.stdout.count("done already:") == 1 and f"python sample.py --run {run_dir}" in proc.stdout, proc.stdout
+        assert "ChildFailedError" not in proc.stderr, proc.stderr
+    assert tree_snapshot(out) == before
+    one_error_line(run_script("train.py", [*same[:-1], "6"], check=False), "already holds a run; pass --resume")
+    one_error_line(run_script("train.py", [*same, "--lr", "2e-3"], check=False), "already holds a run; pass --resume")
