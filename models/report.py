@@ -90,21 +90,25 @@ def read_rows(out_dir, runs=None):
 
 # run flags that do not change what is trained (or are shown in their own column)
 NOT_A_SETTING = {"seed", "out_dir", "run", "resume", "dry_run", "max_steps", "ckpt_every", "log_every", "compile", "device",
-                 "num_workers", "data_path", "model"}
+                 "num_workers", "data_path", "model", "grad_checkpoint"}
 
 
 def distinguish_settings(rows):
     """Rows of runs trained differently (another lr, say) but with the same label get the flags
-    that differ appended, e.g. 'clean [lr=0.002]', so seeds are averaged only within one setting."""
+    that differ appended, e.g. 'clean [lr=0.002]', so seeds are averaged only within one setting.
+    A flag absent from a run's config (the run predates it) or null there (chosen at run time and
+    not recorded) differs from nothing."""
     configs = {}
     for r in rows:
-        r["config_key"] = json.dumps({k: v for k, v in r["rc"].items() if k not in NOT_A_SETTING}, sort_keys=True)
-        configs.setdefault(r["setting"], {})[r["config_key"]] = json.loads(r["config_key"])
+        key = json.dumps({k: v for k, v in r["rc"].items() if k not in NOT_A_SETTING}, sort_keys=True)
+        configs.setdefault(r["setting"], {})[key] = json.loads(key)
     for label, variants in configs.items():
         if len(variants) < 2:
             continue
         keys = sorted(set().union(*variants.values()))
-        differing = [k for k in keys if len({json.dumps(c.get(k)) for c in variants.values()}) > 1]
+        differing = [k for k in keys if len({json.dumps(c[k]) for c in variants.values() if c.get(k) is not None}) > 1]
+        if not differing:
+            continue
         for r in rows:
             if r["setting"] == label:
                 r["setting"] = label + " [" + ", ".join(f"{k}={r['rc'].get(k)}" for k in differing) + "]"
