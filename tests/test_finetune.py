@@ -183,6 +183,7 @@ def test_finetune_trains_only_the_adapter_then_samples_and_evaluates(pretrained,
     assert 0 <= metrics["control_f1"] <= 1 and np.isfinite(metrics["fid_fmnist"])
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_control_f1_scores_the_requested_edges(pretrained, tmp_path):
     """evaluate.py's control fidelity on hand-made samples: images whose own Canny maps are the
     controls score 1; the same images against shuffled controls score lower."""
@@ -219,6 +220,7 @@ def test_finetune_resume_is_exact(pretrained):
     assert log("straight") == log("halves")
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_two_ranks_match_one(pretrained):
     """train.py's DDP loop under finetune.py: the global batch is split over 2 gloo ranks, the
     control cache is built by rank 0 only, and the adapter ends where the 1-rank run ends."""
@@ -232,6 +234,7 @@ def test_two_ranks_match_one(pretrained):
     assert all(a["model"][k].abs().max() > 0 for k in a["model"] if k.startswith("adapter.zero") and k.endswith("weight"))
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_text_model_controlnet_samples_each_control_with_its_caption(tmp_path):
     make_fake_fmnist(tmp_path / "data", n=128)
     out = tmp_path / "out"
@@ -282,6 +285,7 @@ def make_seg_folder(root, data_dir, count):
     return root / "seg"
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_segmentation_controls_and_bad_input(pretrained, tmp_path):
     root, out = pretrained
     seg = make_seg_folder(tmp_path, root / "data", 64)
@@ -322,6 +326,7 @@ def test_segmentation_controls_and_bad_input(pretrained, tmp_path):
     assert tree_snapshot(out) == before  # nothing written or lost
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_init_without_null_class_needs_no_label_dropout(pretrained):
     root, out = pretrained
     run_script("train.py", ["--data-path", root / "data", "--out-dir", out, "--run", "nodrop", "--model", "DiT-T/8",
@@ -335,6 +340,7 @@ def test_init_without_null_class_needs_no_label_dropout(pretrained):
                              "--num-samples", "2", "--steps", "2"])
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_imagefolder_subset_with_canny_and_seg_controls(tmp_path):
     """The IN-100 path in miniature: an ImageFolder, a class-list file picking 2 of its 3 class
     folders (labels keep the pre-trained ids), images decoded by DataLoader workers with their
@@ -373,6 +379,7 @@ def test_imagefolder_subset_with_canny_and_seg_controls(tmp_path):
     assert proc.returncode == 2 and "unknown class(es), e.g. 'n999'" in proc.stderr
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_corrupt_data_prebuilds_the_control_cache_finetune_reads(tmp_path):
     make_fake_fmnist(tmp_path / "data", n=64)
     out = tmp_path / "out"

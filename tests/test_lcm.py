@@ -231,6 +231,7 @@ def test_distillation_resume_is_exact(teachers):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_two_ranks_match_one(teachers):
     """train.py's DDP loop under --method lcm: t, w, noise and δ are drawn for the global batch, so 2
     gloo ranks end where 1 rank ends (student and target network)."""

@@ -65,6 +65,7 @@ def load_ckpt(run_dir):
     return torch.load(Path(run_dir) / "ckpt" / "last.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_two_ranks_bert_dropout_kill_and_resume_is_bit_identical(bert_data, tmp_path):
     common = ["--dataset", "fashion-mnist-captions", "--data-path", bert_data / "data", "--text-encoder",
               f"bert:{bert_data / 'bert'}", "--model", "DiT-T/8", "--caption-length", "12", "--global-batch-size", "8",

@@ -22,7 +22,8 @@ def read_log(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("model", [pytest.param("UNet-T", marks=pytest.mark.slow), "DiT-T/8"])
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
+@pytest.mark.parametrize("model", ["UNet-T", "DiT-T/8"])
 def test_text_model_two_ranks_match_one_and_sample(data, model):
     """Caption-conditioned training with swapped captions and CEP-G on the caption tokens: 2 gloo
     ranks train the same model as 1 (the token δ is drawn for the global batch), then sample.py

@@ -70,8 +70,8 @@ def test_one_rank_equals_two_ranks(fake_data, tmp_path):
 
 
 def test_resume_after_kill_is_exact(fake_data, tmp_path):
-    common = ["--data-path", fake_data, "--out-dir", tmp_path, "--model", "DiT-T/4", "--global-batch-size", "32",
-              "--max-steps", "40", "--ckpt-every", "5", "--log-every", "3", "--cep", "--corrupt", "0.1"]
+    common = ["--data-path", fake_data, "--out-dir", tmp_path, "--model", "DiT-T/8", "--global-batch-size", "32",
+              "--max-steps", "20", "--ckpt-every", "5", "--log-every", "3", "--cep", "--corrupt", "0.1"]
     run_script("train.py", [*common, "--run", "straight"])
     # the same run, killed (SIGKILL, no clean-up) once it has written a checkpoint, then resumed
     cmd = [sys.executable, "train.py", *map(str, common), "--run", "killed"]
@@ -83,12 +83,12 @@ def test_resume_after_kill_is_exact(fake_data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert load_ckpt(tmp_path / "killed")["step"] < 40
+    assert load_ckpt(tmp_path / "killed")["step"] < 20
     run_script("train.py", ["--out-dir", tmp_path, "--run", "killed", "--resume", "--data-path", fake_data])
     strip = lambda log: [(r["step"], r["loss"], r["grad_norm"], r["epoch"]) for r in log]  # noqa: E731
     assert strip(read_log(tmp_path / "killed")) == strip(read_log(tmp_path / "straight"))
     a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "killed")
-    assert a["step"] == b["step"] == 40
+    assert a["step"] == b["step"] == 20
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
@@ -125,6 +125,7 @@ def test_precision_runs(fake_data, tmp_path, precision):
     assert len(losses) == 3 and all(0.3 < v < 3 for v in losses)
 
 
+@pytest.mark.slow  # the default suite's time (README); run with -m slow
 def test_ablation_flags_change_training(fake_data, tmp_path):
     """--cep-fixed, --corrupt-resample, --cep-type gaussian and --input-perturbation each change the
     trajectory of an otherwise identical run (they are wired in, not ignored)."""
