@@ -16,6 +16,7 @@ what this CPU's matmul reaches in that precision, not a datasheet number.
 import argparse
 import contextlib
 import copy
+import itertools
 import resource
 import time
 
@@ -128,9 +129,10 @@ def main():
         seconds = timed(train_step, args.iters, args.warmup, device)
         results["train"] = report("train", B / seconds, 3 * flops, peak, device)
 
-        def random_draws(step=[0]):  # train.py's draws for the global batch (t, noise, dropout, CEP delta), every rank
-            step[0] += 1
-            G, g = B * args.ranks, step_generator(0, step[0], device)
+        steps = itertools.count(1)
+
+        def random_draws():  # train.py's draws for the global batch (t, noise, dropout, CEP delta), every rank
+            G, g = B * args.ranks, step_generator(0, next(steps), device)
             torch.randint(0, diffusion.num_timesteps, (G,), generator=g, device=device)
             torch.randn((G, *shape), generator=g, device=device)
             torch.rand(G, generator=g, device=device)

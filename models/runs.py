@@ -113,9 +113,12 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
     if not os.path.exists(config_path):
         raise UsageError(f"--resume: {run_dir} holds no run (no config.json)")
     try:
-        saved, fresh, conflicts = compare_settings(config_path, parser, non_run_flags, legacy_defaults)
+        saved = saved_config(run_dir, legacy_defaults)
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume: cannot read {config_path}: {e}")
+    parser.set_defaults(**saved)
+    fresh = vars(parser.parse_args())  # the saved config, overridden by the flags given now
+    conflicts = [k for k, v in saved.items() if k not in non_run_flags and fresh.get(k) != v]
     if conflicts:
         raise UsageError(f"--resume: {run_dir} was trained with other settings: "
                          + ", ".join(f"--{k.replace('_', '-')}={saved[k]} (now {fresh[k]})" for k in conflicts))
@@ -134,14 +137,10 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
     return run_dir, ckpt
 
 
-def compare_settings(config_path, parser, non_run_flags, legacy_defaults):
-    """A run's saved config, the config the command line asks for (the saved one, overridden by the
-    flags given now), and the names of the run settings on which they differ."""
-    with open(config_path) as f:
-        saved = {**legacy_defaults, **json.load(f)}
-    parser.set_defaults(**saved)
-    fresh = vars(parser.parse_args())
-    return saved, fresh, [k for k, v in saved.items() if k not in non_run_flags and fresh.get(k) != v]
+def saved_config(run_dir, legacy_defaults):
+    """A run's config.json, with the defaults of flags it predates."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return {**legacy_defaults, **json.load(f)}
 
 
 def finished_same_run(run_dir, args, non_run_flags, legacy_defaults):
@@ -150,8 +149,7 @@ def finished_same_run(run_dir, args, non_run_flags, legacy_defaults):
     twice ends quietly. Returns if the run differs or is unfinished. A flag left at None (chosen at
     run time, e.g. --precision) matches the value the run recorded."""
     try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = {**legacy_defaults, **json.load(f)}
+        saved = saved_config(run_dir, legacy_defaults)
     except (OSError, ValueError):
         return
     asked = vars(args)
