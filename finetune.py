@@ -53,7 +53,7 @@ from models.from_diffusers import checkpoint_from_diffusers_pipeline, is_diffuse
 CONTROLS = ("canny", "seg")
 LCM_LOSSES = ("huber", "l2")
 LCM_GUIDANCE_DIM = 256  # width of the guidance weight's Fourier features (diffusers' LCM: time_cond_proj_dim 256)
-LCM_FLAGS = ("w_min", "w_max", "lcm_skip", "lcm_target_ema", "lcm_loss", "lcm_huber_c")
+LCM_FLAGS = ("w_min", "w_max", "lcm_skip", "lcm_target_ema", "lcm_loss", "lcm_huber_c", "lcm_guided_warmup")
 # the architecture comes from --init: these flags must agree with it (or be left out)
 ARCHITECTURE = ("model", "learn_sigma", "class_cond", "text_encoder", "text_mode", "caption_length", "schedule", "beta_start", "beta_end")
 
@@ -80,6 +80,8 @@ def get_parser():
     c("--lcm-target-ema", type=float, default=None, help="target network = EMA of the student at this decay (0: the student itself; LCM: 0.95)")
     c("--lcm-loss", default=None, choices=LCM_LOSSES, help="distance between online and target outputs (LCM: huber)")
     c("--lcm-huber-c", type=float, default=None, help="Huber constant c: sqrt(d² + c²) - c (LCM: 0.001)")
+    c("--lcm-guided-warmup", type=int, default=None, help="first steps regress the student's ε on the guided teacher's at any t "
+      "(guidance distillation, Meng et al. 2023) before consistency distillation (LCM: 0)")
     # the optimisation defaults are --method's recipe (models/build.py FINETUNE_RECIPES); the
     # architecture and the diffusion schedule are the pre-trained run's
     p.set_defaults(model=None, dataset=None, class_cond=None, text_encoder=None, text_mode=None, caption_length=None)
@@ -173,8 +175,8 @@ class Finetune:
         apply_recipe(args)  # --w-min, --w-max and the --lcm-* flags from --method lcm's recipe
         if not 0 <= args.w_min <= args.w_max:
             raise UsageError(f"--method lcm needs 0 <= --w-min <= --w-max, got {args.w_min:g}, {args.w_max:g}")
-        if not 1 <= args.lcm_skip <= 1000 or not 0 <= args.lcm_target_ema < 1 or args.lcm_huber_c <= 0:
-            raise UsageError("--lcm-skip must be in [1, 1000], --lcm-target-ema in [0, 1), --lcm-huber-c > 0")
+        if not 1 <= args.lcm_skip <= 1000 or not 0 <= args.lcm_target_ema < 1 or args.lcm_huber_c <= 0 or args.lcm_guided_warmup < 0:
+            raise UsageError("--lcm-skip must be in [1, 1000], --lcm-target-ema in [0, 1), --lcm-huber-c > 0, --lcm-guided-warmup >= 0")
 
     def load_data(self, args):
         images = load_dataset(args.dataset, args.data_path, args.image_size, split=self.split,
@@ -247,11 +249,12 @@ class Finetune:
     def distills(self):
         return self.teacher is not None
 
-    def distillation_losses(self, args, net, x, noise, cond, extra, delta, g, B, share, diffusion):
+    def distillation_losses(self, args, step, net, x, noise, cond, extra, delta, g, B, share, diffusion):
         """One step of latent consistency distillation (LCM, Luo et al. 2023, Algorithm 1): t = t_{n+k}
         from the skipping grid and w ~ U[w_min, w_max], drawn for the global batch; the teacher sees the
         same (possibly corrupted) condition, its null condition for guidance, and no CEP δ, which only
-        the online student gets (the paper's CEP acts on the model being trained)."""
+        the online student gets (the paper's CEP acts on the model being trained). The first
+        --lcm-guided-warmup steps distil the guidance alone, at t drawn from all T timesteps."""
         device = x.device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
@@ -266,6 +269,10 @@ class Finetune:
             tokens = self.teacher.tokenize([""] * len(t))
             null = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
         teacher_fn = classifier_free_guidance(self.teacher, cond, null, 1 + w)  # ε(∅) + (1 + w)(ε(c) - ε(∅))
+        if step < args.lcm_guided_warmup:
+            t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
+            return diffusion.guidance_distillation_losses(
+                lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, guidance=w, **extra), teacher_fn, x, t, noise)
         target = self.target if self.target is not None else net  # --lcm-target-ema 0: the student, no gradient
         return diffusion.consistency_distillation_losses(
             lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, guidance=w, **extra), teacher_fn,

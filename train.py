@@ -373,7 +373,7 @@ def train(args, parser, rank, world, device, stage=None):
             extra["control"] = control
         with autocast:
             if stage is not None and stage.distills:  # finetune.py --method lcm: consistency distillation
-                losses = stage.distillation_losses(args, net, x, noise, cond, extra, delta, g, B, share, diffusion)
+                losses = stage.distillation_losses(args, step, net, x, noise, cond, extra, delta, g, B, share, diffusion)
             else:
                 losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
                                                    args.input_perturbation, xi)

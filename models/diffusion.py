@@ -184,6 +184,17 @@ class GaussianDiffusion:
         per_pixel = torch.sqrt(sq + huber_c ** 2) - huber_c if distance == "huber" else sq
         return {"loss": per_pixel.mean(dim=(1, 2, 3)), "mse": sq.mean(dim=(1, 2, 3))}
 
+    def guidance_distillation_losses(self, student_fn, teacher_fn, x0, t, noise):
+        """Per-example loss (N,) of guidance distillation (Meng et al. 2023, stage 1): the student's ε̂
+        at x_t regressed on the guided teacher's ε̃ = ε(∅) + (1 + w)(ε(c) - ε(∅)), any t.
+        finetune.py --lcm-guided-warmup: the student's first steps, before consistency distillation."""
+        C = x0.shape[1]
+        xt = self.q_sample(x0, t, noise)
+        with torch.no_grad():
+            eps = teacher_fn(xt, t).float()[:, :C]
+        sq = (student_fn(xt, t).float()[:, :C] - eps) ** 2
+        return {"loss": sq.mean(dim=(1, 2, 3)), "mse": sq.mean(dim=(1, 2, 3))}
+
 
 def consistency_boundary(t, sigma_data=0.5, timestep_scaling=10.0):
     """(c_skip(t), c_out(t)) of the consistency parametrisation on discrete timesteps, LCM's choice

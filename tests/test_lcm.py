@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.build import build_model  # noqa: E402
-from models.diffusion import GaussianDiffusion, Sampler, consistency_boundary, lcm_timesteps, skipping_timesteps  # noqa: E402
+from models.diffusion import GaussianDiffusion, Sampler, classifier_free_guidance, consistency_boundary, lcm_timesteps, skipping_timesteps  # noqa: E402
 from models.text import build_text_encoder  # noqa: E402
 from tests.helpers import make_fake_fmnist, make_tiny_sd_pipeline, run_script, tree_snapshot  # noqa: E402
 
@@ -164,6 +164,28 @@ def test_loss_gradient_leads_to_the_data_gaussian():
     assert sum(a.norm() for a in at_truth) < 0.05 * sum(s.norm() for s in start)
 
 
+def test_guided_warmup_learns_the_guided_gaussian():
+    """--lcm-guided-warmup: a teacher exact for class data N(μ_c, s²) and for the mixture's stand-in
+    N(μ_∅, s²) under the null class; guided at scale s, its ε is exactly the Gaussian ε of mean
+    μ_∅ + s (μ_c - μ_∅) (ε is affine in the mean). A Gaussian-family student (mean m) trained by the
+    guidance-distillation loss at t drawn from all T ends there, not at μ_c."""
+    mu_null = torch.tensor([-0.2, 0.1], dtype=torch.float64).view(1, 2, 1, 1)
+    teacher = lambda x, t, y: torch.where(col(y) == 1, exact_eps(x, t, mu_null), exact_eps(x, t)).float()  # noqa: E731
+    m = torch.zeros(1, 2, 1, 1, dtype=torch.float64, requires_grad=True)
+    opt, g = torch.optim.Adam([m], lr=0.02), torch.Generator().manual_seed(0)
+    scale = torch.full((512,), 3.0)  # w = 2
+    for _ in range(400):
+        t = torch.randint(0, 1000, (512,), generator=g)
+        x0 = MU + math.sqrt(S2) * torch.randn(512, 2, 1, 1, generator=g, dtype=torch.float64)
+        guided = classifier_free_guidance(teacher, torch.zeros(512, dtype=torch.long), 1, scale)
+        loss = D.guidance_distillation_losses(lambda x, tt: exact_eps(x, tt, m).float(), guided, x0.float(), t,
+                                              torch.randn(512, 2, 1, 1, generator=g))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(m.detach(), mu_null + 3 * (MU - mu_null), atol=0.02), m.flatten()
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_perfect_student_samples_the_data_gaussian(steps):
     """Multistep consistency sampling with the exact consistency function: from N(0, I) noise, in 1 or
@@ -220,15 +242,22 @@ def test_distillation_run_target_network_sampling_and_compare(teachers):
 
 
 def test_distillation_resume_is_exact(teachers):
+    """Stopped and resumed at the end of the guided warm-up, the run ends bit for bit where the
+    straight run ends; the warm-up's step (guidance distillation) is not the consistency step."""
     root, out = teachers
-    args = ["--init", out / "dit", "--out-dir", out, *LCM, "--cep", "--lcm-loss", "l2"]
+    args = ["--init", out / "dit", "--out-dir", out, *LCM, "--cep", "--lcm-loss", "l2", "--lcm-guided-warmup", "1"]
     run_script("finetune.py", [*args, "--run", "straight", "--max-steps", "2"])
     run_script("finetune.py", [*args, "--run", "halves", "--max-steps", "1"])
+    first = load(out / "halves" / "ckpt" / "last.pt")
     run_script("finetune.py", ["--resume", "--run", "halves", "--out-dir", out, "--max-steps", "2"])
     a, b = load(out / "straight" / "ckpt" / "last.pt"), load(out / "halves" / "ckpt" / "last.pt")
     for part in ("model", "ema", "lcm_target"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+    run_script("finetune.py", [*args[:-2], "--run", "no-warmup", "--max-steps", "1"])
+    consistency = load(out / "no-warmup" / "ckpt" / "last.pt")
+    assert first["config"]["lcm_guided_warmup"] == 1 and consistency["config"]["lcm_guided_warmup"] == 0
+    assert any(not torch.equal(first["model"][k], consistency["model"][k]) for k in first["model"])
 
 
 @pytest.mark.slow  # the default suite's time (README); run with -m slow
@@ -262,6 +291,7 @@ def test_bad_input_one_line_exit_2_nothing_written(teachers):
     cases = [
         ("finetune.py", ["--init", out / "nodrop", "--out-dir", out, "--run", "x", *LCM], "no null condition"),
         ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", *LCM, "--w-min", "5", "--w-max", "2"], "--w-min <= --w-max"),
+        ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", *LCM, "--lcm-guided-warmup", "-1"], "--lcm-guided-warmup >= 0"),
         ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", "--method", "full", "--w-max", "2"], "--w-max is for --method lcm"),
         ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", *LCM, "--control", "canny"], "no control input"),
         ("sample.py", ["--run", out / "dit", "--sampler", "lcm", "--steps", "4"], "not one"),
