@@ -41,7 +41,7 @@ from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import build_text_encoder, cep_on_tokens, frozen_text_cache
 from models.vae import latents_from_stats
 from models import runs
-from models.build import CLASS_COND_MODES, LEGACY_RUN, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table
+from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table, with_legacy_defaults
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "grad_checkpoint", "device", "num_workers", "dry_run"}
@@ -155,7 +155,7 @@ def default_run_name(args):
 
 def resolve_run(args, parser):
     """The run directory and the checkpoint to continue from (models/runs.py); writes nothing."""
-    return runs.resolve_run(args, parser, NON_RUN_FLAGS, LEGACY_RUN, default_run_name)
+    return runs.resolve_run(args, parser, NON_RUN_FLAGS, with_legacy_defaults, default_run_name)
 
 
 def run_config(args):

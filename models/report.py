@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from models.build import LEGACY_RUN
+from models.build import with_legacy_defaults
 from models.common import UsageError, atomic_write_text
 
 # metric -> +1 higher is better, -1 lower is better (the suffixes _fmnist / _clip are ignored);
@@ -75,7 +75,7 @@ def read_rows(out_dir, runs=None):
             m = json.load(f)
         sc = m.get("sample_config") or {}
         rc = sc.get("run_config", {})
-        rc = {**LEGACY_RUN, **rc} if rc else rc  # runs saved before a flag existed were trained without it
+        rc = with_legacy_defaults(rc) if rc else rc
         rows.append({"run": run, "tag": tag, "setting": setting_label(rc), "seed": rc.get("seed"), "eta": rc.get("corrupt", 0.0),
                      "corrupt_type": rc.get("corrupt_type") or "symmetric", "model": rc.get("model", "?"), "step": sc.get("step"),
                      "sampler": f"{sc.get('sampler', '?')}-{sc.get('steps', '?')}", "cfg": sc.get("cfg_scale") or 1.0,

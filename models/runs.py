@@ -138,9 +138,9 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
 
 
 def saved_config(run_dir, legacy_defaults):
-    """A run's config.json, with the defaults of flags it predates."""
+    """A run's config.json, with the defaults of flags it predates (legacy_defaults(config) adds them)."""
     with open(os.path.join(run_dir, "config.json")) as f:
-        return {**legacy_defaults, **json.load(f)}
+        return legacy_defaults(json.load(f))
 
 
 def finished_same_run(run_dir, args, non_run_flags, legacy_defaults):

@@ -212,7 +212,7 @@ def teachers(tmp_path_factory):
     return root, out
 
 
-LCM = ["--method", "lcm", "--global-batch-size", "8", "--log-every", "1", "--lr", "1e-3"]
+LCM = ["--method", "lcm", "--global-batch-size", "8", "--log-every", "1", "--lr", "1e-3", "--lcm-guided-warmup", "0"]  # consistency steps
 
 
 def load(path):

@@ -12,7 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from models.common import learning_rate  # noqa: E402
-from models.build import FINETUNE_RECIPES, TRAINING_RECIPES, apply_recipe, recipe_family, training_recipe  # noqa: E402
+from models.build import (FINETUNE_RECIPES, LEGACY_RUN, TRAINING_RECIPES, apply_recipe, recipe_family, training_recipe,  # noqa: E402
+                          with_legacy_defaults)
 from models.common import UsageError  # noqa: E402
 from models.diffusion import GaussianDiffusion, beta_schedule  # noqa: E402
 from tests.helpers import make_fake_fmnist, run_script, tree_snapshot  # noqa: E402
@@ -186,7 +187,7 @@ def test_resume_of_a_run_saved_before_the_recipes(tmp_path):
     saved = {k: v for k, v in vars(parser.parse_args(["--model", "LDM-4"])).items() if k not in train.NOT_SAVED}
     saved.update(learn_sigma=True, lr=1e-4, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64,
                  max_steps=10, ckpt_every=5, class_dropout=0.1)
-    for key in train.LEGACY_RUN:
+    for key in LEGACY_RUN:
         saved.pop(key)
     (run / "config.json").write_text(json.dumps(saved))
     torch.save({"model": {}, "ema": {}, "opt": {}, "step": 5}, run / "ckpt" / "last.pt")
@@ -215,3 +216,16 @@ def test_learning_rate_warm_up_then_cosine():
     assert all(a > b for a, b in zip(got[4:], got[5:]))
     constant = Namespace(lr=2.0, warmup_steps=0, lr_decay="none", max_steps=12)
     assert [learning_rate(s, constant) for s in (0, 5, 11)] == [2.0, 2.0, 2.0]
+
+
+def test_lcm_students_saved_before_the_guided_warmup():
+    """An LCM run whose config predates --lcm-guided-warmup was distilled without it: read as 0, so the
+    report keeps it apart from a run with the warm-up; other methods get no such key."""
+    from models.report import distinguish_settings
+    base = {"method": "lcm", "lr": 3e-4, "lcm_skip": 20, "seed": 0}
+    old, new = with_legacy_defaults(base), with_legacy_defaults({**base, "lcm_guided_warmup": 100})
+    assert old["lcm_guided_warmup"] == 0 and new["lcm_guided_warmup"] == 100
+    assert "lcm_guided_warmup" not in with_legacy_defaults({"method": "controlnet"})
+    rows = [{"setting": "LCM clean", "rc": rc} for rc in (old, new, with_legacy_defaults({**base, "lcm_skip": 50}))]
+    distinguish_settings(rows)
+    assert len({r["setting"] for r in rows}) == 3, [r["setting"] for r in rows]
