@@ -276,7 +276,7 @@ def test_two_ranks_match_one(teachers):
 def test_text_teacher_with_corrupted_captions_and_cep(teachers):
     root, out = teachers
     run_script("finetune.py", ["--init", out / "text", "--out-dir", out, "--run", "tl", *LCM, "--max-steps", "2",
-                               "--corrupt", "0.25", "--cep", "--lcm-target-ema", "0"])
+                               "--corrupt", "0.25", "--cep", "--lcm-target-ema", "0", "--lcm-guided-warmup", "1"])
     ckpt = load(out / "tl" / "ckpt" / "last.pt")
     assert "lcm_target" not in ckpt and ckpt["config"]["corrupt"] == 0.25 and ckpt["config"]["cep_type"] == "uniform"
     run_script("sample.py", ["--run", out / "tl", "--sampler", "lcm", "--steps", "1", "--cfg-scale", "3", "--num-samples", "4"])
