@@ -83,6 +83,7 @@ def test_training_features_stream_into_a_reusable_cache(scale):
     np.testing.assert_allclose(cached[rows].astype(np.float32), direct, atol=2e-3)
 
 
+@pytest.mark.slow  # ~21 s; the default suite's time (README); run with -m slow
 def test_half_written_cache_is_rebuilt_and_networks_do_not_share(scale, tmp_path):
     args = ["--samples", scale / "gen", "--ref", scale / "ref.npz", "--features", "clip", "--clip", scale / "clip",
             "--train-data", scale / "train200", "--out-dir", tmp_path]
