@@ -269,14 +269,14 @@ class Finetune:
             tokens = self.teacher.tokenize([""] * len(t))
             null = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
         teacher_fn = classifier_free_guidance(self.teacher, cond, null, 1 + w)  # ε(∅) + (1 + w)(ε(c) - ε(∅))
-        if step < args.lcm_guided_warmup:
-            t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
-            return diffusion.guidance_distillation_losses(
-                lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, guidance=w, **extra), teacher_fn, x, t, noise)
+        student_fn = lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, guidance=w, **extra)  # noqa: E731
+        if step < args.lcm_guided_warmup:  # any t, not the grid's (drawn after it: the same draws as consistency steps)
+            t_any = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
+            return diffusion.guidance_distillation_losses(student_fn, teacher_fn, x, t_any, noise)
         target = self.target if self.target is not None else net  # --lcm-target-ema 0: the student, no gradient
         return diffusion.consistency_distillation_losses(
-            lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, guidance=w, **extra), teacher_fn,
-            lambda xt, tt: target(xt, tt, *cond, guidance=w, **extra), x, t, t_prev, noise, args.lcm_loss, args.lcm_huber_c)
+            student_fn, teacher_fn, lambda xt, tt: target(xt, tt, *cond, guidance=w, **extra), x, t, t_prev, noise,
+            args.lcm_loss, args.lcm_huber_c)
 
     def after_step(self, args, model):
         if self.target is not None:  # θ⁻ <- μ θ⁻ + (1 - μ) θ (LCM Algorithm 1)

@@ -192,8 +192,8 @@ class GaussianDiffusion:
         xt = self.q_sample(x0, t, noise)
         with torch.no_grad():
             eps = teacher_fn(xt, t).float()[:, :C]
-        sq = (student_fn(xt, t).float()[:, :C] - eps) ** 2
-        return {"loss": sq.mean(dim=(1, 2, 3)), "mse": sq.mean(dim=(1, 2, 3))}
+        mse = ((student_fn(xt, t).float()[:, :C] - eps) ** 2).mean(dim=(1, 2, 3))
+        return {"loss": mse, "mse": mse}
 
 
 def consistency_boundary(t, sigma_data=0.5, timestep_scaling=10.0):
