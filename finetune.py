@@ -53,7 +53,7 @@ from models.from_diffusers import checkpoint_from_diffusers_pipeline, is_diffuse
 CONTROLS = ("canny", "seg")
 LCM_LOSSES = ("huber", "l2")
 LCM_GUIDANCE_DIM = 256  # width of the guidance weight's Fourier features (diffusers' LCM: time_cond_proj_dim 256)
-LCM_FLAGS = ("w_min", "w_max", "lcm_skip", "lcm_target_ema", "lcm_loss", "lcm_huber_c", "lcm_guided_warmup")
+LCM_FLAGS = ("w_min", "w_max", "lcm_skip", "lcm_target_ema", "lcm_loss", "lcm_huber_c", "lcm_loss_weight", "lcm_guided_warmup")
 # the architecture comes from --init: these flags must agree with it (or be left out)
 ARCHITECTURE = ("model", "learn_sigma", "class_cond", "text_encoder", "text_mode", "caption_length", "schedule", "beta_start", "beta_end")
 
@@ -80,6 +80,8 @@ def get_parser():
     c("--lcm-target-ema", type=float, default=None, help="target network = EMA of the student at this decay (0: the student itself; LCM: 0.95)")
     c("--lcm-loss", default=None, choices=LCM_LOSSES, help="distance between online and target outputs (LCM: huber)")
     c("--lcm-huber-c", type=float, default=None, help="Huber constant c: sqrt(d² + c²) - c (LCM: 0.001)")
+    c("--lcm-loss-weight", default=None, choices=("uniform", "ict"), help="weight of each grid point's loss: uniform (LCM's) or "
+      "iCT's 1 / (σ(t_{n+k}) - σ(t_n)), σ = √((1-ᾱ)/ᾱ), which keeps the top of a linear schedule from ruling the loss")
     c("--lcm-guided-warmup", type=int, default=None, help="first steps regress the student's ε on the guided teacher's at any t "
       "(guidance distillation, Meng et al. 2023) before consistency distillation (LCM: 0)")
     # the optimisation defaults are --method's recipe (models/build.py FINETUNE_RECIPES); the
@@ -274,9 +276,10 @@ class Finetune:
             t_any = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
             return diffusion.guidance_distillation_losses(student_fn, teacher_fn, x, t_any, noise)
         target = self.target if self.target is not None else net  # --lcm-target-ema 0: the student, no gradient
+        weight = diffusion.consistency_weights(t, t_prev, args.lcm_skip) if args.lcm_loss_weight == "ict" else None
         return diffusion.consistency_distillation_losses(
             student_fn, teacher_fn, lambda xt, tt: target(xt, tt, *cond, guidance=w, **extra), x, t, t_prev, noise,
-            args.lcm_loss, args.lcm_huber_c)
+            args.lcm_loss, args.lcm_huber_c, weight)
 
     def after_step(self, args, model):
         if self.target is not None:  # θ⁻ <- μ θ⁻ + (1 - μ) θ (LCM Algorithm 1)

@@ -76,7 +76,7 @@ TRAINING_RECIPES = {
 }
 # what runs saved before these flags existed were trained with (their config.json lacks them)
 LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0, lr_decay="none")
-LEGACY_LCM = dict(lcm_guided_warmup=0)  # LCM students distilled before --lcm-guided-warmup existed
+LEGACY_LCM = dict(lcm_guided_warmup=0, lcm_loss_weight="uniform")  # LCM students distilled before these flags existed
 
 
 def with_legacy_defaults(config):
@@ -92,7 +92,8 @@ def with_legacy_defaults(config):
 # max_steps 40 K is about the paper's 10 epochs of ImageNet-100 (126,689 images) at batch 32.
 STOCK_ADAPTATION = dict(lr=5e-6, warmup_steps=0, lr_decay="none", weight_decay=0.01, grad_clip=1.0, ema_decay=0.0, ema_warmup=False, global_batch_size=32,
                         class_dropout=0.0, max_steps=40_000, ckpt_every=500)
-LCM_DEFAULTS = dict(w_min=3.0, w_max=15.0, lcm_skip=20, lcm_target_ema=0.95, lcm_loss="huber", lcm_huber_c=0.001, lcm_guided_warmup=0)
+LCM_DEFAULTS = dict(w_min=3.0, w_max=15.0, lcm_skip=20, lcm_target_ema=0.95, lcm_loss="huber", lcm_huber_c=0.001, lcm_loss_weight="uniform",
+                    lcm_guided_warmup=0)
 FINETUNE_RECIPES = {
     "stock": STOCK_ADAPTATION,
     "stock-full": {**STOCK_ADAPTATION, "lr": 1e-4, "global_batch_size": 128, "max_steps": 10_000},
@@ -113,7 +114,7 @@ FINETUNE_RECIPES = {
     # 300 is the least that beats the teacher's 4-step DPM-Solver++ on both (66.5, 0.814)
     "tiny-lcm": dict(lr=3e-4, warmup_steps=100, lr_decay="cosine", weight_decay=0.0, grad_clip=1.0, ema_decay=0.999, ema_warmup=True,
                      global_batch_size=64, class_dropout=0.0, max_steps=1000, ckpt_every=500,
-                     **{**LCM_DEFAULTS, "w_min": 1.0, "w_max": 4.0, "lcm_guided_warmup": 300}),
+                     **{**LCM_DEFAULTS, "w_min": 1.0, "w_max": 4.0, "lcm_guided_warmup": 300, "lcm_loss_weight": "ict"}),
 }
 TINY_MODELS = ("UNet-T", "UNet-S", *(n for n in DIT_CONFIGS if n.startswith("DiT-T/")))
 
@@ -167,5 +168,6 @@ def describe_recipe(args):
             + f", {ema}, class dropout {args.class_dropout:g}, global batch {args.global_batch_size}, {args.max_steps} steps"
             + (f"; consistency distillation: w in [{args.w_min:g}, {args.w_max:g}], skipping step {args.lcm_skip}, target "
                + (f"EMA {args.lcm_target_ema:g}" if args.lcm_target_ema else "the student") + f", {args.lcm_loss} loss"
+               + (", iCT's loss weight" if getattr(args, "lcm_loss_weight", "uniform") == "ict" else "")
                + (f", after {args.lcm_guided_warmup} steps of guidance distillation" if args.lcm_guided_warmup else "")
                if getattr(args, "method", None) == "lcm" else ""))

@@ -167,12 +167,13 @@ class GaussianDiffusion:
         return c_skip.view(shape) * xt + c_out.view(shape) * self.predict_x0_from_eps(xt, t, eps)
 
     def consistency_distillation_losses(self, student_fn, teacher_fn, target_fn, x0, t, t_prev, noise, distance="huber",
-                                        huber_c=0.001):
+                                        huber_c=0.001, weight=None):
         """Per-example loss (N,) of latent consistency distillation. x_{t} = q_sample(x0, t, noise) with
         t = t_{n+k}; the guided teacher (teacher_fn(x, t) -> ε̃, with ε̃ = ε(∅) + (1 + w)(ε(c) - ε(∅)))
         takes one skipping DDIM step to t_prev = t_n; the loss is d(f_student(x_t, t), f_target(x_prev, t_n))
-        with the target network under no gradient. student_fn / target_fn return ε̂ (+ variance channels,
-        ignored). distance: "huber" (sqrt(d² + c²) - c, LCM's) or "l2"."""
+        with the target network under no gradient, times weight (N,) when given (consistency_weights).
+        student_fn / target_fn return ε̂ (+ variance channels, ignored). distance: "huber"
+        (sqrt(d² + c²) - c, LCM's) or "l2"."""
         C = x0.shape[1]
         xt = self.q_sample(x0, t, noise)
         online = self.consistency_function(student_fn(xt, t).float()[:, :C], xt, t)
@@ -182,7 +183,19 @@ class GaussianDiffusion:
             target = self.consistency_function(target_fn(x_prev, t_prev).float()[:, :C], x_prev, t_prev)
         sq = (online - target) ** 2
         per_pixel = torch.sqrt(sq + huber_c ** 2) - huber_c if distance == "huber" else sq
-        return {"loss": per_pixel.mean(dim=(1, 2, 3)), "mse": sq.mean(dim=(1, 2, 3))}
+        loss = per_pixel.mean(dim=(1, 2, 3))
+        return {"loss": loss if weight is None else weight * loss, "mse": sq.mean(dim=(1, 2, 3))}
+
+    def consistency_weights(self, t, t_prev, skip):
+        """finetune.py --lcm-loss-weight ict: iCT's λ(t_n) = 1 / (σ(t_{n+k}) - σ(t_n)) (Song & Dhariwal
+        2023, Sec. 3.4), σ(t) = √((1 - ᾱ_t) / ᾱ_t) the noise level of x_t / √ᾱ_t, normalised to mean 1
+        over the skipping grid. f ≈ x̂_0 magnifies an error of ε̂ by σ(t) (157 at t = 999 on the linear
+        schedule, ~15 on SD's scaled-linear one), so the uniform loss is ruled by the top of the grid;
+        λ evens that out, as σ(t_{n+k}) - σ(t_n) grows about like σ."""
+        sigma = torch.as_tensor(self.sqrt_recipm1_alphas_cumprod, dtype=torch.float64)
+        grid = torch.from_numpy(skipping_timesteps(self.num_timesteps, skip))
+        mean = (1.0 / (sigma[grid] - sigma[(grid - skip).clamp(min=0)])).mean()
+        return (1.0 / ((sigma[t.cpu()] - sigma[t_prev.cpu()]) * mean)).float().to(t.device)
 
     def guidance_distillation_losses(self, student_fn, teacher_fn, x0, t, noise):
         """Per-example loss (N,) of guidance distillation (Meng et al. 2023, stage 1): the student's ε̂

@@ -35,17 +35,37 @@ def make_fake_fmnist(directory, n=256, num_classes=10, seed=0):
     return labels
 
 
-def run_script(script, args, nproc=1, check=True, timeout=600, env=None):
-    """Run a stage script as a user would: `python script ...`, or torchrun with nproc ranks."""
+def _script_command(script, args, nproc=1, env=None):
     if nproc == 1:
         cmd = [sys.executable, script, *map(str, args)]
     else:  # `--` keeps torchrun's own parser away from our flags (it rejects --run as ambiguous)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--", script, *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    return cmd, full_env
+
+
+def run_script(script, args, nproc=1, check=True, timeout=600, env=None):
+    """Run a stage script as a user would: `python script ...`, or torchrun with nproc ranks."""
+    cmd, full_env = _script_command(script, args, nproc, env)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_scripts_at_once(calls, timeout=600):
+    """[(script, args)] run side by side (one process each, unchecked), for the many short refusals of
+    the bad-input tests: their cost is Python and torch start-up, which overlaps. The finished
+    processes (CompletedProcess), in order."""
+    started = []
+    for script, args in calls:
+        cmd, full_env = _script_command(script, args, env={"OMP_NUM_THREADS": "1"})
+        started.append((cmd, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)))
+    done = []
+    for cmd, proc in started:
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return done
 
 
 def tree_snapshot(root):
