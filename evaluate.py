@@ -7,9 +7,13 @@ Stage 4: score generated images, and compare evaluated runs.
     python evaluate.py --compare out                                # out/comparison.md + plots over η and guidance
 
 Feature networks (--features)
-- fmnist (offline default for the embedded dataset): a small CNN trained once on the clean
-  Fashion-MNIST training set, cached in <cache-dir>/classifier/ for every run; metrics carry the suffix _fmnist
-  and are not comparable with Inception numbers. Its logits give IS and the condition accuracy.
+- fmnist (offline default for the embedded dataset): a small CNN trained on the clean Fashion-MNIST
+  training set (models/classifier.py). For the real training set its weights ship with the repository
+  (models/weights/), so every machine scores with the same features: retrained, float rounding makes
+  another network on another CPU or thread count (test accuracy 0.8924-0.8940), which moves
+  memorisation and precision by ~0.02 on the same samples. Other training sets (a subset, the tests'
+  fake data) train theirs once, cached in <cache-dir>/classifier/. Metrics carry the suffix _fmnist and
+  are not comparable with Inception numbers. Its logits give IS and the condition accuracy.
 - inception: the StyleGAN2-ADA TorchScript Inception-v3 that clean-fid downloads
   (inception-2015-12-05.pt; --inception PATH): pool3 for FID / KID / precision-recall / TopP&R,
   softmax without output bias for IS, mixed_6/conv[..., :7] for sFID (as the ADM evaluator).
@@ -38,7 +42,7 @@ from PIL import Image
 
 from models import metrics as M
 from models import report
-from models.classifier import load_or_train_classifier
+from models.classifier import SHIPPED_CLASSIFIERS, load_or_train_classifier
 from models.common import UsageError, atomic_write_json, run_main
 from models.controls import canny, edge_f1
 from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
@@ -306,7 +310,8 @@ def evaluate(args):
     if features == "fmnist":
         key = source_identity(dataset_split("fashion-mnist", data_path, "train")[0])[:16]  # trained once per training set
         classifier, out["classifier_test_accuracy"] = load_or_train_classifier(
-            os.path.join(cache_dir, "classifier", f"fashion-mnist-{key}.pt"), lambda split: dataset_split("fashion-mnist", data_path, split))
+            os.path.join(cache_dir, "classifier", f"fashion-mnist-{key}.pt"), lambda split: dataset_split("fashion-mnist", data_path, split),
+            shipped=os.path.join(SHIPPED_CLASSIFIERS, f"fashion-mnist-{key}.pt"))
         net, suffix = FmnistNet(classifier), "_fmnist"
         shapes = {images.shape[1:]} | ({image_shape(ref_source)} if ref_source is not None else set())
         if shapes != {(32, 32, 1)}:

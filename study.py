@@ -391,6 +391,14 @@ def write_study_report(args, grid_runs):
            "- Wall time on this machine (mean per run / total): " + "; ".join(
                f"{k} {v[0] / 60:.1f} min / {v[1] / 3600:.2f} h ({v[2]})" for k, v in times.items()) + ".",
            ]
+    classifiers = {}  # the feature classifier each run was scored with, by its test accuracy
+    for r in rows:
+        if r["classifier_accuracy"] is not None:
+            classifiers.setdefault(r["classifier_accuracy"], set()).add(r["run"])
+    if len(classifiers) > 1:
+        doc.append("- **Runs scored with different feature classifiers** (by test accuracy; a retrained classifier differs "
+                   "between machines): " + "; ".join(f"{acc:.4f}: {len(runs)} runs ({', '.join(sorted(runs))})"
+                                                     for acc, runs in sorted(classifiers.items())) + ".")
     if floor:
         doc.append("- Floor (real training images against the test split, as many as the samples): "
                    + ", ".join(f"{k} {fmt(v)}" for k, v in floor.items()) + ".")

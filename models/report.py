@@ -82,7 +82,8 @@ def read_rows(out_dir, runs=None):
                      "num_samples": m.get("num_samples"), "sample_seed": sc.get("seed", 0),
                      "sampler_options": " ".join(o for o, on in (("clipped", sc.get("clip_denoised")), ("raw weights", sc.get("ema") is False),
                                                                  (f"ddim-eta {sc.get('ddim_eta')}", sc.get("ddim_eta"))) if on), "metrics": m["metrics"],
-                     "floor": m.get("floor", {}), "folder": os.path.dirname(path), "rc": rc})
+                     "floor": m.get("floor", {}), "folder": os.path.dirname(path), "rc": rc,
+                     "classifier_accuracy": m.get("classifier_test_accuracy")})
         rows[-1]["train_min"], rows[-1]["train_img_s"] = training_time(os.path.join(out_dir, run))
     distinguish_settings(rows)
     return rows

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import make_fake_fmnist, make_tiny_clip, run_script, softmax_head, tree_snapshot  # noqa: E402
+from tests.helpers import FMNIST_DIR, make_fake_fmnist, make_tiny_clip, run_script, softmax_head, tree_snapshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +191,27 @@ def test_clip_diversity_metrics_with_a_tiny_random_clip(trained, tmp_path):
     assert m["rmd_top1_clip"] == pytest.approx(M.top_fraction_mean(M.rmd(ref, train.labels, gen, data["arr_1"]), 0.01), rel=1e-5)
     proc = run_script("evaluate.py", ["--samples", out / "demo" / "samples" / "clip", "--clip", tmp_path / "nope"], check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load a CLIP model")
+
+
+def test_shipped_classifier_is_the_real_training_sets():
+    """On the real Fashion-MNIST, evaluate.py scores with the classifier in models/weights/ (the same
+    features on every machine; retraining gives another network per CPU): the file is named by the
+    identity of the real training split, and on the real test split it scores the test accuracy it
+    records (recomputed here)."""
+    if not os.path.isdir(FMNIST_DIR):
+        if os.environ.get("CI"):
+            pytest.fail(f"{FMNIST_DIR} missing in CI: .ci/run must apt-get install dataset-fashion-mnist")
+        pytest.skip(f"{FMNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
+    from evaluate import dataset_split
+    from models.classifier import SHIPPED_CLASSIFIERS, load_or_train_classifier
+    from models.features import FmnistNet, source_identity
+    key = source_identity(dataset_split("fashion-mnist", None, "train")[0])[:16]
+    path = os.path.join(SHIPPED_CLASSIFIERS, f"fashion-mnist-{key}.pt")
+    assert os.path.exists(path), f"no shipped classifier for the real training set ({key})"
+
+    def no_training(split):
+        raise AssertionError("the shipped classifier was not used")
+    model, recorded = load_or_train_classifier("/nonexistent/cache.pt", no_training, shipped=path)
+    test_x, test_y = dataset_split("fashion-mnist", None, "test")
+    logits = torch.cat([FmnistNet(model)(torch.from_numpy(test_x[i:i + 1000]))["logits"] for i in range(0, len(test_y), 1000)])
+    assert recorded == pytest.approx(float((logits.argmax(1).numpy() == np.asarray(test_y)).mean()), abs=1e-4) and recorded > 0.88
