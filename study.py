@@ -292,12 +292,19 @@ RUN_FILES = ("config.json", "log.jsonl", "study_times.json")
 SAMPLE_FILES = ("metrics.json", "sample_config.json")
 
 
-def sync_run_files(out_dir, runs, dest, fixed_cfg):
-    """Copy the small files of each run (config, log, stage times, every sample set's metrics and
-    settings, the grid of the fixed-scale set) from out_dir to dest/<run>/: the report is made
-    from these, so it can be regenerated from the committed results without the checkpoints."""
+def sync_run_files(args, runs, dest):
+    """Copy the small files of each finished run (config, log, stage times, every sample set's
+    metrics and settings, the grid of the fixed-scale set) from args.out_dir to dest/<run>/: the
+    report is made from these, so it can be regenerated from the committed results without the
+    checkpoints. A run still in progress keeps the files it has in dest (a rerun never mixes its
+    new sample sets with the old ones), and a finished run's copy replaces its old one whole."""
+    out_dir, fixed_cfg = args.out_dir, args.fixed_cfg
     for run in runs:
         src = os.path.join(out_dir, run)
+        if state(args, run)[0] != "done":
+            continue
+        if os.path.isdir(os.path.join(dest, run, "samples")):
+            shutil.rmtree(os.path.join(dest, run, "samples"))
         for name in RUN_FILES:
             if os.path.exists(os.path.join(src, name)):
                 os.makedirs(os.path.join(dest, run), exist_ok=True)
@@ -321,7 +328,7 @@ def write_study_report(args, grid_runs):
     res = args.results
     runs_dir = os.path.join(res, "runs")
     if os.path.isdir(args.out_dir):
-        sync_run_files(args.out_dir, grid_runs, runs_dir, args.fixed_cfg)
+        sync_run_files(args, grid_runs, runs_dir)
     rows = read_rows(runs_dir, set(grid_runs))
     if not rows:
         raise UsageError(f"nothing evaluated yet under {args.out_dir} (nor in {runs_dir}): run the grid first")

@@ -2,6 +2,7 @@
 tables' mean ± std and verdicts agree with an independent computation (numpy / statistics)."""
 import json
 import re
+import shutil
 import statistics
 import sys
 
@@ -104,6 +105,16 @@ def test_study_runs_resumes_and_reports(tmp_path):
     run_script("study.py", flags + ["--report-only"])
     assert (res / "README.md").read_text() == readme
     (tmp_path / "moved").rename(out / "eta5_seed0")
+    # a run being redone (here: a sample set not yet scored) keeps its committed files, and a
+    # finished run's copy drops a set that is no longer in its folder
+    m = out / "eta5_seed0" / "samples" / "dpm3_cfg2" / "metrics.json"
+    m.rename(tmp_path / "metrics.json")
+    stale = res / "runs" / "clean_seed0" / "samples" / "dpm9_cfg2"
+    shutil.copytree(res / "runs" / "clean_seed0" / "samples" / "dpm3_cfg2", stale)
+    run_script("study.py", flags + ["--report-only"])
+    assert (res / "README.md").read_text() == readme and not stale.exists()
+    assert (res / "runs" / "eta5_seed0" / "samples" / "dpm3_cfg2" / "metrics.json").exists()
+    (tmp_path / "metrics.json").rename(m)
     # a rerun finds everything done: no stage runs again
     before = readme
     proc = run_script("study.py", flags)
