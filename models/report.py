@@ -162,12 +162,15 @@ def group_table(groups, names, lead=("setting", "model", "step", "sampler", "cfg
 
 
 def setting_order(label):
-    """clean first, then the symmetric η sweep by η, then the rest alphabetically."""
+    """clean first, then the symmetric η sweep by η, then the rest alphabetically (the
+    asymmetric η by η: 'η 5 % asym' before 'η 10 % asym')."""
     base = label.split(" [")[0]
     if base == "clean":
         return (0, 0.0, label)
     if base.startswith("η ") and base.endswith("%"):
         return (1, float(base.split()[1]), label)
+    if base.startswith("η ") and base.endswith("% asym"):
+        return (3, float(base.split()[1]), label)
     return (2, 0.0, label)
 
 

@@ -174,3 +174,12 @@ def test_probe_against_the_exact_class_denoiser():
         assert r["mse_wrong"] == pytest.approx(float(expect_wrong), rel=1e-6)
         assert r["rms_cond_minus_uncond"] == pytest.approx(float((noise ** 2).mean().sqrt()), rel=1e-6)
         assert r["mse_null"] == pytest.approx(float((noise ** 2).mean()), rel=1e-6)
+
+
+def test_settings_are_ordered_by_kind_then_eta():
+    """The report's row order: clean, the symmetric sweep by η (not as text: 10 after 7.5), the
+    CEP / IP settings, then the asymmetric settings by η."""
+    from models.report import setting_order
+    labels = ["η 10 % asym", "CEP-U γ 1", "η 10 %", "η 5 % asym", "clean", "η 7.5 %", "IP λ 0.1", "η 2.5 %"]
+    assert sorted(labels, key=setting_order) == ["clean", "η 2.5 %", "η 7.5 %", "η 10 %", "CEP-U γ 1", "IP λ 0.1",
+                                                 "η 5 % asym", "η 10 % asym"]
