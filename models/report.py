@@ -162,8 +162,8 @@ def group_table(groups, names, lead=("setting", "model", "step", "sampler", "cfg
 
 
 def setting_order(label):
-    """clean first, then the symmetric η sweep by η, then the rest alphabetically (the
-    asymmetric η by η: 'η 5 % asym' before 'η 10 % asym')."""
+    """clean first, then the symmetric η sweep by η, then the rest (CEP, IP) alphabetically, then
+    the asymmetric settings by η ('η 5 % asym' before 'η 10 % asym')."""
     base = label.split(" [")[0]
     if base == "clean":
         return (0, 0.0, label)
