@@ -30,6 +30,7 @@ import sys
 import time
 
 import numpy as np
+import scipy.stats
 import torch
 
 from models.build import describe_recipe
@@ -273,6 +274,42 @@ def verdicts(chosen, names, reference="clean"):
     return lines
 
 
+def paired_deltas(rows, chosen, names, reference="clean"):
+    """Each setting against the reference seed by seed: seed k of every setting starts from the same
+    weights and data order, so Δ_k = metric(setting, seed k) − metric(reference, seed k), each at its
+    best scale (the scale of `chosen`), pairs away the seed-to-seed spread they share. Markdown
+    lines: the Δ_k, their mean ± std, on how many seeds the setting is on the better side, and with
+    3 seeds or more the paired t-test's two-sided p."""
+    ref = next((g for g in chosen if g["setting"] == reference), None)
+    if ref is None:
+        return []
+
+    def by_seed(setting, cfg):
+        return {r["seed"]: r["metrics"] for r in rows if r["setting"] == setting and r["cfg"] == cfg}
+    ref_values = by_seed(reference, ref["cfg"])
+    lines = []
+    for g in chosen:
+        if g is ref:
+            continue
+        values = by_seed(g["setting"], g["cfg"])
+        seeds = sorted(set(values) & set(ref_values))
+        cells = []
+        for name in names:
+            deltas = np.array([values[k][name] - ref_values[k][name] for k in seeds if name in values[k] and name in ref_values[k]])
+            if len(deltas) == 0:
+                cells.append("")
+                continue
+            d = direction(name)
+            notes = [f"{int(np.sum(d * deltas > 0))}/{len(deltas)} better"] if d else []
+            if len(deltas) >= 3 and np.ptp(deltas) > 0:  # paired t-test, two-sided; with 2 seeds it says nothing
+                notes.append(f"p {scipy.stats.ttest_rel([values[k][name] for k in seeds], [ref_values[k][name] for k in seeds]).pvalue:.2g}")
+            std = f" ± {np.round(deltas.std(ddof=1), 12):.2g}" if len(deltas) > 1 else ""
+            cells.append(", ".join(f"{v:+.3g}" for v in deltas) + f" → {deltas.mean():+.3g}{std}"
+                         + (f" ({', '.join(notes)})" if notes else ""))
+        lines.append([g["setting"], f"{g['cfg']:g}", ",".join(str(k) for k in seeds)] + cells)
+    return lines
+
+
 def stage_times(out_dir, runs):
     """Mean wall time per run of training, of one sample set and of one evaluation (seconds)."""
     train, sample, evaluate = [], [], []
@@ -342,6 +379,7 @@ def write_study_report(args, grid_runs):
     best = best_scale_groups(groups, fid, sampler)
     fixed = [g for g in groups if g["cfg"] == args.fixed_cfg]
     settings = [g["setting"] for g in best]
+    paired = [n for n in names if base_name(n) in ("fid", "kid", "accuracy", "memorization")]
 
     plot_eta([g for g in groups if g["cfg"] in (args.fixed_cfg,)], quality + diversity, os.path.join(res, "eta.png"),
              title=f"metric vs η at guidance {args.fixed_cfg:g} (mean ± std over seeds)")
@@ -419,6 +457,11 @@ def write_study_report(args, grid_runs):
             "metric with no better side.\n",
             markdown_table(["setting", "cfg"] + quality, verdicts(best, quality)), "\n",
             markdown_table(["setting", "cfg"] + diversity, verdicts(best, diversity)),
+            "\nPaired by seed (seed k of every setting starts from the same weights and sees the same data order): "
+            "Δ_k = setting − clean on seed k, each at its best scale; then the mean ± std of the Δ_k, and on how many seeds "
+            "the setting is on the better side; with 3 seeds or more, p of the paired t-test (two-sided; 2 degrees of freedom "
+            "with 3 seeds, so only a large, consistent Δ gets a small p).\n",
+            markdown_table(["setting", "cfg", "seeds"] + paired, paired_deltas(main_rows, best, paired)),
             "\n## Checks\n", *checks,
             "\n## Plots\n",
             f"![metric vs η](eta.png)\n\n![metric vs η, best scale](eta_best.png)\n\n![FID vs IS](fid_is.png)\n\n"

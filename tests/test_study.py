@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from tests.helpers import REPO, make_fake_fmnist, run_script
 
@@ -68,6 +69,32 @@ def test_verdicts_read_differences_against_the_pooled_spread():
     assert lines[0][3].endswith("≈")  # accuracy +0.01 against s = 0.02
     assert lines[0][4].endswith("↑")  # RMD: a difference, no better side
     assert lines[1][2].endswith("worse") and lines[1][3].endswith("worse")
+
+
+def test_paired_deltas_pair_runs_by_seed_at_each_best_scale():
+    """Δ_k = setting − clean on the same seed, each at its own best scale; a seed only one side has is
+    left out; mean ± std (ddof 1) and the count of seeds on the better side match numpy's."""
+    rng = np.random.default_rng(1)
+    rows, table = [], {}
+    for setting, best_cfg, seeds in (("clean", 3.0, (0, 1, 2)), ("CEP-U γ 1", 2.0, (0, 1, 2, 3))):
+        for seed in seeds:
+            for cfg in (2.0, 3.0):
+                m = {"fid_fmnist": rng.uniform(40, 80), "accuracy": rng.uniform(0.5, 0.9), "rmd_top1_fmnist": rng.uniform(100, 200)}
+                rows.append({"setting": setting, "seed": seed, "cfg": cfg, "metrics": m})
+                table[setting, seed, cfg] = m
+    chosen = [{"setting": "clean", "cfg": 3.0}, {"setting": "CEP-U γ 1", "cfg": 2.0}]
+    (line,) = study.paired_deltas(rows, chosen, ["fid_fmnist", "accuracy", "rmd_top1_fmnist"])
+    assert line[:3] == ["CEP-U γ 1", "2", "0,1,2"]  # seed 3 has no clean partner
+    for cell, name, better in zip(line[3:], ("fid_fmnist", "accuracy", "rmd_top1_fmnist"), (-1, 1, 0)):
+        d = np.array([table["CEP-U γ 1", k, 2.0][name] - table["clean", k, 3.0][name] for k in (0, 1, 2)])
+        listed, summary = cell.split(" → ")
+        assert [float(v) for v in listed.split(", ")] == pytest.approx(d, rel=6e-3)
+        mean, rest = summary.split(" ± ")
+        assert float(mean) == pytest.approx(d.mean(), rel=6e-3, abs=1e-3)
+        assert float(rest.split(" ")[0]) == pytest.approx(d.std(ddof=1), rel=3e-2)
+        assert (f"({int(np.sum(better * d > 0))}/3 better, p " in cell) == bool(better)
+        t = d.mean() / (d.std(ddof=1) / np.sqrt(3))  # the paired t statistic, 2 degrees of freedom
+        assert float(cell.split("p ")[1].rstrip(")")) == pytest.approx(2 * scipy.stats.t.sf(abs(t), 2), rel=5e-2)  # 2 digits
 
 
 def test_study_runs_resumes_and_reports(tmp_path):
