@@ -353,72 +353,81 @@ def condition_accuracy(logits, labels):
 
 
 # ----------------------------------------------------------------------------------------- TopP&R
-def _kernel(d2, h, kernel):
-    """K(‖·‖/h) from squared distances, unnormalised (constants cancel against the band):
-    cosine K(u) = cos(πu/2)·1[u < 1] (compact support), gaussian K(u) = exp(−u²/2)."""
-    u2 = d2 / (h * h)
-    if kernel == "cosine":
-        return torch.where(u2 < 1, torch.cos(0.5 * math.pi * u2.clamp_max(1).sqrt()), torch.zeros_like(u2))
-    if kernel == "gaussian":
-        return torch.exp(-0.5 * u2)
-    raise ValueError(f"unknown kernel {kernel!r} (cosine, gaussian)")
-
-
-def _kde(points, data, h, kernel, weights, batch):
-    """(len(points), W) kernel density estimates at `points` of `data` weighted by each column of
-    `weights` (len(data), W): p̂_w(x) = (1/n) Σ_i w_i K(‖x − X_i‖/h); blocks of the kernel matrix only."""
+def _cosine_kde(points, data, h, weights, batch):
+    """(len(points), W) cosine-kernel density estimates at `points` of `data` weighted by each column of
+    `weights`: p̂_w(x) = (1/n) Σ_i w_i cos(π‖x − X_i‖/2h)·1[‖x − X_i‖ ≤ h], blocks of the kernel matrix
+    only. The factor (π/4h)^d is left out: it cancels against a band computed with the same h."""
     out = torch.zeros(len(points), weights.shape[1], dtype=torch.float64, device=weights.device)
     for i, j, d2 in _sq_dist_blocks(points, data, batch):
-        out[i:i + d2.shape[0]] += _kernel(d2, h, kernel) @ weights[j:j + d2.shape[1]]
+        u2 = d2 / (h * h)
+        kern = torch.where(u2 <= 1, torch.cos(0.5 * math.pi * u2.clamp_max(1).sqrt()), torch.zeros_like(u2))
+        out[i:i + len(d2)] += kern @ weights[j:j + d2.shape[1]]
     return out / len(data)
 
 
-def _kde_support(x, alpha, kernel, k, num_boot, seed, batch):
-    """Topologically significant support of a point cloud (TopP&R, Kim et al. 2023, Sec. 3):
-    bandwidth h = median distance to the k-th nearest neighbour (itself excluded); the KDE p̂ at
-    the points; the confidence band c_α = (1 − α) quantile over `num_boot` bootstrap resamples of
-    sup_i |p̂*(X_i) − p̂(X_i)| (a resample is a multinomial reweighting of the points, so all of
-    them come out of one pass over the kernel matrix). Density within the band of zero is not
-    significant: the support is {x : p̂(x) > c_α}. Returns (in-support mask, h, c_α)."""
-    h = float(np.median(_knn_sq(x, x, k, batch, exclude_self=True)[:, -1].sqrt().cpu().numpy()))
+def _balloon_bandwidth(x, k, batch):
+    """The authors' bandwidth: for each of the first n − k points, the distance to its k-th nearest
+    neighbour among the points AFTER it (upper triangle of the distance matrix, so it depends on the
+    order of the rows); h = the ⌊(n − k)/2⌋-th smallest of these n − k radii (a lower median)."""
     n = len(x)
-    rng = np.random.default_rng(seed)
-    boot = torch.from_numpy(rng.multinomial(n, np.full(n, 1.0 / n), size=num_boot).T.astype(np.float64)).to(x.device)
-    weights = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=x.device), boot], 1)
-    dens = _kde(x, x, h, kernel, weights, batch) - weights / n  # leave-one-out: drop each point's own K(0) = 1
+    best = torch.full((n - k, k), math.inf, dtype=torch.float64, device=x.device)
+    for i, j, d2 in _sq_dist_blocks(x[:n - k], x, batch):
+        rows = torch.arange(i, i + len(d2), device=x.device)[:, None]
+        d2 = d2.masked_fill(torch.arange(j, j + d2.shape[1], device=x.device)[None] <= rows, math.inf)
+        best[i:i + len(d2)] = torch.cat([best[i:i + len(d2)], d2], 1).topk(k, dim=1, largest=False).values
+    return best[:, -1].sort().values[max((n - k) // 2 - 1, 0)].sqrt().item()
+
+
+def _kde_support(x, h, alpha, num_boot, rng, batch):
+    """KDE p̂ at the points themselves (each counts in its own density) and the confidence band
+    c_α = (1 − α) quantile (linear interpolation) over `num_boot` bootstrap resamples (n draws with
+    replacement, rng.randint, as the package's np.random.choice) of sup_i |p̂*(X_i) − p̂(X_i)|; a
+    resample is a reweighting by its counts, so all come out of one pass over the kernel matrix."""
+    n = len(x)
+    draws = rng.randint(n, size=(num_boot, n)) + n * np.arange(num_boot)[:, None]
+    counts = np.bincount(draws.ravel(), minlength=num_boot * n).reshape(num_boot, n).T
+    weights = torch.cat([torch.ones(n, 1, dtype=torch.float64), torch.from_numpy(counts.astype(np.float64))], 1)
+    dens = _cosine_kde(x, x, h, weights.to(x.device), batch)
     sups = (dens[:, 1:] - dens[:, :1]).abs().max(0).values.cpu().numpy()
-    c = float(np.quantile(sups, 1 - alpha))
-    return dens[:, 0] > c, h, c
+    return dens[:, 0], float(np.quantile(sups, 1 - alpha))
 
 
-def top_pr(real, fake, alpha=0.1, kernel="cosine", k=10, num_boot=50, proj_dim=32, max_points=10000,
-           seed=0, batch=1024):
-    """TopP&R (Kim et al., NeurIPS 2023): precision and recall on topologically significant supports.
-    Each set's support is estimated on its own (`_kde_support`); then
-        TopP = #{Y_j in supp(Q̂) and in supp(P̂)} / #{Y_j in supp(Q̂)}
-        TopR = #{X_i in supp(P̂) and in supp(Q̂)} / #{X_i in supp(P̂)},
-    x ∈ supp(P̂) meaning p̂_X(x) > c_α^X (the real KDE at x above the real band), so points off
-    either support (outliers, noise) count nowhere. F1 = 2PR / (P + R).
-    Features of more than `proj_dim` dims are first mapped by a seeded Gaussian random projection
-    (as the authors' package does) and at most `max_points` points of each set are used (seeded
-    subsets, read row by row from memmaps). Returns (precision, recall, F1)."""
-    rng = np.random.default_rng(seed)
+def top_pr(real, fake, alpha=0.1, k=None, num_boot=10, proj_dim=32, max_points=10000, seed=0, batch=1024):
+    """TopP&R (Kim et al., NeurIPS 2023, Sec. 3) as the authors' package top-pr 0.2.1 (compute_top_pr)
+    computes it. Each set gets its own cosine-kernel KDE p̂_h(x) = (1/n) Σ_i K(‖x − X_i‖/h), with the
+    package's bandwidth (`_balloon_bandwidth`, k = 5·dim) and bootstrap confidence band c_α
+    (`_kde_support`); its significant support is supp̂(P) = p̂⁻¹(c_X, ∞), likewise supp̂(Q). Then
+        TopP = Σ_j 1[Y_j ∈ supp̂(P) ∩ supp̂(Q)] / Σ_j 1[Y_j ∈ supp̂(Q)]
+        TopR = Σ_i 1[X_i ∈ supp̂(Q) ∩ supp̂(P)] / Σ_i 1[X_i ∈ supp̂(P)]
+    (NaN over an empty support) and F1 = 2PR / (P + R), 0 unless P, R > 1e-4. Features of more than
+    `proj_dim` dims are first mapped by a Gaussian random projection (Xavier-normal as the package's;
+    its scale cancels). The package draws its own projection (torch seed 99) and bootstraps
+    (np.random seeded 42); ours come from np.random.RandomState(seed) in the package's order, so with
+    ≤ `proj_dim` dims the bootstraps are the package's after np.random.seed(seed). Beyond the package:
+    float64 (it rounds to float32), at most `max_points` points per set (seeded subsets, read row by
+    row from memmaps), NaN where a set has ≤ k points and the same estimator at ≤ 3 dims (it fails
+    on both). Returns (precision, recall, F1)."""
+    rng = np.random.RandomState(seed)
     sets = []
     for a in (real, fake):
         rows = np.sort(rng.choice(len(a), max_points, replace=False)) if len(a) > max_points else slice(None)
         sets.append(_t64(a[rows]))
-    x, y = sets
-    if x.shape[1] > proj_dim:
-        proj = torch.from_numpy(rng.standard_normal((x.shape[1], proj_dim)) / math.sqrt(proj_dim)).to(x.device)
-        x, y = x @ proj, y.to(x.device) @ proj
-    x_in, hx, cx = _kde_support(x, alpha, kernel, k, num_boot, seed, batch)
-    y_in, hy, cy = _kde_support(y, alpha, kernel, k, num_boot, seed, batch)
-    ones = lambda t: torch.ones(len(t), 1, dtype=torch.float64, device=t.device)  # noqa: E731
-    y_in_p = _kde(y, x, hx, kernel, ones(x), batch)[:, 0] > cx  # fake points inside the real support
-    x_in_q = _kde(x, y, hy, kernel, ones(y), batch)[:, 0] > cy  # real points inside the fake support
-    p = (y_in & y_in_p).sum().item() / max(y_in.sum().item(), 1)
-    r = (x_in & x_in_q).sum().item() / max(x_in.sum().item(), 1)
-    return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
+    x, y = sets[0], sets[1].to(sets[0].device)
+    if proj_dim and x.shape[1] > proj_dim:
+        std = math.sqrt(2 / (x.shape[1] + proj_dim))
+        proj = torch.from_numpy(rng.standard_normal((x.shape[1], proj_dim)) * std).to(x.device)
+        x, y = x @ proj, y @ proj
+    k = k or 5 * x.shape[1]
+    if min(len(x), len(y)) <= k:  # the package fails here (no point has k others after it)
+        return math.nan, math.nan, math.nan
+    hx, hy = _balloon_bandwidth(x, k, batch), _balloon_bandwidth(y, k, batch)
+    (px, cx), (py, cy) = (_kde_support(x, hx, alpha, num_boot, rng, batch),  # real resamples first
+                          _kde_support(y, hy, alpha, num_boot, rng, batch))
+    one = lambda t: torch.ones(len(t), 1, dtype=torch.float64, device=t.device)  # noqa: E731
+    y_in_p = _cosine_kde(y, x, hx, one(x), batch)[:, 0] > cx  # fake points inside the real support
+    x_in_q = _cosine_kde(x, y, hy, one(y), batch)[:, 0] > cy  # real points inside the fake support
+    p, r = y_in_p[py > cy].double().mean().item(), x_in_q[px > cx].double().mean().item()
+    return p, r, (2 * p * r / (p + r) if p > 1e-4 and r > 1e-4 else 0.0)
 
 
 # ------------------------------------------------------------------------------ VQ codebook usage

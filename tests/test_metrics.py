@@ -399,48 +399,49 @@ def test_condition_accuracy():
 
 
 # --------------------------------------------------------------------------------------- TopP&R
-def kde_support_reference(x, alpha, k, num_boot, seed, kernel="cosine"):
-    """Straight from the definition: full distance matrix, leave-one-out KDE at the points, explicit
-    bootstrap resamples (multinomial counts drawn as the module does), band = (1 − α) quantile of
+def kde_support_reference(x, alpha, k, num_boot, rng):
+    """Straight from the authors' package's definitions: full distance matrix; bandwidth = the
+    ⌊(n − k)/2⌋-th smallest, over the first n − k points, of the k-th smallest distance to a LATER
+    point; cosine-kernel KDE at the points, each in its own density; `num_boot` explicit resamples
+    with replacement (rng.randint(n, size=n) each, as np.random.choice); band = (1 − α) quantile of
     the sup deviations, support = density above the band."""
     n = len(x)
     d = dist(x, x)
-    h = np.median(kth_radius(x, k))
-    u = d / h
-    kern = np.where(u < 1, np.cos(np.pi / 2 * np.minimum(u, 1)), 0.0) if kernel == "cosine" else np.exp(-u ** 2 / 2)
-    np.fill_diagonal(kern, 0.0)
-    dens = kern.sum(1) / n
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=num_boot)
-    sups = [np.abs(kern @ c / n - dens).max() for c in counts]
+    radii = np.sort([np.sort(d[i, i + 1:])[k - 1] for i in range(n - k)])
+    h = radii[max((n - k) // 2 - 1, 0)]
+    kern = np.where(d <= h, np.cos(np.pi / 2 * d / h), 0.0)
+    dens = kern.mean(1)
+    sups = [np.abs(kern[:, rng.randint(n, size=n)].mean(1) - dens).max() for _ in range(num_boot)]
     c_alpha = np.quantile(sups, 1 - alpha)
     return dens > c_alpha, h, c_alpha
 
 
-def kde_at_reference(points, x, h, kernel="cosine"):
+def kde_at_reference(points, x, h):
     u = dist(points, x) / h
-    kern = np.where(u < 1, np.cos(np.pi / 2 * np.minimum(u, 1)), 0.0) if kernel == "cosine" else np.exp(-u ** 2 / 2)
-    return kern.sum(1) / len(x)
+    return np.where(u <= 1, np.cos(np.pi / 2 * u), 0.0).mean(1)
 
 
-@pytest.mark.parametrize("kernel", ["cosine", "gaussian"])
-def test_top_pr_matches_reference(kernel):
+def test_top_pr_matches_reference():
     rng = np.random.default_rng(20)
     x, y = rng.standard_normal((300, 5)), rng.standard_normal((250, 5)) + 0.7
-    sx, hx, cx = kde_support_reference(x, 0.1, 10, 20, 3, kernel)
-    sy, hy, cy = kde_support_reference(y, 0.1, 10, 20, 3, kernel)
-    y_in_p, x_in_q = kde_at_reference(y, x, hx, kernel) > cx, kde_at_reference(x, y, hy, kernel) > cy
+    boot = np.random.RandomState(3)  # real resamples first, then fake (one stream)
+    sx, hx, cx = kde_support_reference(x, 0.1, 25, 20, boot)
+    sy, hy, cy = kde_support_reference(y, 0.1, 25, 20, boot)
+    y_in_p, x_in_q = kde_at_reference(y, x, hx) > cx, kde_at_reference(x, y, hy) > cy
     p, r = (sy & y_in_p).sum() / sy.sum(), (sx & x_in_q).sum() / sx.sum()
-    got = metrics.top_pr(x, y, kernel=kernel, num_boot=20, seed=3, batch=64)
+    got = metrics.top_pr(x, y, num_boot=20, seed=3, batch=64)  # k = 5·dim = 25
     assert 0 < p < 1 and 0 < r < 1  # a non-trivial case
     assert got == pytest.approx((p, r, 2 * p * r / (p + r)), abs=1e-12)
-    assert metrics.top_pr(x, y, kernel=kernel, num_boot=20, seed=3, batch=64) == got  # deterministic
+    assert metrics.top_pr(x, y, num_boot=20, seed=3, batch=64) == got  # deterministic
+    assert metrics.top_pr(x[:25], y) == pytest.approx((math.nan,) * 3, nan_ok=True)  # needs more than k points
 
 
 def test_top_pr_identical_disjoint_and_shift():
     rng = np.random.default_rng(21)
     x, y = rng.standard_normal((600, 8)), rng.standard_normal((600, 8))
-    # identical sets: each point's membership in either support is decided by the same KDE and band
-    assert metrics.top_pr(x, x) == (1.0, 1.0, 1.0)
+    # identical sets: the same KDE, two bands (own resamples), so one support holds the other
+    p, r, _ = metrics.top_pr(x, x)
+    assert max(p, r) == 1.0 and min(p, r) > 0.9
     assert metrics.top_pr(x, y + 100) == (0.0, 0.0, 0.0)  # far apart: no point in the other support
     same, shifted = metrics.top_pr(x, y)[2], metrics.top_pr(x, y + np.r_[2.0, np.zeros(7)])[2]
     assert same > 0.7 and shifted < 0.5 * same
@@ -457,12 +458,17 @@ def test_top_pr_ignores_outliers_unlike_knn_precision():
     outliers = 40 * np.eye(d)[[0, 1, 2, 3, 0]] * np.r_[1, 1, 1, 1, -1][:, None]
     real = np.concatenate([rng.standard_normal((800, d)), outliers])
     fake = np.concatenate([rng.standard_normal((740, d)), outliers[0] + 0.05 * rng.standard_normal((60, d))])
-    support, _, _ = metrics._kde_support(torch.from_numpy(real), 0.1, "cosine", 10, 50, 0, 1024)
-    assert not support[-5:].any() and support[:800].double().mean() > 0.1
+
+    def support(a, boot):
+        x = torch.from_numpy(a)
+        dens, c = metrics._kde_support(x, metrics._balloon_bandwidth(x, 5 * d, 1024), 0.1, 10, boot, 1024)
+        return dens > c
+    boot = np.random.RandomState(0)  # top_pr's draws at seed 0: the real resamples, then the fake ones
+    real_support, fake_support = support(real, boot), support(fake, boot)
+    assert not real_support[-5:].any() and real_support[:800].double().mean() > 0.1
     p_top, _, _ = metrics.top_pr(real, fake)
     assert precision_recall(real, fake[-60:])[0] == 1.0  # k-NN precision counts the whole cluster as realistic
     # TopP: the fake cluster lies in the fake support (dense) but never in the real one
-    fake_support, _, _ = metrics._kde_support(torch.from_numpy(fake), 0.1, "cosine", 10, 50, 0, 1024)
     assert fake_support[-60:].all()
     n_in = fake_support.sum().item()
     assert p_top <= (n_in - 60) / n_in + 1e-12
