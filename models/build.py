@@ -92,7 +92,7 @@ def with_legacy_defaults(config):
 # max_steps 40 K is about the paper's 10 epochs of ImageNet-100 (126,689 images) at batch 32.
 STOCK_ADAPTATION = dict(lr=5e-6, warmup_steps=0, lr_decay="none", weight_decay=0.01, grad_clip=1.0, ema_decay=0.0, ema_warmup=False, global_batch_size=32,
                         class_dropout=0.0, max_steps=40_000, ckpt_every=500)
-LCM_DEFAULTS = dict(w_min=3.0, w_max=15.0, lcm_skip=20, lcm_target_ema=0.95, lcm_loss="huber", lcm_huber_c=0.001, lcm_loss_weight="uniform",
+LCM_DEFAULTS = dict(w_min=5.0, w_max=15.0, lcm_skip=20, lcm_target_ema=0.95, lcm_loss="huber", lcm_huber_c=0.001, lcm_loss_weight="uniform",
                     lcm_guided_warmup=0)
 FINETUNE_RECIPES = {
     "stock": STOCK_ADAPTATION,
@@ -100,8 +100,9 @@ FINETUNE_RECIPES = {
     "tiny": dict(lr=1e-4, warmup_steps=0, lr_decay="none", weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, global_batch_size=64,
                  class_dropout=0.1, max_steps=1000, ckpt_every=500),
     # --method lcm (latent consistency distillation). The paper's LCM-v1.5: lr 1e-5, 35 K iterations;
-    # the rest as diffusers' train_lcm_distill_sd_wds.py (LCM's reference setting): guidance w in
-    # [3, 15] (scale 1 + w), skipping step k = 20 of 1000, target network = EMA 0.95 of the student,
+    # the rest as diffusers' train_lcm_distill_sd_wds.py, the SD-1.5 script (LCM's reference setting):
+    # guidance w in [5, 15] (its w_min / w_max defaults; scale 1 + w; [3, 15] is the SDXL script's),
+    # skipping step k = 20 of 1000, target network = EMA 0.95 of the student,
     # Huber loss c = 0.001, AdamW weight decay 1e-2, grad clip 1, no prompt dropout, 12 per GPU x 8
     "stock-lcm": dict(lr=1e-5, warmup_steps=0, lr_decay="none", weight_decay=0.01, grad_clip=1.0, ema_decay=0.0, ema_warmup=False,
                       global_batch_size=96, class_dropout=0.0, max_steps=35_000, ckpt_every=1000, **LCM_DEFAULTS),

@@ -225,12 +225,13 @@ def skipping_timesteps(num_timesteps, skip):
 
 
 def lcm_timesteps(num_timesteps, skip, steps):
-    """Multistep consistency sampling's `steps` timesteps, descending, evenly strided over the
-    skipping grid from its top (LCMScheduler's): 4 steps of k = 20 -> 999, 759, 519, 279."""
-    grid = skipping_timesteps(num_timesteps, skip)
+    """Multistep consistency sampling's `steps` timesteps, descending: the skipping grid from its top,
+    at positions floor(i · N / steps), i = 0..steps-1 (N points in the grid), as diffusers'
+    LCMScheduler.set_timesteps picks them: 4 steps of k = 20 -> 999, 759, 499, 259."""
+    grid = skipping_timesteps(num_timesteps, skip)[::-1]
     if not 1 <= steps <= len(grid):
         raise ValueError(f"an LCM distilled with k = {skip} samples in 1 to {len(grid)} steps, not {steps}")
-    return grid[::-(len(grid) // steps)][:steps].tolist()
+    return grid[np.arange(steps) * len(grid) // steps].tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,13 @@ def test_boundary_condition_and_timesteps():
     assert torch.allclose(f[2], c_skip * x[2] + c_out * D.predict_x0_from_eps(x[2:3], t[2:3], eps[2:3])[0])
     assert skipping_timesteps(1000, 20).tolist() == list(range(19, 1000, 20))
     assert lcm_timesteps(1000, 20, 1) == [999] and lcm_timesteps(1000, 20, 2) == [999, 499]
-    assert lcm_timesteps(1000, 20, 4) == [999, 759, 519, 279]  # diffusers' LCMScheduler for 4 steps
+    assert lcm_timesteps(1000, 20, 4) == [999, 759, 499, 259]  # diffusers' LCMScheduler for 4 steps
+    from diffusers import LCMScheduler  # the reference, step count by step count
+    for skip, original_steps in ((20, 50), (10, 100), (40, 25)):
+        scheduler = LCMScheduler(num_train_timesteps=1000, original_inference_steps=original_steps)
+        for steps in range(1, original_steps + 1):
+            scheduler.set_timesteps(steps)
+            assert lcm_timesteps(1000, skip, steps) == scheduler.timesteps.tolist(), (skip, steps)
     with pytest.raises(ValueError):
         lcm_timesteps(1000, 20, 51)
 
