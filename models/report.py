@@ -3,27 +3,37 @@
 A row is one metrics.json (<out-dir>/<run>/samples/<tag>/metrics.json). Rows of runs that differ only
 in their seed form one *setting* (what was trained: η, corruption type, CEP, IP, model, steps), and a
 table cell is the mean ± sample standard deviation (ddof 1) over the seeds of the setting."""
+import argparse
 import glob
 import json
 import os
 
 import numpy as np
 
-from models.build import with_legacy_defaults
+from models.build import describe_recipe, with_legacy_defaults
 from models.common import UsageError, atomic_write_text
+from models.stats import best_scale_groups, detectable_effect, paired_comparisons, paired_power, pooled_sd
 
-# metric -> +1 higher is better, -1 lower is better (the suffixes _fmnist / _clip are ignored);
+# metric -> +1 higher is better, -1 lower is better (the feature-space suffixes _fmnist / _clip / _ae are ignored);
 # the diversity metrics (RMD, top-5 L2, within-class distance) have no better side, only a difference
 DIRECTION = {"fid": -1, "sfid": -1, "kid": -1, "memorization": -1, "is": 1, "precision": 1, "recall": 1, "density": 1,
              "coverage": 1, "toppr_precision": 1, "toppr_recall": 1, "toppr_f1": 1, "accuracy": 1, "clip_score": 1}
+TOPPR_VERSION = 2  # evaluate.py's metrics.json says which TopP&R estimator scored it (2: the authors')
 QUALITY = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "accuracy", "toppr_f1")
 
 
 def base_name(metric):
-    for suffix in ("_fmnist", "_clip"):
+    for suffix in ("_fmnist", "_clip", "_ae"):
         if metric.endswith(suffix):
             return metric[: -len(suffix)]
     return metric
+
+
+def main_metric(names, base):
+    """The metric `base` (fid, recall, ...) in the main feature space: the first one not of the
+    label-free autoencoder (_ae), which is reported beside it."""
+    names = [n for n in names if base_name(n) == base]
+    return next((n for n in names if not n.endswith("_ae")), names[0] if names else None)
 
 
 def direction(metric):
@@ -73,6 +83,10 @@ def read_rows(out_dir, runs=None):
             continue
         with open(path) as f:
             m = json.load(f)
+        # TopP&R of sets scored before it matched its authors' estimator (top-pr) is not a measurement
+        stale = m.get("toppr_version", 1) < TOPPR_VERSION and any(k.startswith("toppr_") for k in m["metrics"])
+        if stale:
+            m["metrics"] = {k: v for k, v in m["metrics"].items() if not k.startswith("toppr_")}
         sc = m.get("sample_config") or {}
         rc = sc.get("run_config", {})
         rc = with_legacy_defaults(rc) if rc else rc
@@ -83,7 +97,7 @@ def read_rows(out_dir, runs=None):
                      "sampler_options": " ".join(o for o, on in (("clipped", sc.get("clip_denoised")), ("raw weights", sc.get("ema") is False),
                                                                  (f"ddim-eta {sc.get('ddim_eta')}", sc.get("ddim_eta"))) if on), "metrics": m["metrics"],
                      "floor": m.get("floor", {}), "folder": os.path.dirname(path), "rc": rc,
-                     "classifier_accuracy": m.get("classifier_test_accuracy")})
+                     "classifier_accuracy": m.get("classifier_test_accuracy"), "toppr_stale": stale})
         rows[-1]["train_min"], rows[-1]["train_img_s"] = training_time(os.path.join(out_dir, run))
     distinguish_settings(rows)
     return rows
@@ -178,6 +192,7 @@ def setting_order(label):
 
 def compare(out_dir):
     """<out_dir>/comparison.md (settings over seeds: n, seeds, mean ± std) and the two plots."""
+    from models import plots  # plots.py builds on this module
     rows = read_rows(out_dir)
     if not rows:
         raise UsageError(f"no evaluated samples (metrics.json) under {out_dir}/*/samples/")
@@ -187,91 +202,234 @@ def compare(out_dir):
                                              "num_samples"))
     atomic_write_text(os.path.join(out_dir, "comparison.md"), table)
     print(table, end="")
-    plot_eta(groups, names, os.path.join(out_dir, "comparison_eta.png"))
-    plot_fid_is(groups, names, os.path.join(out_dir, "comparison_fid_is.png"))
+    plots.plot_eta(groups, names, os.path.join(out_dir, "comparison_eta.png"))
+    plots.plot_fid_is(groups, names, os.path.join(out_dir, "comparison_fid_is.png"))
     print(f"-> {os.path.join(out_dir, 'comparison.md')}, comparison_eta.png, comparison_fid_is.png")
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+# ---- study.py's report: every setting against the reference, paired by seed ---------------------
+
+# the paper's directional claims, read on the study's comparisons: (claim, setting, metric, the side
+# the paper reports: -1 lower, +1 higher). A claim whose setting is not in the grid is left out.
+CLAIMS = [("slight corruption lowers FID", "η 2.5 %", "fid", -1), ("slight corruption lowers FID", "η 5 %", "fid", -1),
+          ("slight corruption lowers FID", "η 7.5 %", "fid", -1), ("CEP-U lowers FID", "CEP-U γ 1", "fid", -1),
+          ("CEP-G lowers FID", "CEP-G γ 1", "fid", -1), ("heavy corruption raises FID", "η 15 %", "fid", 1),
+          ("heavy corruption raises FID", "η 20 %", "fid", 1), ("slight corruption raises IS", "η 2.5 %", "is", 1),
+          ("slight corruption raises recall (diversity)", "η 2.5 %", "recall", 1),
+          ("slight corruption raises recall (diversity)", "η 5 %", "recall", 1)]
+PAIRED = ("fid", "precision", "recall", "toppr_f1", "accuracy", "memorization")  # the comparison tables' metrics (every feature space)
 
 
-def plot_eta(groups, names, path, title=None):
-    """Each metric against the symmetric corruption ratio η (error bars: std over seeds), one
-    line per (model, sampler, guidance scale); settings with CEP or IP are left out."""
-    plt = _plt()
-    sweep = [g for g in groups if g["setting"] == "clean" or (g["setting"].startswith("η ") and g["setting"].endswith("%"))]
-    cols = min(4, len(names))
-    nrows = -(-len(names) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
-    lines = sorted({(g["model"], g["sampler"], g["cfg"], g["sample_seed"]) for g in sweep})
-    for ax, name in zip(axes.flat, names):
-        for line in lines:
-            pts = sorted((float(g["setting"].split()[1]) if g["setting"] != "clean" else 0.0, g["mean"][name], g["std"][name])
-                         for g in sweep if (g["model"], g["sampler"], g["cfg"], g["sample_seed"]) == line and name in g["mean"])
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if not np.isfinite(p[2]) else p[2] for p in pts],
-                            marker="o", capsize=3, label=f"{line[0]} {line[1]} cfg {line[2]:g}")
-        ax.set_xlabel("corruption η (%)")
-        ax.set_title(name)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    if lines:
-        axes.flat[0].legend(fontsize=6)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def significant(st, alpha=0.05):
+    """The 95 % CI excludes 0 (and, in the Holm family, the adjusted p is below alpha)."""
+    excludes = st["n"] >= 2 and (st["lo"] > 0 or st["hi"] < 0)
+    return excludes and (st["holm"] is None or st["holm"] < alpha)
 
 
-def plot_fid_is(groups, names, path, settings=None):
-    """FID against IS over the guidance sweep, one curve per setting (mean over seeds; the
-    paper's figures), annotated with the scales."""
-    fid = next((n for n in names if base_name(n) == "fid"), None)
-    is_ = next((n for n in names if base_name(n) == "is"), None)
-    if not (fid and is_):
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    curves = sorted({(g["setting"], g["model"], g["sampler"], g["sample_seed"]) for g in groups if settings is None or g["setting"] in settings},
-                    key=lambda c: (setting_order(c[0]), c[1:]))
-    for curve in curves:
-        pts = sorted((g["cfg"], g["mean"][is_], g["mean"][fid], g["std"][is_], g["std"][fid]) for g in groups
-                     if (g["setting"], g["model"], g["sampler"], g["sample_seed"]) == curve and fid in g["mean"] and is_ in g["mean"])
-        if len({p[0] for p in pts}) < 2 and settings is not None:
+def verdict(st, metric):
+    if st["n"] < 2:
+        return "one seed"
+    if not significant(st):
+        return "≈ (not after Holm)" if st["lo"] > 0 or st["hi"] < 0 else "≈"
+    d = direction(metric)
+    return ("↑" if st["mean"] > 0 else "↓") if d == 0 else "**better**" if d * st["mean"] > 0 else "worse"
+
+
+def delta_ci(st):
+    """'+1.2 [−0.3, 2.7]': the mean per-seed difference and its 95 % CI."""
+    return f"{st['mean']:+.3g}" + (f" [{fmt(st['lo'])}, {fmt(st['hi'])}]" if st["n"] >= 2 else "") if st["n"] else ""
+
+
+def delta_cell(st, metric):
+    return f"{delta_ci(st)} {verdict(st, metric)}" if st["n"] else ""
+
+
+def claims_table(comparisons, names, power_of):
+    """One verdict per claim of the paper: supported (the CI excludes 0 on the paper's side),
+    contradicted (on the other side) or inconclusive, with the CI and the power it had."""
+    lines = []
+    for claim, setting, base, side in CLAIMS:
+        c = next((c for c in comparisons if c["setting"] == setting), None)
+        metric = main_metric(names, base)
+        if c is None or metric is None or metric not in c["stats"]:
             continue
-        ax.errorbar([p[1] for p in pts], [p[2] for p in pts], xerr=[np.nan_to_num(p[3]) for p in pts],
-                    yerr=[np.nan_to_num(p[4]) for p in pts], marker="o", capsize=2, label=" ".join(map(str, curve[:3])))
-        for cfg, x, y, *_ in pts:
-            ax.annotate(f"{cfg:g}", (x, y), fontsize=7)
-    ax.set_xlabel(is_ + " (higher is better)")
-    ax.set_ylabel(fid + " (lower is better)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+        st = c["stats"][metric]
+        word = ("supported" if side * st["mean"] > 0 else "contradicted") if significant(st) else "inconclusive at this power"
+        if not significant(st) and st["n"] >= 2 and (st["lo"] > 0 or st["hi"] < 0):
+            on = "the paper's" if side * st["mean"] > 0 else "the other"
+            word += f" (the CI excludes 0 on {on} side, but not after Holm)"
+        lines.append([claim, setting, metric, len(c["seeds"]), delta_ci(st),
+                      fmt(st["p"]) + (f" (Holm {fmt(st['holm'])})" if st["holm"] is not None else ""), power_of(metric, st), word])
+    return markdown_table(["claim", "setting", "metric", "seeds", "Δ [95 % CI]", "p", "power for a 10 % change", "verdict"], lines)
 
 
-def plot_bars(groups, names, path, settings):
-    """One panel per metric: a bar per setting (mean, error bar: std over seeds)."""
-    plt = _plt()
-    cols = min(4, len(names))
-    nrows = -(-len(names) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
-    chosen = [next(g for g in groups if g["setting"] == s) for s in settings if any(g["setting"] == s for g in groups)]
-    for ax, name in zip(axes.flat, names):
-        means = [g["mean"].get(name, np.nan) for g in chosen]
-        stds = [np.nan_to_num(g["std"].get(name, np.nan)) for g in chosen]
-        ax.bar(range(len(chosen)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(chosen))])
-        ax.set_xticks(range(len(chosen)), [g["setting"] for g in chosen], rotation=40, ha="right", fontsize=7)
-        ax.set_title(name)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def stage_times(runs_dir, runs):
+    """Mean wall time per run of training, of one sample set and of one evaluation (seconds): (mean, total, count)."""
+    times = {"train": [], "sample set": [], "evaluation": []}
+    for run in runs:
+        path = os.path.join(runs_dir, run, "study_times.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                t = json.load(f)
+            times["train"] += [t["train"]] if "train" in t else []
+            times["sample set"] += [v for k, v in t.items() if k.startswith("sample ")]
+            times["evaluation"] += [v for k, v in t.items() if k.startswith("evaluate ")]
+    return {k: (float(np.mean(v)) if v else float("nan"), float(np.sum(v)), len(v)) for k, v in times.items()}
+
+
+def sampling_checks(rows, groups, quality, fixed_cfg, max_steps, sampler, reference):
+    """On the reference's seed 0 at the fixed scale: the metrics at 50 sampler steps, and the std over
+    sampling seeds of one model against the std over training seeds. Markdown lines."""
+    ref_rows = [r for r in rows if r["setting"] == reference and r["seed"] == 0 and r["cfg"] == fixed_cfg and r["step"] == max_steps]
+    samplers = sorted({r["sampler"] for r in ref_rows if r["sample_seed"] == 0})
+    checks = []
+    if len(samplers) > 1:
+        checks += [f"**Sampler steps** ({reference}, seed 0, guidance {fixed_cfg:g}, one sample set each):\n",
+                   markdown_table(["sampler"] + quality, [[s] + [fmt(next(r for r in ref_rows if r["sampler"] == s and r["sample_seed"] == 0)
+                                                                      ["metrics"].get(m, np.nan)) for m in quality] for s in samplers])]
+    noise = [r for r in ref_rows if r["sampler"] == sampler]
+    seeds = next((g for g in groups if g["setting"] == reference and g["cfg"] == fixed_cfg), None)
+    if len(noise) > 1 and seeds is not None:
+        lines = [[m, fmt(np.std([r["metrics"][m] for r in noise if m in r["metrics"]], ddof=1)), len(noise), fmt(seeds["std"].get(m, np.nan)),
+                  seeds["n"]] for m in quality]
+        checks += [f"\n**Sampling noise against the seed-to-seed spread** ({reference}, guidance {fixed_cfg:g}, {noise[0]['num_samples']} "
+                   "images per set): the std over sampling seeds of one model, and the std over training seeds (one sample set each):\n",
+                   markdown_table(["metric", "std over sampling seeds", "sets", "std over training seeds", "runs"], lines)]
+    return checks
+
+
+def write_study_report(args, run_names, reference, primary):
+    """<results>/README.md and plots from <results>/runs/ (each run's small files, copied there by
+    study.py): the tables over seeds, every setting against the reference paired by seed with 95 %
+    CIs (the primary FID comparisons Holm-corrected), the power reached, a verdict per claim of the
+    paper, the learning curve, the sampling checks and a sample grid per setting."""
+    from models import plots
+    res, runs_dir = args.results, os.path.join(args.results, "runs")
+    rows = read_rows(runs_dir, set(run_names))
+    if not rows:
+        raise UsageError(f"nothing evaluated yet under {args.out_dir} (nor in {runs_dir}): run the grid first")
+    names = metric_names(rows)
+    fid = main_metric(names, "fid") or names[0]
+    sampler = f"dpm-solver++-{args.sample_steps}"
+    main_rows = [r for r in rows if r["sampler"] == sampler and r["sample_seed"] == 0]
+    final_rows = [r for r in main_rows if r["step"] == args.max_steps]
+    all_groups = sorted(aggregate(main_rows), key=lambda g: (setting_order(g["setting"]), g["step"], g["cfg"]))
+    groups = [g for g in all_groups if g["step"] == args.max_steps]
+    quality = [n for n in names if base_name(n) in QUALITY]
+    diversity = [n for n in names if n not in quality]
+    best_all = best_scale_groups(all_groups, fid)
+    best = [g for g in best_all if g["step"] == args.max_steps]
+    fixed = [g for g in groups if g["cfg"] == args.fixed_cfg]
+    settings = [g["setting"] for g in best]
+    paired = [n for n in names if base_name(n) in PAIRED]
+    comparisons = paired_comparisons(final_rows, best, paired, reference, primary, fid)
+    ref_mean = next((g["mean"] for g in best if g["setting"] == reference), {})
+
+    # the spread of the per-seed Δ, pooled over the primary comparisons (all, if none): one comparison's
+    # std from 2-3 seeds is too rough to read power from
+    family = [c for c in comparisons if c["setting"] in primary] or comparisons
+    pooled = {n: pooled_sd([c["stats"][n] for c in family]) for n in paired}
+
+    def power_of(metric, st):  # power to detect a change of 10 % of the reference's mean at the pooled spread of Δ
+        return fmt(paired_power(0.1 * ref_mean.get(metric, np.nan), pooled[metric][0], st["n"])) if st["n"] >= 2 and metric in pooled else ""
+
+    plots.plot_eta(fixed, quality + diversity, os.path.join(res, "eta.png"), title=f"metric vs η at guidance {args.fixed_cfg:g} (mean ± std over seeds)")
+    plots.plot_eta(best, quality + diversity, os.path.join(res, "eta_best.png"), title="metric vs η at each setting's best guidance scale")
+    plots.plot_fid_is(groups, names, os.path.join(res, "fid_is.png"),
+                      settings={"clean", "CEP-U γ 1", "CEP-G γ 1", "IP λ 0.1", "η 2.5 %", "η 5 %", "η 20 %"})
+    plots.plot_bars(fixed, quality + diversity, os.path.join(res, "cep.png"),
+                    [s for s in ("clean", "CEP-U γ 1", "CEP-G γ 1", "IP λ 0.1", "CEP-U γ 0.3", "CEP-U γ 3") if s in settings])
+    steps = sorted({g["step"] for g in best_all})
+    curve = {step: paired_comparisons(main_rows, [g for g in best_all if g["step"] == step], [fid], reference, (), fid) for step in steps}
+    if len(steps) > 1:
+        plots.plot_curve(best_all, curve, fid, reference, os.path.join(res, "curve.png"))
+
+    grid_lines = []
+    for s in settings:  # one grid per setting: its first seed at the fixed scale
+        r = min((r for r in final_rows if r["setting"] == s and r["cfg"] == args.fixed_cfg), key=lambda r: r["seed"], default=None)
+        if r is not None and os.path.exists(os.path.join(r["folder"], "grid.png")):
+            grid_lines.append(f"| {s} (seed {r['seed']}, cfg {args.fixed_cfg:g}) | ![{s}]({os.path.relpath(os.path.join(r['folder'], 'grid.png'), res)}) |")
+    floor = next((r["floor"] for r in rows if r["floor"]), {})
+    times = stage_times(runs_dir, run_names)
+    rc = rows[0]["rc"]
+    recipe = describe_recipe(argparse.Namespace(**rc)) if "lr" in rc else ""
+    seeds_done = {s: sorted({r["seed"] for r in final_rows if r["setting"] == s}) for s in settings}
+    stale = sorted({r["run"] for r in rows if r["toppr_stale"]})
+    doc = [f"# {rc.get('dataset', '?')}: the η / CEP grid at {args.max_steps:,} training steps\n",
+           "Generated by `python study.py` from the small files of each run (config, log, evaluate.py's metrics.json, sample grid, "
+           "stage times), copied from each run's folder under `--out-dir` to `runs/`; do not edit by hand: the conclusion is "
+           "`conclusion.md`, which this page includes" + (", and the protocol, fixed before the grid ran, is [protocol.md](protocol.md)"
+                                                          if os.path.exists(os.path.join(res, "protocol.md")) else "") + ".\n",
+           "## Setup\n",
+           f"- Model {rc.get('model')} on {rc.get('dataset')}, every run the same: {recipe}.",
+           "- Settings and seeds done: " + "; ".join(f"{s} ({len(v)}: {','.join(map(str, v))})" for s, v in seeds_done.items()) + ".",
+           f"- Sampling: DPM-Solver++ {args.sample_steps} steps, {final_rows[0]['num_samples']} images per set (class-balanced), "
+           f"guidance scales {', '.join(f'{s:g}' for s in args.scales)}" + (f"; learning curve at steps {', '.join(map(str, steps[:-1]))} "
+                                                                            f"over scales {', '.join(f'{s:g}' for s in args.curve)}" if args.curve else "")
+           + f"; the fixed-scale table uses {args.fixed_cfg:g}.",
+           "- Metrics: evaluate.py" + (" on the offline Fashion-MNIST classifier's features (suffix _fmnist; not comparable with Inception "
+                                       "numbers) and, where scored, on the label-free autoencoder's (suffix _ae; models/autoencoder.py), against the test split, and against the training set "
+                                       "(RMD, top-5 L2, memorisation, within-class distance)." if fid.endswith("_fmnist") else f" ({', '.join(names)})."),
+           "- Wall time on this machine (mean per run / total): " + "; ".join(f"{k} {v[0] / 60:.1f} min / {v[1] / 3600:.2f} h ({v[2]})"
+                                                                             for k, v in times.items()) + "."]
+    classifiers = {}
+    for r in rows:
+        if r["classifier_accuracy"] is not None:
+            classifiers.setdefault(r["classifier_accuracy"], set()).add(r["run"])
+    if len(classifiers) > 1:
+        doc.append("- **Runs scored with different feature classifiers** (by test accuracy): " + "; ".join(
+            f"{acc:.4f}: {len(runs)} runs ({', '.join(sorted(runs))})" for acc, runs in sorted(classifiers.items())) + ".")
+    if stale:
+        doc.append(f"- **TopP&R left out** for {len(stale)} runs, evaluated before TopP&R matched its authors' estimator (their sets "
+                   "scored toppr_f1 ≈ 0 with a wrong bandwidth): " + ", ".join(stale) + ".")
+    if floor:
+        doc.append("- Floor (real training images against the test split, as many as the samples): " + ", ".join(f"{k} {fmt(v)}" for k, v in floor.items()) + ".")
+    doc += ["\n## At each setting's best guidance scale (lowest mean FID; mean ± std over seeds)\n",
+            group_table(best, quality, lead=("setting", "cfg")), "\n", group_table(best, diversity, lead=("setting", "cfg")),
+            f"\n## At the fixed guidance scale {args.fixed_cfg:g}\n",
+            group_table(fixed, quality, lead=("setting", "cfg")), "\n", group_table(fixed, diversity, lead=("setting", "cfg")),
+            f"\n## Against {reference}, paired by seed\n",
+            f"Seed k of every setting starts from the same weights and sees the same data order, so each setting is compared with {reference} "
+            f"only on the seeds both have: Δ_k = setting − {reference} on seed k, each at its own best scale. A cell is the mean Δ and its "
+            "95 % CI (Student t, n − 1 degrees of freedom); **better** / worse only where the CI excludes 0, ≈ where it does not. "
+            f"The primary comparisons ({', '.join(p for p in primary if p in settings)} against {reference} on {fid}) are one family, "
+            "Holm-corrected: there a CI that excludes 0 counts only if the Holm-adjusted p is below 0.05.\n",
+            markdown_table(["setting", "cfg", "seeds"] + paired, [[c["setting"], f"{c['cfg']:g}", ",".join(map(str, c["seeds"]))]
+                                                                  + [delta_cell(c["stats"][n], n) for n in paired] for c in comparisons]),
+            f"\n**Power.** For each comparison on {fid}: the std of its per-seed Δ, the paired t-test's p (Holm-adjusted for the primary "
+            f"family), the power it had to detect a change of 10 % of {reference}'s {fid} ({fmt(0.1 * ref_mean.get(fid, np.nan))}; α 0.05, "
+            f"two-sided) and the smallest change it could detect with power 0.8, both at the std of Δ pooled over the "
+            f"{'primary ' if family is not comparisons else ''}comparisons: {fmt(pooled[fid][0])} ({pooled[fid][1]} degrees of freedom).\n",
+            markdown_table(["setting", "seeds", "std of Δ", "p", "Holm p", "power for 10 %", "detectable at power 0.8"],
+                           [[c["setting"], len(c["seeds"]), fmt(c["stats"][fid]["sd"]), fmt(c["stats"][fid]["p"]),
+                             fmt(c["stats"][fid]["holm"]) if c["stats"][fid]["holm"] is not None else "", power_of(fid, c["stats"][fid]),
+                             fmt(detectable_effect(pooled[fid][0], len(c["seeds"])))] for c in comparisons]),
+            "\n## The paper's claims\n",
+            "Supported: the CI excludes 0 on the paper's side (and survives Holm in the primary family); contradicted: it excludes 0 on the "
+            "other side; inconclusive: it does not exclude 0, at the power shown.\n",
+            claims_table(comparisons, names, power_of)]
+    if len(steps) > 1:
+        doc += ["\n## Learning curve\n",
+                f"{fid} at each setting's best scale at every evaluated step (mean ± std over seeds), and Δ against {reference} paired by "
+                "seed with its 95 % CI: does the sign of the effect change with training?\n",
+                markdown_table(["setting"] + [f"step {s:,}" for s in steps],
+                               [[s] + [next((fmt(g["mean"][fid], g["std"][fid]) + f" (cfg {g['cfg']:g})" for g in best_all
+                                             if g["setting"] == s and g["step"] == step), "") for step in steps] for s in settings]),
+                "\n", markdown_table(["Δ vs " + reference] + [f"step {s:,}" for s in steps],
+                                     [[s] + [next((delta_cell(c["stats"][fid], fid) for c in curve[step] if c["setting"] == s), "")
+                                             for step in steps] for s in settings if s != reference]),
+                "\n![learning curve](curve.png)\n"]
+    doc += ["\n## Checks\n", *sampling_checks(rows, groups, quality, args.fixed_cfg, args.max_steps, sampler, reference),
+            "\n## Plots\n", f"![metric vs η](eta.png)\n\n![metric vs η, best scale](eta_best.png)\n\n![FID vs IS](fid_is.png)\n\n"
+            f"![clean, CEP, IP at guidance {args.fixed_cfg:g}](cep.png)\n",
+            "\n## Sample grids (one class per column)\n", "| setting | samples |", "|---|---|", *grid_lines]
+    conclusion = os.path.join(res, "conclusion.md")
+    if os.path.exists(conclusion):
+        with open(conclusion, encoding="utf-8") as f:
+            doc += ["\n## Conclusion\n", f.read()]
+    grid = f" --grid {args.grid}" if args.grid != "short" else ""
+    doc += ["\n## Regenerate\n", "```bash", f"python study.py{grid}" + (f" --only '{args.only}'" if args.only else "")
+            + "      # trains, samples and evaluates what is missing, then writes this page",
+            f"python study.py{grid} --report-only   # this page from the files on disk", "```"]
+    atomic_write_text(os.path.join(res, "README.md"), "\n".join(doc) + "\n")
+    print(f"-> {os.path.join(res, 'README.md')} ({len(rows)} sample sets of {len({r['run'] for r in rows})} runs)")

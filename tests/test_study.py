@@ -54,78 +54,122 @@ def test_compare_gives_mean_and_std_over_seeds(tmp_path):
     assert (tmp_path / "comparison_eta.png").stat().st_size > 0 and (tmp_path / "comparison_fid_is.png").stat().st_size > 0
 
 
-def test_verdicts_read_differences_against_the_pooled_spread():
-    def group(setting, fids, accs, rmds):
-        g = {"setting": setting, "cfg": 2.0, "mean": {}, "std": {}}
-        for name, vals in (("fid_fmnist", fids), ("accuracy", accs), ("rmd_top1_fmnist", rmds)):
-            g["mean"][name], g["std"][name] = float(np.mean(vals)), float(np.std(vals, ddof=1))
-        return g
-    clean = group("clean", [10, 11, 12], [0.80, 0.82, 0.84], [1.0, 1.1, 1.2])
-    eta = group("η 5 %", [8.0, 8.5, 9.0], [0.81, 0.83, 0.85], [2.0, 2.1, 2.2])   # FID Δ −2.5 against s = √((1 + 0.25)/2) = 0.79
-    worse = group("η 20 %", [14, 15, 16], [0.60, 0.61, 0.62], [0.5, 0.6, 0.7])
-    lines = study.verdicts([clean, eta, worse], ["fid_fmnist", "accuracy", "rmd_top1_fmnist"])
-    assert [ln[0] for ln in lines] == ["η 5 %", "η 20 %"]
-    assert lines[0][2] == f"{-2.5:+.3g} (s {np.sqrt(1.25 / 2):.2g}) **better**"
-    assert lines[0][3].endswith("≈")  # accuracy +0.01 against s = 0.02
-    assert lines[0][4].endswith("↑")  # RMD: a difference, no better side
-    assert lines[1][2].endswith("worse") and lines[1][3].endswith("worse")
+def test_paired_stats_holm_and_power_against_independent_references():
+    """paired_stats against scipy's paired t-test and t interval; holm against its definition by brute
+    force; paired_power against a Monte-Carlo simulation of the test; the seed count it plans is the
+    first that reaches the power."""
+    from models.stats import detectable_effect, holm, paired_power, paired_stats, pooled_sd, seeds_for_power
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(10, 2, 5), rng.normal(11, 2, 5)
+    st = paired_stats(b - a)
+    assert st["p"] == pytest.approx(scipy.stats.ttest_rel(b, a).pvalue, rel=1e-10)
+    lo, hi = scipy.stats.t.interval(0.95, 4, loc=np.mean(b - a), scale=scipy.stats.sem(b - a))
+    assert (st["lo"], st["hi"]) == pytest.approx((lo, hi), rel=1e-10) and st["sd"] == pytest.approx(np.std(b - a, ddof=1))
+    assert paired_stats([1.0])["n"] == 1 and np.isnan(paired_stats([1.0])["lo"])
+    assert paired_stats([2.0, 2.0, 2.0])["p"] == 0.0 and paired_stats([0.0, 0.0])["p"] == 1.0
+    p = np.array([0.01, 0.04, 0.03, 0.005, np.nan])
+    m = 4
+    brute = [min(1, max((m - j) * q for j, q in enumerate(sorted(p[:4])) if q <= pi)) for pi in p[:4]]  # max over the smaller-or-equal ones
+    assert holm(p)[:4] == pytest.approx(brute) and np.isnan(holm(p)[4])
+    for effect, sd, n in ((1.0, 2.0, 6), (0.7, 0.6, 4), (3.0, 3.8, 3)):
+        sims = rng.normal(effect, sd, (20000, n))
+        t = sims.mean(1) / (sims.std(1, ddof=1) / np.sqrt(n))
+        simulated = np.mean(np.abs(t) > scipy.stats.t.ppf(0.975, n - 1))
+        assert paired_power(effect, sd, n) == pytest.approx(simulated, abs=0.015)
+    n = seeds_for_power(0.7, 0.6)
+    assert paired_power(0.7, 0.6, n) >= 0.8 > paired_power(0.7, 0.6, n - 1)
+    assert paired_power(detectable_effect(0.6, 5), 0.6, 5) == pytest.approx(0.8, abs=1e-6)
+    sd, df = pooled_sd([paired_stats([1, 2, 4]), paired_stats([0, 3]), paired_stats([5])])
+    assert df == 3 and sd == pytest.approx(np.sqrt((2 * np.var([1, 2, 4], ddof=1) + np.var([0, 3], ddof=1)) / 3))
 
 
-def test_paired_deltas_pair_runs_by_seed_at_each_best_scale():
-    """Δ_k = setting − clean on the same seed, each at its own best scale; a seed only one side has is
-    left out; mean ± std (ddof 1) and the count of seeds on the better side match numpy's."""
+def test_paired_comparisons_pair_runs_by_seed_at_each_best_scale():
+    """Δ_k = setting − clean on the same seed, each at its own best scale (lowest mean FID); a seed only
+    one side has is left out; the CI and p match scipy's on those differences; the primary family's
+    FID p-values are Holm-adjusted together; verdicts need the CI to exclude 0 (and Holm there)."""
+    from models.report import aggregate, claims_table, verdict
+    from models.stats import best_scale_groups, holm, paired_comparisons
     rng = np.random.default_rng(1)
     rows, table = [], {}
-    for setting, best_cfg, seeds in (("clean", 3.0, (0, 1, 2)), ("CEP-U γ 1", 2.0, (0, 1, 2, 3))):
+    for setting, shift, seeds in (("clean", 0, (0, 1, 2)), ("CEP-U γ 1", -5, (0, 1, 2, 3)), ("η 2.5 %", 0.3, (0, 1, 2)), ("IP λ 0.1", 9, (0, 1, 2))):
         for seed in seeds:
             for cfg in (2.0, 3.0):
-                m = {"fid_fmnist": rng.uniform(40, 80), "accuracy": rng.uniform(0.5, 0.9), "rmd_top1_fmnist": rng.uniform(100, 200)}
-                rows.append({"setting": setting, "seed": seed, "cfg": cfg, "metrics": m})
+                m = {"fid_fmnist": 50 + shift + 10 * seed + (3 if cfg == 2.0 else 0) * (setting == "clean") + rng.normal(0, 0.3),
+                     "accuracy": rng.uniform(0.5, 0.9), "rmd_top1_fmnist": rng.uniform(100, 200)}
+                rows.append({"setting": setting, "seed": seed, "cfg": cfg, "metrics": m, "step": 100, "model": "m", "sampler": "s",
+                             "sampler_options": "", "num_samples": 9, "sample_seed": 0, "train_min": 1.0, "train_img_s": 1.0})
                 table[setting, seed, cfg] = m
-    chosen = [{"setting": "clean", "cfg": 3.0}, {"setting": "CEP-U γ 1", "cfg": 2.0}]
-    (line,) = study.paired_deltas(rows, chosen, ["fid_fmnist", "accuracy", "rmd_top1_fmnist"])
-    assert line[:3] == ["CEP-U γ 1", "2", "0,1,2"]  # seed 3 has no clean partner
-    for cell, name, better in zip(line[3:], ("fid_fmnist", "accuracy", "rmd_top1_fmnist"), (-1, 1, 0)):
-        d = np.array([table["CEP-U γ 1", k, 2.0][name] - table["clean", k, 3.0][name] for k in (0, 1, 2)])
-        listed, summary = cell.split(" → ")
-        assert [float(v) for v in listed.split(", ")] == pytest.approx(d, rel=6e-3)
-        mean, rest = summary.split(" ± ")
-        assert float(mean) == pytest.approx(d.mean(), rel=6e-3, abs=1e-3)
-        assert float(rest.split(" ")[0]) == pytest.approx(d.std(ddof=1), rel=3e-2)
-        assert (f"({int(np.sum(better * d > 0))}/3 better, p " in cell) == bool(better)
-        t = d.mean() / (d.std(ddof=1) / np.sqrt(3))  # the paired t statistic, 2 degrees of freedom
-        assert float(cell.split("p ")[1].rstrip(")")) == pytest.approx(2 * scipy.stats.t.sf(abs(t), 2), rel=5e-2)  # 2 digits
+    best = best_scale_groups(aggregate(rows), "fid_fmnist")
+    assert {g["setting"]: g["cfg"] for g in best}["clean"] == 3.0  # clean's scale 2 is 3 points worse
+    names = ["fid_fmnist", "accuracy", "rmd_top1_fmnist"]
+    comps = {c["setting"]: c for c in paired_comparisons(rows, best, names, "clean", ("CEP-U γ 1", "η 2.5 %"), "fid_fmnist")}
+    cep = comps["CEP-U γ 1"]
+    assert cep["seeds"] == [0, 1, 2]  # seed 3 has no clean partner
+    for name in names:
+        d = np.array([table["CEP-U γ 1", k, cep["cfg"]][name] - table["clean", k, 3.0][name] for k in (0, 1, 2)])
+        st = cep["stats"][name]
+        assert st["mean"] == pytest.approx(d.mean()) and st["p"] == pytest.approx(scipy.stats.ttest_1samp(d, 0).pvalue)
+    family = [comps[s]["stats"]["fid_fmnist"]["p"] for s in ("CEP-U γ 1", "η 2.5 %")]
+    assert [comps[s]["stats"]["fid_fmnist"]["holm"] for s in ("CEP-U γ 1", "η 2.5 %")] == pytest.approx(list(holm(family)))
+    assert comps["IP λ 0.1"]["stats"]["fid_fmnist"]["holm"] is None  # not primary
+    # −5 with a spread of ~0.4 in Δ: better; IP +9: worse; η 2.5 %'s +0.3: within the CI
+    assert verdict(cep["stats"]["fid_fmnist"], "fid_fmnist") == "**better**"
+    assert verdict(comps["IP λ 0.1"]["stats"]["fid_fmnist"], "fid_fmnist") == "worse"
+    assert verdict(comps["η 2.5 %"]["stats"]["fid_fmnist"], "fid_fmnist").startswith("≈")
+    assert verdict(cep["stats"]["rmd_top1_fmnist"], "rmd_top1_fmnist") in ("↑", "↓", "≈")  # no better side
+    claims = claims_table(list(comps.values()), names, lambda m, st: "")
+    assert "| CEP-U lowers FID | CEP-U γ 1 | fid_fmnist | 3 |" in claims and "| supported |" in claims
+    assert "| slight corruption lowers FID | η 2.5 % | fid_fmnist | 3 |" in claims and "inconclusive at this power" in claims
 
 
 def test_study_runs_resumes_and_reports(tmp_path):
-    """A tiny grid (2 settings x 1 seed, 4 steps): an interrupted run is resumed, every stage's
-    files are written, a rerun does nothing, and the report holds both settings."""
+    """A tiny converged grid (2 settings x 2 seeds, 4 steps, learning curve at steps 1 and 2): an
+    interrupted run is resumed, every stage's files are written, the report pairs the settings by
+    seed, a rerun does nothing."""
     data, out, res = tmp_path / "data", tmp_path / "study", tmp_path / "results"
     make_fake_fmnist(data, n=200)
     # an interrupted run: 2 of its 4 steps done
     run_script("train.py", ["--data-path", data, "--out-dir", out, "--run-name", "clean_seed0", "--max-steps", "2",
-                            "--global-batch-size", "8", "--log-every", "1"])
-    flags = ["--only", "clean_seed0,eta5_seed0", "--data-path", data, "--out-dir", out, "--results", res, "--max-steps", "4",
-             "--train-args", "--global-batch-size 8 --log-every 2", "--num-samples", "20", "--sample-steps", "3",
-             "--cfg-scales", "2", "--fixed-cfg", "2", "--nproc-per-node", "1", "--sample-args", "--batch-size 10"]
+                            "--global-batch-size", "8", "--log-every", "1", "--ckpt-every", "1"])
+    flags = ["--grid", "converged", "--seeds", "2", "--only", "clean_*,eta5_*", "--data-path", data, "--out-dir", out, "--results", res,
+             "--max-steps", "4", "--train-args", "--global-batch-size 8 --log-every 2", "--num-samples", "20", "--sample-steps", "3",
+             "--cfg-scales", "2", "--curve-scales", "2", "--fixed-cfg", "2", "--nproc-per-node", "1", "--sample-args", "--batch-size 10"]
     proc = run_script("study.py", flags)
     assert "resuming at step 2" in proc.stdout
-    assert len(re.findall(r"^\$ .*train\.py", proc.stdout, re.M)) == 2
-    for run, tags in (("clean_seed0", ["dpm3_cfg2", "dpm50_cfg2", "dpm3_cfg2_seed1", "dpm3_cfg2_seed2"]),
-                      ("eta5_seed0", ["dpm3_cfg2"])):
+    assert re.findall(r"^== \[\d/4\] (\S+)", proc.stdout, re.M) == ["clean_seed0", "eta5_seed0", "clean_seed1", "eta5_seed1"]  # seed-major
+    assert len(re.findall(r"^\$ .*train\.py", proc.stdout, re.M)) == 4
+    curve = {"step1_dpm3_cfg2": 1, "step2_dpm3_cfg2": 2, "dpm3_cfg2": 4}
+    for run, tags in (("clean_seed0", {**curve, "dpm50_cfg2": 4, "dpm3_cfg2_seed1": 4, "dpm3_cfg2_seed2": 4}),
+                      ("eta5_seed0", curve), ("clean_seed1", curve), ("eta5_seed1", curve)):
         assert sorted(p.name for p in (out / run / "samples").iterdir()) == sorted(tags)
-        for tag in tags:
+        for tag, step in tags.items():
             m = json.loads((out / run / "samples" / tag / "metrics.json").read_text())
-            assert m["sample_config"]["step"] == 4 and np.isfinite(m["metrics"]["fid_fmnist"]) and "fid_fmnist" in m["floor"]
+            assert m["sample_config"]["step"] == step and np.isfinite(m["metrics"]["fid_fmnist"]) and "fid_fmnist" in m["floor"]
         times = json.loads((out / run / "study_times.json").read_text())
         assert times["train"] > 0 and len([k for k in times if k.startswith("sample ")]) == len(tags)
-    assert json.loads((out / "eta5_seed0" / "config.json").read_text())["corrupt"] == 0.05
+    assert json.loads((out / "eta5_seed1" / "config.json").read_text())["corrupt"] == 0.05
     readme = (res / "README.md").read_text()
     assert "| clean | " in readme and "| η 5 % | " in readme and "Sampling noise" in readme and "Sampler steps" in readme
-    for name in ("eta.png", "eta_best.png", "fid_is.png", "cep.png", "runs/clean_seed0/samples/dpm3_cfg2/grid.png",
-                 "runs/eta5_seed0/samples/dpm3_cfg2/grid.png", "runs/eta5_seed0/samples/dpm3_cfg2/metrics.json",
+    # the paired analysis: η 5 % against clean on seeds 0 and 1, with a CI, a verdict, the power, the claim, the learning curve
+    line = next(ln for ln in readme.splitlines() if ln.startswith("| η 5 % | 2 | 0,1 | "))
+    d = [json.loads((out / f"eta5_seed{k}" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]["fid_fmnist"]
+         - json.loads((out / f"clean_seed{k}" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]["fid_fmnist"] for k in (0, 1)]
+    assert line.split(" | ")[3].startswith(f"{np.mean(d):+.3g} [")
+    assert "| slight corruption lowers FID | η 5 % | fid_fmnist | 2 |" in readme and "## Learning curve" in readme
+    assert re.search(r"\| η 5 % \| [^|]+ \| [^|]+ \| [+-]", readme.split("## Learning curve")[1])  # Δ at every step
+    # --plan: the pilot's spread (clean's seeds at the best scale), read from the runs; the seeds for power 0.8 at 10 %
+    fids = [json.loads((out / f"clean_seed{k}" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]["fid_fmnist"] for k in (0, 1)]
+    planned = run_script("study.py", flags + ["--plan"]).stdout
+    assert f"{np.mean(fids):.3f} ± {np.std(fids, ddof=1):.3f}; a 10 % change is {0.1 * np.mean(fids):.3f}" in planned
+    from models.stats import seeds_for_power
+    bound = np.sqrt(2) * np.std(fids, ddof=1)
+    assert f"σ_Δ {bound:.3f} unpaired bound (√2 σ_ref): {seeds_for_power(0.1 * np.mean(fids), bound)} seeds" in planned
+    assert re.search(r"5 core settings: \d+ seeds fit 15 h", planned)
+    for name in ("eta.png", "eta_best.png", "fid_is.png", "cep.png", "curve.png", "runs/clean_seed0/samples/dpm3_cfg2/grid.png",
+                 "runs/eta5_seed0/samples/dpm3_cfg2/grid.png", "runs/eta5_seed0/samples/step1_dpm3_cfg2/metrics.json",
                  "runs/eta5_seed0/config.json", "runs/eta5_seed0/study_times.json"):
         assert (res / name).stat().st_size > 0, name
+    assert not (res / "runs/eta5_seed0/samples/step1_dpm3_cfg2/grid.png").exists()  # the final weights' grid only
     assert "(runs/eta5_seed0/samples/dpm3_cfg2/grid.png)" in readme
     # the report needs only the copied files: without the runs it is regenerated the same
     (out / "eta5_seed0").rename(tmp_path / "moved")
@@ -142,6 +186,10 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert (res / "README.md").read_text() == readme and not stale.exists()
     assert (res / "runs" / "eta5_seed0" / "samples" / "dpm3_cfg2" / "metrics.json").exists()
     (tmp_path / "metrics.json").rename(m)
+    # a sample set outside the grid (an exploration in the run's folder) stays out of the report
+    shutil.copytree(out / "clean_seed0" / "samples" / "dpm3_cfg2", out / "clean_seed0" / "samples" / "explore_cfg9")
+    run_script("study.py", flags + ["--report-only"])
+    assert (res / "README.md").read_text() == readme and not (res / "runs" / "clean_seed0" / "samples" / "explore_cfg9").exists()
     # a rerun finds everything done: no stage runs again
     before = readme
     proc = run_script("study.py", flags)
@@ -154,7 +202,7 @@ def test_study_runs_resumes_and_reports(tmp_path):
     proc = run_script("-m", ["models.probe", "--ckpt", tmp_path / "none.pt"], check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
     listing = run_script("study.py", flags + ["--list"]).stdout
-    assert re.search(r"clean_seed0\s+done\s+4/4", listing) and re.search(r"eta5_seed0\s+done\s+1/1", listing)
+    assert re.search(r"clean_seed0\s+done\s+6/6", listing) and re.search(r"eta5_seed1\s+done\s+3/3", listing)
 
 
 def test_study_refuses_bad_input(tmp_path):
