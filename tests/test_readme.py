@@ -1,9 +1,10 @@
-"""Every ```bash block of README.md, run in order in one folder as a user would, with only the size
-flags made tiny: a model of the same recipe family at its smallest (DiT-XL/2 -> DiT-S/8; LDM-4 ->
-UNet-T with LDM-4's recipe given as flags), 2 steps, batches and sample sets of 4, synthetic data
-in place of ImageNet / CC3M / COCO / Fashion-MNIST, and tiny random stand-ins for the downloaded
-networks (diffusers-format KL and VQ autoencoders, BERT, CLIP, the Inception TorchScript). A
-recipe that no longer runs as written fails here.
+"""Every ```bash block of README.md and of the docs/ pages, run in order in one folder as a user
+would, with only the size flags made tiny: a model of the same recipe family at its smallest
+(DiT-XL/2 -> DiT-S/8; LDM-4 -> UNet-T with LDM-4's recipe given as flags), 2 steps, batches and
+sample sets of 4, synthetic data in place of ImageNet / CC3M / COCO / Fashion-MNIST, and tiny random
+stand-ins for the downloaded networks (diffusers-format KL and VQ autoencoders, BERT, CLIP, the
+Inception TorchScript). A recipe that no longer runs as written fails here; so does a link of the
+README or docs/ to a file or heading that is not there.
 
 Slow (a few minutes on 2 cores): `python -m pytest -m slow tests/test_readme.py`; CI runs it after
 the suite."""
@@ -25,19 +26,46 @@ SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.
 SKIPPED = ("pip install", "apt-get", "python -m pytest", "python -m models.gmm")  # installs; the suite; 2 min of theory
 
 
-def readme_blocks(text):
-    """The ```bash blocks of the README as (lane, logical command lines). Blocks of one lane use only
-    the runs of that lane: the embedded dataset's (before "## Training recipes"), DiT-XL/2's, and the
-    LDM-4 ones with the downstream adaptation, so lanes run side by side, each in its own folder."""
-    blocks = []
-    for match in re.finditer(r"```bash\n(.*?)```", text, flags=re.S):
-        lines = match.group(1).replace("\\\n", " ").splitlines()
-        heading = text[:match.start()].rsplit("\n### ", 1)[-1].split("\n", 1)[0]
-        lane = ("embedded" if text.rfind("\n## Training recipes", 0, match.start()) < 0
-                else "dit" if "DiT-XL/2" in heading else "ldm")
-        blocks.append((lane, [re.sub(r"\s+#.*$", "", line).strip() for line in lines
-                              if line.strip() and not line.strip().startswith("#")]))
+# The pages the walk runs, in the order a reader meets them: the README, then docs/ in the order in
+# which their commands ran when they were all in the README (a page may use the runs of the pages
+# before it). Each page's lane: "paper" pages go to DiT-XL/2's lane under a heading that names it
+# and to the LDM-4 lane otherwise; so does the README's section of the paper's runs.
+PAGES = (("README.md", "embedded"), ("docs/corruption.md", "embedded"), ("docs/models.md", "embedded"),
+         ("docs/cep.md", "embedded"), ("docs/runs.md", "embedded"), ("docs/sampling-and-metrics.md", "embedded"),
+         ("docs/performance.md", "embedded"), ("docs/adaptation.md", "embedded"), ("docs/study.md", "embedded"),
+         ("docs/recipes.md", "paper"))
+PAPER_SECTION = "## The paper's runs"  # the README's paper-scale commands
+
+
+def page_blocks(text, lane):
+    """The ```bash blocks of one page as (lane, logical command lines). Blocks of one lane use only
+    the runs of that lane: the embedded dataset's, DiT-XL/2's, and the LDM-4 ones with the
+    downstream adaptation and LCM, so lanes run side by side, each in its own folder."""
+    blocks, heading, section, body = [], "", "", None  # body: the lines of the open ``` block
+    for line in text.splitlines(keepends=True):
+        if body is None and line.startswith("```"):
+            body, bash = [], line.strip() == "```bash"
+        elif body is not None and line.startswith("```"):
+            if bash:
+                where = "paper" if lane == "paper" or section == PAPER_SECTION else lane
+                where = ("dit" if "DiT-XL/2" in heading else "ldm") if where == "paper" else where
+                lines = "".join(body).replace("\\\n", " ").splitlines()
+                blocks.append((where, [re.sub(r"\s+#.*$", "", ln).strip() for ln in lines
+                                       if ln.strip() and not ln.strip().startswith("#")]))
+            body = None
+        elif body is not None:
+            body.append(line)
+        elif re.match(r"#{1,6} ", line):  # a heading, outside code blocks
+            heading = line.strip()
+            section = heading if heading.startswith("## ") else section
+    assert body is None, "a ``` block is not closed"
     return blocks
+
+
+def walk_blocks():
+    """Every page's blocks in walk order, as (page, lane, command lines)."""
+    return [(page, lane, lines) for page, default in PAGES
+            for lane, lines in page_blocks((REPO / page).read_text(), default)]
 
 
 def recipe_flags(recipe):
@@ -159,31 +187,83 @@ def test_tiny_rewrites_only_sizes():
 
 
 def run_lane(blocks, folder, fx):
-    """Run a lane's blocks in order in `folder` (the scripts linked beside it, as in a clone); returns
-    the number of commands run."""
+    """Run a lane's blocks, (page, command lines), in order in `folder` (the scripts linked beside
+    it, as in a clone); returns the number of commands run. A command that ran already in this lane
+    (the README's one command per stage or model, repeated on its docs page) is not run again: its
+    rerun does nothing by design (`done already`, images on disk, latents extracted); evaluate.py,
+    which does score again, is."""
     folder.mkdir()
     for script in SCRIPTS:
         os.symlink(REPO / script, folder / script)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
-    ran = 0
-    for n, block in enumerate(blocks):
-        commands = [c for c in (tiny(line, fx) for line in block) if c]
+    ran, done = 0, set()
+    for n, (page, block) in enumerate(blocks):
+        commands = [c for c in (tiny(line, fx) for line in block) if c and (" ".join(c.split()) not in done or "evaluate.py" in c)]
+        done.update(" ".join(c.split()) for c in commands)
         if not commands:
             continue
         script = "set -euo pipefail\n" + "\n".join(f"echo '+ {c}'\n{c}" for c in commands) + "\n"
         proc = subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"README block {n} of {folder.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, f"{page}: block {n} of {folder.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         ran += len(commands)
     return ran
 
 
+def test_walk_covers_every_page():
+    """Every docs/ page is walked, in a lane that has the runs it uses."""
+    assert {page for page, _ in PAGES} == {"README.md"} | {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    blocks = walk_blocks()
+    lanes = {(page, lane) for page, lane, _ in blocks}
+    assert ("README.md", "embedded") in lanes and ("README.md", "dit") in lanes and ("README.md", "ldm") in lanes
+    assert {lane for page, lane in lanes if page == "docs/recipes.md"} == {"dit", "ldm"}
+    assert {lane for page, lane in lanes if page not in ("README.md", "docs/recipes.md")} == {"embedded"}
+    readme = next(lines for page, _, lines in blocks if page == "README.md")
+    assert readme[2].startswith("python train.py --nproc-per-node 2 --corrupt 0.025 --cep")  # the quick start comes first
+
+
+def slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path):
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)  # no headings inside code blocks
+    seen, out = {}, set()
+    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.M):
+        base = slug(heading)
+        out.add(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return out
+
+
+def test_links_resolve():
+    """Relative links of the README and docs/ reach a file and, with #anchor, one of its headings;
+    so do links from anywhere else in the repository into the README or docs/."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    others = [p for p in REPO.glob("results/**/*.md") if "runs" not in p.relative_to(REPO).parts]
+    broken = []
+    for page in pages + others:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if page in others and dest != REPO / "README.md" and REPO / "docs" not in dest.parents:
+                continue  # results/ pages link to what their generator writes; only their links here are checked
+            if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest)):
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs(fixtures, tmp_path):
+    """Every ```bash block of the README and docs/, lane by lane."""
     from concurrent.futures import ThreadPoolExecutor
-    blocks = readme_blocks((REPO / "README.md").read_text())
-    lanes = {lane: [b for name, b in blocks if name == lane] for lane in ("ldm", "embedded", "dit")}
-    assert len(lanes["embedded"]) >= 5 and len(lanes["dit"]) == 1 and len(lanes["ldm"]) >= 2
+    blocks = walk_blocks()
+    lanes = {lane: [(page, b) for page, name, b in blocks if name == lane] for lane in ("ldm", "embedded", "dit")}
+    assert len(lanes["embedded"]) >= 5 and len(lanes["dit"]) == 2 and len(lanes["ldm"]) >= 2  # dit: the README's, the recipe's
     with ThreadPoolExecutor(2) as pool:  # on two cores: LDM-4's lane beside the other two
         futures = [pool.submit(run_lane, lanes[lane], tmp_path / lane, fixtures) for lane in lanes]
         ran = sum(f.result() for f in futures)
