@@ -14,6 +14,9 @@ Feature networks (--features)
   memorisation and precision by ~0.02 on the same samples. Other training sets (a subset, the tests'
   fake data) train theirs once, cached in <cache-dir>/classifier/. Metrics carry the suffix _fmnist and
   are not comparable with Inception numbers. Its logits give IS and the condition accuracy.
+  Beside it, label-free: the 128-d bottleneck of a convolutional autoencoder trained on the same images
+  without labels (models/autoencoder.py, shipped and cached alike), which keeps the within-class variation the
+  classifier discards: FID, precision / recall, density / coverage, their floor and the training-set metrics (_ae).
 - inception: the StyleGAN2-ADA TorchScript Inception-v3 that clean-fid downloads
   (inception-2015-12-05.pt; --inception PATH): pool3 for FID / KID / precision-recall / TopP&R,
   softmax without output bias for IS, mixed_6/conv[..., :7] for sFID (as the ADM evaluator).
@@ -33,6 +36,7 @@ Reference and training features are streamed by a DataLoader into a float16 cach
 Samples of a Canny-adapted model (finetune.py, sample.py --control): control_f1 and control_f1_chance.
 """
 import argparse
+import functools
 import json
 import os
 
@@ -42,12 +46,13 @@ from PIL import Image
 
 from models import metrics as M
 from models import report
+from models.autoencoder import SHIPPED_AUTOENCODERS, load_or_train_autoencoder
 from models.classifier import SHIPPED_CLASSIFIERS, load_or_train_classifier
 from models.common import UsageError, atomic_write_json, run_main
 from models.controls import canny, edge_f1
 from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
-from models.features import (ClipNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached, dataset_images, default_cache_dir,
-                             extract, folder_files, npz_member, source_identity)
+from models.features import (AutoencoderNet, ClipNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached, dataset_images,
+                             default_cache_dir, extract, folder_files, npz_member, source_identity)
 from models.runs import check_writable
 
 ADM_STATS = {"feat": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # keys of precomputed reference statistics
@@ -194,10 +199,10 @@ def clip_score(image_feats, text_feats):
     return float(np.maximum(100 * (image_feats * text_feats).sum(axis=1), 0).mean())
 
 
-def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes):
+def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes, full=True):
     """FID / sFID from the Gaussians (precomputed ones from an ADM .npz first, as its evaluator
-    does), the k-NN metrics and TopP&R against the reference features (a memmap) when there are
-    reference images."""
+    does), the k-NN metrics and, when `full`, KID and TopP&R against the reference features (a
+    memmap) when there are reference images."""
     m = {}
     for kind, name in (("feat", "fid"), ("spatial", "sfid")):
         ref_gauss = pre.get(kind) or (ref_stats[kind].mean_cov() if kind in ref_stats else None)
@@ -208,7 +213,8 @@ def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes):
     if ref_feats is None:
         notes.append("the reference holds statistics only: KID, precision/recall, density/coverage and TopP&R skipped")
         return m
-    m["kid" + suffix], _ = M.kernel_inception_distance(gen, ref_feats)
+    if full:
+        m["kid" + suffix], _ = M.kernel_inception_distance(gen, ref_feats)
     # k-NN radii exclude the point itself: k = 3 needs 4 points in each set, k = 5 six reference points
     if min(len(gen), len(ref_feats)) > 3:
         m["precision" + suffix], m["recall" + suffix] = M.precision_recall(ref_feats, gen, k=3)
@@ -216,9 +222,29 @@ def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes):
         m["density" + suffix], m["coverage" + suffix] = M.density_coverage(ref_feats, gen, k=5)
     if min(len(gen), len(ref_feats)) <= 5:
         notes.append(f"{len(gen)} samples, {len(ref_feats)} reference images: too few for some k-NN metrics (skipped)")
-    if min(len(gen), len(ref_feats)) > 10:  # TopP&R's bandwidth is a 10-NN radius
+    toppr_k = 5 * min(gen.shape[1], 32)  # TopP&R's bandwidth is a k-NN radius, k = 5 x the (projected) dims
+    if full and min(len(gen), len(ref_feats)) > toppr_k:
         m["toppr_precision" + suffix], m["toppr_recall" + suffix], m["toppr_f1" + suffix] = M.top_pr(ref_feats, gen)
+    elif full:
+        notes.append(f"TopP&R needs more than {toppr_k} images in each set: skipped")
     return m
+
+
+def space_metrics(spaces, refs, images, pre, notes, kw, labels=None):
+    """The reference-set metrics of `images` in each feature space of `spaces` ([(net, suffix,
+    full)]; refs: {net name: (reference features, stats)}), with IS from a net's logits and the
+    condition accuracy when `labels` are given (Fashion-MNIST class ids). -> (metrics, {net name:
+    features of the images})."""
+    m, feats = {}, {}
+    for net, suffix, full in spaces:
+        out, stats = extract(net, images, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
+        feats[net.name] = out["feat"]
+        m.update(reference_metrics(out["feat"], stats, *refs[net.name], pre, suffix, notes, full))
+        if "logits" in out:
+            m["is" + suffix], _ = M.inception_score(out["logits"], splits=min(10, len(out["logits"])))
+            if labels is not None:
+                m["accuracy"] = M.condition_accuracy(out["logits"], labels)
+    return m, feats
 
 
 def diversity_metrics(gen, labels, train_feats, train_stats, suffix, mem_threshold):
@@ -233,17 +259,14 @@ def diversity_metrics(gen, labels, train_feats, train_stats, suffix, mem_thresho
     return m
 
 
-def floor_metrics(net, data_path, n, ref_feats, ref_stats, kw):
+def floor_metrics(spaces, refs, data_path, n, kw):
     """The reference-set metrics of real images: as many Fashion-MNIST training images as there are
-    samples (a fixed random subset, seed 0) against the same reference. The best a model can score
-    with this many images, e.g. fid_fmnist's floor, which is not 0 at finite n (its bias ~ 1/n)."""
+    samples (a fixed random subset, seed 0) against the same reference, in every feature space. The
+    best a model can score with this many images, e.g. fid_fmnist's floor, which is not 0 at finite n
+    (its bias ~ 1/n)."""
     ds = load_dataset("fashion-mnist", data_path)
     rows = np.sort(np.random.default_rng(0).permutation(len(ds))[:min(n, len(ds))])
-    real = dataset_images(ds)[rows]
-    feats, stats = extract(net, real, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
-    floor = reference_metrics(feats["feat"], stats, ref_feats, ref_stats, {}, "_fmnist", [])
-    floor["is_fmnist"], _ = M.inception_score(feats["logits"], splits=min(10, len(rows)))
-    floor["accuracy"] = M.condition_accuracy(feats["logits"], ds.labels[rows])
+    floor, _ = space_metrics(spaces, refs, dataset_images(ds)[rows], {}, [], kw, labels=ds.labels[rows])
     return {k: float(v) for k, v in floor.items()}
 
 
@@ -309,9 +332,13 @@ def evaluate(args):
     notes, timings = [], {}
     if features == "fmnist":
         key = source_identity(dataset_split("fashion-mnist", data_path, "train")[0])[:16]  # trained once per training set
+        load_split = functools.partial(dataset_split, "fashion-mnist", data_path)  # split -> (images, labels)
         classifier, out["classifier_test_accuracy"] = load_or_train_classifier(
-            os.path.join(cache_dir, "classifier", f"fashion-mnist-{key}.pt"), lambda split: dataset_split("fashion-mnist", data_path, split),
+            os.path.join(cache_dir, "classifier", f"fashion-mnist-{key}.pt"), load_split,
             shipped=os.path.join(SHIPPED_CLASSIFIERS, f"fashion-mnist-{key}.pt"))
+        encoder, out["autoencoder_test_mse"] = load_or_train_autoencoder(
+            os.path.join(cache_dir, "autoencoder", f"fashion-mnist-{key}.pt"), load_split,
+            shipped=os.path.join(SHIPPED_AUTOENCODERS, f"autoencoder-fashion-mnist-{key}.pt"))
         net, suffix = FmnistNet(classifier), "_fmnist"
         shapes = {images.shape[1:]} | ({image_shape(ref_source)} if ref_source is not None else set())
         if shapes != {(32, 32, 1)}:
@@ -320,37 +347,38 @@ def evaluate(args):
         net, suffix = InceptionNet(inception_path(args.inception), device), ""
     else:
         net, suffix = clip, "_clip"
-    gen, gen_stats = extract(net, images, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
-    ref_feats, ref_stats = None, {}
-    if ref_source is not None:
-        ref_arrays, ref_stats, timings["reference"] = cached(net, ref_source, cache_dir, ref_name, stats=("feat", "spatial"), **kw)
-        ref_feats = ref_arrays["feat"]
+    # feature spaces of the reference-set metrics: (network, suffix, with KID and TopP&R); with the
+    # fmnist classifier also the label-free autoencoder's (FID and the k-NN metrics)
+    spaces = [(net, suffix, True)] + ([(AutoencoderNet(encoder), "_ae", False)] if features == "fmnist" else [])
+    refs = {}
+    for snet, ssuffix, _ in spaces:
+        refs[snet.name] = (None, {})
+        if ref_source is not None:
+            ref_arrays, ref_stats, timings["reference" if snet is net else f"reference{ssuffix}"] = cached(
+                snet, ref_source, cache_dir, ref_name, stats=("feat", "spatial"), **kw)
+            refs[snet.name] = (ref_arrays["feat"], ref_stats)
     out["num_reference"] = int(len(ref_source)) if ref_source is not None else None
-    metrics = reference_metrics(gen["feat"], gen_stats, ref_feats, ref_stats, pre, suffix, notes)
+    fmnist_labels = fmnist_class_ids(labels, run_config) if features == "fmnist" and labels is not None else None
+    metrics, gen = space_metrics(spaces, refs, images, pre, notes, kw, labels=fmnist_labels)
     if getattr(net, "note", None):
         notes.append(net.note)
-    if "logits" in gen:
-        metrics["is" + suffix], _ = M.inception_score(gen["logits"], splits=min(10, len(gen["logits"])))
-    if features == "fmnist" and labels is not None:
-        metrics["accuracy"] = M.condition_accuracy(gen["logits"], fmnist_class_ids(labels, run_config))
-    train_nets = ([net] if features == "fmnist" else []) + ([clip] if clip is not None and labels is not None else [])
-    for tnet in train_nets:  # the training set: fmnist features always, CLIP for class-conditional runs
-        if tnet is net and features == "fmnist":
+    train_nets = ([s[0] for s in spaces] if features == "fmnist" else []) + ([clip] if clip is not None and labels is not None else [])
+    for tnet in train_nets:  # the training set: fmnist (and ae) features always, CLIP for class-conditional runs
+        if features == "fmnist" and tnet is not clip:
             ds = load_dataset("fashion-mnist", data_path)
             name, source, train_labels = "fashion-mnist-train", dataset_images(ds), ds.labels
         else:
             name, source, train_labels = training_set(args, run_config, dataset, data_path, images.shape[1])
         tf, ts, timings[f"train_{tnet.name}"] = cached(tnet, source, cache_dir, name, labels=train_labels, **kw)
-        g = gen["feat"] if tnet is net else extract(tnet, images, **kw)[0]["feat"]
-        tsuffix = "_fmnist" if tnet.name == "fmnist" else "_clip"
-        metrics.update(diversity_metrics(g, labels, tf["feat"], ts["feat"], tsuffix, args.mem_threshold))
-    if features == "fmnist" and ref_feats is not None:
-        out["floor"] = floor_metrics(net, data_path, len(images), ref_feats, ref_stats, kw)
+        g = gen[tnet.name] if tnet.name in gen else extract(tnet, images, **kw)[0]["feat"]
+        metrics.update(diversity_metrics(g, labels, tf["feat"], ts["feat"], f"_{tnet.name}", args.mem_threshold))
+    if features == "fmnist" and ref_source is not None:
+        out["floor"] = floor_metrics(spaces, refs, data_path, len(images), kw)
     prompts_file = os.path.join(folder, "prompts.txt")
     if clip and os.path.exists(prompts_file):  # text models: agreement of each image with its caption
         with open(prompts_file, encoding="utf-8") as f:
             prompts = f.read().splitlines()[: len(images)]
-        g = gen["feat"] if net is clip else extract(clip, images, **kw)[0]["feat"]
+        g = gen["clip"] if net is clip else extract(clip, images, **kw)[0]["feat"]
         metrics["clip_score"] = clip_score(g.astype(np.float64), clip.text_features(prompts))
     if clip:
         out["clip"] = args.clip
@@ -361,7 +389,8 @@ def evaluate(args):
         metrics["control_f1"], metrics["control_f1_chance"] = control_fidelity(
             images, os.path.join(folder, "controls.npz"), run_config, args.edge_tolerance)
     out["metrics"] = {k: float(v) for k, v in metrics.items()}
-    out["notes"], out["timings"] = notes, timings
+    out["toppr_version"] = report.TOPPR_VERSION  # the authors' estimator (older files' TopP&R is left out of reports)
+    out["notes"], out["timings"] = list(dict.fromkeys(notes)), timings
     out["sample_config"] = config
     atomic_write_json(os.path.join(folder, "metrics.json"), out)
     print(f"{len(images)} samples vs {out['num_reference']} reference images, {features} features")

@@ -190,6 +190,20 @@ class FmnistNet:
         return {"feat": feat, "logits": torch.log_softmax(m.head(feat).double(), 1).float(), "spatial": spatial_features(fmap)}
 
 
+class AutoencoderNet:
+    """The label-free Fashion-MNIST encoder (models/autoencoder.py): feat = its 128-d bottleneck,
+    which keeps the within-class variation the classifier's features discard (the *_ae metrics)."""
+    name = "ae"
+
+    def __init__(self, encoder):
+        self.encoder = encoder.eval()
+        self.digest = module_digest(encoder)
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return {"feat": self.encoder(x.permute(0, 3, 1, 2).float() / 127.5 - 1)}
+
+
 def inception_input(x):
     """What the StyleGAN2-ADA TorchScript does before its layers: TF-compatible bilinear resize to
     299 x 299 (affine_grid with the half-pixel offset, border padding), then (x − 128) / 128."""

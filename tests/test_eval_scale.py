@@ -41,7 +41,7 @@ def scale(tmp_path_factory):
     rng = np.random.default_rng(1)
     np.savez(root / "ref.npz", arr_0=rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8))
     os.makedirs(root / "gen")
-    np.savez(root / "gen" / "samples.npz", arr_0=rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8), arr_1=np.arange(60) % 10)
+    np.savez(root / "gen" / "samples.npz", arr_0=rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8), arr_1=np.arange(100) % 10)  # > 5 x 16 dims for TopP&R
     return root
 
 

@@ -113,7 +113,8 @@ def test_evaluate_and_compare(trained):
 
 def test_evaluate_real_images_score_better_than_noise(tmp_path):
     """The metrics rank real data above noise: real test images vs the test reference give a low
-    FID and high classifier accuracy; uniform noise gives a high FID and near-chance accuracy."""
+    FID (in the classifier's and the autoencoder's features) and high classifier accuracy; uniform
+    noise gives a high FID and near-chance accuracy."""
     make_fake_fmnist(tmp_path / "data", n=400)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from models.data import FashionMNIST
@@ -128,7 +129,10 @@ def test_evaluate_real_images_score_better_than_noise(tmp_path):
         scores[name] = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert scores["real"]["accuracy"] > 0.9 and scores["noise"]["accuracy"] < 0.5
     assert scores["real"]["fid_fmnist"] < 0.2 * scores["noise"]["fid_fmnist"]
+    assert scores["real"]["fid_ae"] < 0.2 * scores["noise"]["fid_ae"]  # the label-free space too
     assert scores["real"]["memorization_fmnist"] == 1.0  # copies of training images
+    floor = json.loads((tmp_path / "metrics.json").read_text())["floor"]
+    assert {"fid_ae", "precision_ae", "recall_ae", "density_ae", "coverage_ae"} <= set(floor) and "kid_ae" not in floor
 
 
 def test_evaluate_bad_input(tmp_path):
