@@ -158,9 +158,9 @@ def test_inception_path_with_a_stand_in_network(tmp_path):
     torch.manual_seed(0)
     torch.jit.script(StandIn()).save(str(tmp_path / "inception.pt"))
     rng = np.random.default_rng(0)
-    gen = rng.integers(0, 256, size=(60, 16, 16, 3), dtype=np.uint8)
+    gen = rng.integers(0, 256, size=(100, 16, 16, 3), dtype=np.uint8)  # TopP&R needs > 5 x 16 dims points a set
     np.savez(tmp_path / "gen.npz", arr_0=gen)
-    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, size=(60, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, size=(100, 16, 16, 3), dtype=np.uint8))
     run_script("evaluate.py", ["--samples", tmp_path / "gen.npz", "--ref", tmp_path / "ref.npz", "--features", "inception",
                                "--inception", tmp_path / "inception.pt", "--out-dir", tmp_path / "out"])
     m = json.loads((tmp_path / "metrics.json").read_text())
