@@ -125,7 +125,17 @@ class Finetune:
             raise UsageError("pass --init, the pre-trained run (<out-dir>/<run>) or checkpoint to adapt")
         self.ckpt, self.init_config, init_run = load_init(args.init)
         self.diffusion = {**DEFAULT_DIFFUSION, **self.ckpt.get("diffusion", {})}  # older checkpoints: DDPM linear
-        # the architecture is the pre-trained one; the data default to the pre-training data
+        self.inherit_architecture(args, init_run)
+        self.default_data(args, init_run)
+        self.check_method_flags(args)
+        self.choose_split(args)
+        if args.run is None:
+            tag = f"{args.method}-{args.control}" if args.control else args.method
+            name = train.default_run_name(args).replace(f"{args.model.replace('/', '-')}_", "", 1)
+            args.run = f"{os.path.basename(os.path.normpath(args.init)).removesuffix('.pt')}_ft-{tag}_{name}"
+
+    def inherit_architecture(self, args, init_run):
+        """The architecture and diffusion are the pre-trained run's: a flag that names another is refused."""
         saved = {**init_run, **{k: v for k, v in self.diffusion.items() if k in ARCHITECTURE},
                  "model": self.init_config["name"], "learn_sigma": self.init_config.get("learn_sigma", True)}
         for name in ARCHITECTURE:
@@ -137,6 +147,9 @@ class Finetune:
         for name in ARCHITECTURE:  # an official DiT checkpoint has no run config: train.py's defaults
             if getattr(args, name) is None:
                 setattr(args, name, getattr(train_defaults, name))
+
+    def default_data(self, args, init_run):
+        """The data default to the pre-training data (a pipeline has none: --dataset is then needed)."""
         if args.dataset is None:
             if "pipeline" in init_run:
                 raise UsageError(f"--init {args.init} is a pipeline without training data: pass --dataset and --data-path "
@@ -145,6 +158,9 @@ class Finetune:
             args.data_path = args.data_path or init_run.get("data_path")
         args.image_size = args.image_size or init_run.get("image_size")  # the model's input space, whatever the data
         args.vae = args.vae or init_run.get("vae")
+
+    def check_method_flags(self, args):
+        """Each --method's own flags: controls for the adapters, the LCM flags for distillation only."""
         if args.method in ("full", "lcm") and args.control:
             raise UsageError(f"--method {args.method} has no control input; --control is for controlnet / t2i-adapter")
         if args.method == "lcm":
@@ -158,16 +174,14 @@ class Finetune:
         args.val_size = (0 if args.method == "lcm" else 500) if args.val_size is None else args.val_size
         if args.val_size < 0 or (args.adapter_blocks is not None and args.adapter_blocks < 1):
             raise UsageError("--val-size must be >= 0 and --adapter-blocks >= 1")
+
+    def choose_split(self, args):
+        """Adaptation: Fashion-MNIST's held-out test split; distillation: the pre-training data."""
         fmnist = args.dataset.startswith("fashion-mnist")
         if args.split is not None and not fmnist:
             raise UsageError("--split is for fashion-mnist; for a folder dataset pass another --data-path")
-        # adaptation: Fashion-MNIST's held-out test split; distillation: the pre-training data
         self.split = (args.split or ("train" if args.method == "lcm" else "test")) if fmnist else "train"
         args.split = self.split if fmnist else None
-        if args.run is None:
-            tag = f"{args.method}-{args.control}" if args.control else args.method
-            name = train.default_run_name(args).replace(f"{args.model.replace('/', '-')}_", "", 1)
-            args.run = f"{os.path.basename(os.path.normpath(args.init)).removesuffix('.pt')}_ft-{tag}_{name}"
 
     def check_distillation(self, args):
         """--method lcm: the teacher must have a null condition (classifier-free guidance) and the flags a valid range."""
@@ -182,55 +196,51 @@ class Finetune:
 
     def load_data(self, args):
         images = load_dataset(args.dataset, args.data_path, args.image_size, split=self.split,
-                              download_root=os.path.join(args.out_dir, "data", "downloads"))
+                              download_root=os.path.join(args.out_dir, "data", "downloads"), skip_missing=args.skip_bad_files)
         key = dataset_key(args.dataset, images) + ("-test" if self.split == "test" else "")
         class_ids = read_class_list(args.classes, images.classes) if args.classes and images.labels is not None else None
         if args.classes and images.labels is None:
             raise UsageError("--classes needs a dataset with class labels")
-        rows = np.arange(len(images)) if class_ids is None else np.flatnonzero(np.isin(images.labels, class_ids))
-        if args.val_size >= len(rows):
-            raise UsageError(f"--val-size {args.val_size} leaves no training examples of the {len(rows)}")
-        held_out = np.zeros(len(rows), dtype=bool)
-        held_out[np.random.default_rng(args.seed).choice(len(rows), args.val_size, replace=False)] = True
-        self.images, self.val_rows, train_rows = images, rows[held_out], rows[~held_out]
+        train_rows = self.hold_out(args, images, class_ids)
         self.relabel = class_ids if args.method == "full" else None
         data = LatentDataset(latent_dir(args.out_dir, key, args.vae, images.image_size), images) if args.vae else images
         dataset = SubsetData(data, train_rows, self.relabel)
         digest = hashlib.sha1(np.concatenate([train_rows, class_ids if self.relabel is not None else []]).astype(np.int64).tobytes()).hexdigest()[:8]
         self.maps = None
         if args.control:
-            cache = control_cache_path(args.out_dir, key, args.control, images.image_size, args.canny_low, args.canny_high, args.control_path)
-            build = lambda: control_maps(args.control, images, cache, args.control_path, self.split,  # noqa: E731
-                                         args.canny_low, args.canny_high, args.num_workers)
-            first = not dist.is_initialized() or dist.get_rank() == 0
-            self.maps = build() if first else None  # rank 0 computes the cache once, the others then map it
-            if dist.is_initialized():
-                dist.barrier()
-            self.maps = self.maps if first else build()
+            self.maps = self.control_maps(args, images, key)
             dataset = ControlData(dataset, self.maps, train_rows)
         return dataset, f"{key}-subset{digest}"  # corruption manifests of this subset live there
+
+    def hold_out(self, args, images, class_ids):
+        """--val-size examples (of --classes) held out for sampling with controls; returns the training rows."""
+        self.images = images
+        rows = np.arange(len(images)) if class_ids is None else np.flatnonzero(np.isin(images.labels, class_ids))
+        if args.val_size >= len(rows):
+            raise UsageError(f"--val-size {args.val_size} leaves no training examples of the {len(rows)}")
+        held_out = np.zeros(len(rows), dtype=bool)
+        held_out[np.random.default_rng(args.seed).choice(len(rows), args.val_size, replace=False)] = True
+        self.val_rows = rows[held_out]
+        return rows[~held_out]
+
+    def control_maps(self, args, images, key):
+        """The control map of every image of the split, cached: rank 0 computes the cache once, the others then map it."""
+        cache = control_cache_path(args.out_dir, key, args.control, images.image_size, args.canny_low, args.canny_high, args.control_path)
+        build = lambda: control_maps(args.control, images, cache, args.control_path, self.split,  # noqa: E731
+                                     args.canny_low, args.canny_high, args.num_workers)
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        maps = build() if first else None
+        if dist.is_initialized():
+            dist.barrier()
+        return maps if first else build()
 
     def new_model(self, args, dataset, text):
         config = dict(self.init_config)
         base = model_from_checkpoint(self.ckpt).train()  # the pre-trained EMA weights
-        if text != (config.get("num_classes", 1) == 0):
-            raise UsageError(f"--init holds a {'text' if not config.get('num_classes', 1) else 'class'}-conditional model; "
-                             f"{args.dataset} has {'captions' if text else 'class labels'}")
-        if (base.in_channels, base.input_size) != (dataset.channels, dataset.image_size):
-            raise UsageError(f"--init takes {base.in_channels}x{base.input_size}x{base.input_size} inputs; the data are "
-                             f"{dataset.channels}x{dataset.image_size}x{dataset.image_size} (--vae / --image-size of the pre-training?)")
-        if not text and args.class_dropout > 0 and base.y_embedder.embedding_table.num_embeddings == base.num_classes:
-            raise UsageError("--init was trained without label dropout (no null class): pass --class-dropout 0")
+        self.check_fits(args, base, config, dataset, text)
         torch.manual_seed(args.seed)  # the same new weights on every rank
-        if args.method == "lcm":  # the student: the teacher plus a zero-initialised guidance embedding
-            config["guidance_dim"] = LCM_GUIDANCE_DIM
-            student = build_model(**config).train()
-            missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
-            assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
-            self.teacher = base.eval().requires_grad_(False)
-            self.target = copy.deepcopy(student).requires_grad_(False) if args.lcm_target_ema > 0 else None
-            self.grid = torch.from_numpy(skipping_timesteps(self.diffusion["num_timesteps"], args.lcm_skip))
-            return student, config
+        if args.method == "lcm":
+            return self.student(args, base, config)
         if args.method == "full":
             if not text and len(dataset.classes) != base.num_classes:
                 resize_class_table(base, len(dataset.classes))
@@ -244,6 +254,30 @@ class Finetune:
         except ValueError as e:
             raise UsageError(f"--method {args.method}: {e}")
         return model, {**config, "adapter": model.config}
+
+    @staticmethod
+    def check_fits(args, base, config, dataset, text):
+        """The pre-trained model takes this data: the same kind of condition, input shape and null class."""
+        if text != (config.get("num_classes", 1) == 0):
+            raise UsageError(f"--init holds a {'text' if not config.get('num_classes', 1) else 'class'}-conditional model; "
+                             f"{args.dataset} has {'captions' if text else 'class labels'}")
+        if (base.in_channels, base.input_size) != (dataset.channels, dataset.image_size):
+            raise UsageError(f"--init takes {base.in_channels}x{base.input_size}x{base.input_size} inputs; the data are "
+                             f"{dataset.channels}x{dataset.image_size}x{dataset.image_size} (--vae / --image-size of the pre-training?)")
+        if not text and args.class_dropout > 0 and base.y_embedder.embedding_table.num_embeddings == base.num_classes:
+            raise UsageError("--init was trained without label dropout (no null class): pass --class-dropout 0")
+
+    def student(self, args, base, config):
+        """--method lcm: the student is the teacher plus a zero-initialised guidance embedding; the
+        teacher is frozen, the target network an EMA copy of the student."""
+        config["guidance_dim"] = LCM_GUIDANCE_DIM
+        student = build_model(**config).train()
+        missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+        self.teacher = base.eval().requires_grad_(False)
+        self.target = copy.deepcopy(student).requires_grad_(False) if args.lcm_target_ema > 0 else None
+        self.grid = torch.from_numpy(skipping_timesteps(self.diffusion["num_timesteps"], args.lcm_skip))
+        return student, config
 
     # ---- what train.train calls for --method lcm (no-ops for the other methods) ---------------
 

@@ -33,18 +33,19 @@ from tqdm import tqdm
 
 from models.corruption import CORRUPT_TYPES, is_text_dataset, prepare_corruption, resampled_conditions
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
-from models.cep import CEP_TYPES, cep_noise, fixed_cep_noise
-from models.common import (UsageError, atomic_write_json, atomic_write_text, ema_decay_at, learning_rate,
-                           measure_matmul_tflops, restore_rng, rng_states, run_main, seed_rank, setup_distributed,
+from models.cep import CEP_TYPES, step_conditions
+from models.common import (REQUEUE_EXIT, Requeue, UsageError, atomic_write_json, atomic_write_text, ema_decay_at, learning_rate,
+                           measure_matmul_tflops, restore_rng, run_main, seed_rank, setup_distributed,
                            step_generator, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
-from models.text import build_text_encoder, cep_on_tokens, frozen_text_cache
+from models.text import build_text_encoder, frozen_text_cache
 from models.vae import latents_from_stats
-from models import runs
+from models import faults, runs
 from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_recipe, build_model, describe_recipe, recipe_table, with_legacy_defaults
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
-NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "grad_checkpoint", "device", "num_workers", "dry_run"}
+NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "grad_checkpoint", "device", "num_workers", "dry_run",
+                 "time_limit", "skip_bad_files"}
 NOT_SAVED = {"resume", "resume_from", "out_dir", "run", "dry_run", "nproc_per_node"}  # where the run is, not what it is
 
 
@@ -102,8 +103,13 @@ def get_parser():
     # under torchrun write --run-name (or put `--` before train.py): torchrun's own parser rejects
     # `--run` as an ambiguous prefix of its --run-path / --run_path options
     a("--run", "--run-name", dest="run", default=None, help="run name (default: built from model, dataset, η, CEP, seed)")
-    a("--resume", action="store_true", help="continue <out-dir>/<run> from ckpt/last.pt")
+    a("--resume", action="store_true", help="continue <out-dir>/<run> from its newest intact checkpoint, or start it if there is "
+      "none: safe to repeat (torchrun --max-restarts, requeued jobs)")
     a("--resume-from", default=None, metavar="CKPT", help="continue a run from one of its numbered checkpoints, <run>/ckpt/<step>.pt")
+    a("--time-limit", type=float, default=None, metavar="HOURS", help="stop after the step that passes HOURS of this process's "
+      "time, write last.pt and exit 75 to be requeued (as on SIGTERM / SIGINT / SIGUSR1); leave a checkpoint's time to spare")
+    a("--skip-bad-files", action="store_true", help="leave unreadable image files (and listed images that do not exist) out "
+      "of training and list them in <run>/skipped_files.txt, instead of stopping with an error naming the file")
     a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
     a("--nproc-per-node", type=int, default=1, help="start N ranks on this machine: checks the input, then runs torchrun "
       "--standalone --nproc_per_node=N with the same flags (ignored under torchrun)")
@@ -177,15 +183,17 @@ def main():
 
 
 def check_only(args, parser, stage=None):
-    """Every input check of train() for args.nproc_per_node ranks, in this process; writes nothing."""
+    """Every input check of train() for args.nproc_per_node ranks, in this process; writes nothing.
+    Returns the run folder."""
     with contextlib.redirect_stdout(io.StringIO()):
-        train(argparse.Namespace(**{**vars(args), "dry_run": True}), parser, 0, args.nproc_per_node,
-              setup_distributed(args.device)[2], stage)
+        return train(argparse.Namespace(**{**vars(args), "dry_run": True}), parser, 0, args.nproc_per_node,
+                     setup_distributed(args.device)[2], stage)
 
 
 def load_data(args):
     """The training set (pre-extracted latents with --vae) and its folder name under <out-dir>/data."""
-    dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"))
+    dataset = load_dataset(args.dataset, args.data_path, args.image_size, download_root=os.path.join(args.out_dir, "data", "downloads"),
+                           skip_missing=args.skip_bad_files)
     key = dataset_key(args.dataset, dataset)
     if args.vae:  # latent diffusion: the same examples and conditions, as pre-extracted latents
         dataset = LatentDataset(latent_dir(args.out_dir, key, args.vae, dataset.image_size), dataset)
@@ -216,47 +224,11 @@ def diffusion_config(args):
                 learn_sigma=args.learn_sigma, loss="hybrid" if args.learn_sigma else "simple")
 
 
-# ---- one step's inputs --------------------------------------------------------------------------
+# ---- before the loop: the checks, the training state, the run's files -----------------------------
 
-def step_conditions(args, model, conditions, idx, dropped, g, B, share, text_cache):
-    """The condition of each example of this rank's share: (cond, extra model kwargs, CEP δ or None).
-    Dropped rows (classifier-free guidance) get the null condition, never perturbed. CEP (Chen et al.
-    2024, Eq. 4) adds δ to the condition embedding c_θ(y), drawn for the global batch."""
-    device = idx.device
-    if isinstance(conditions, torch.Tensor):  # class labels: the null class is num_classes
-        cond = (torch.where(dropped, model.num_classes, conditions[idx]),)
-        if not args.cep:
-            return cond, {}, None
-        if args.cep_fixed:  # ablation: one δ per training example, drawn once
-            delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
-        else:
-            delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
-        return cond, {}, delta * (~dropped).unsqueeze(1)
-    captions = ["" if d else conditions[i] for i, d in zip(idx.tolist(), dropped.tolist())]  # "": the null caption
-    tokens = model.tokenize(captions)
-    cond = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-    extra = {"context": text_cache.lookup(captions, device)} if text_cache else {}
-    if not args.cep:
-        return cond, extra, None
-    L = cond[0].shape[1]  # δ on every caption token, none on padding or null rows
-    delta = cep_on_tokens(torch.zeros(B, L, model.cond_dim, device=device), torch.ones(B, L), args.cep_gamma,
-                          args.cep_type, generator=g)[share]
-    return cond, extra, delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))
-
-
-def log(log_path, record, eta_s):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    tqdm.write(f"step {record['step']:7d} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | {record['img_per_s']:8.1f} img/s"
-               + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else "") + f" | ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s")
-    sys.stdout.flush()
-
-
-def train(args, parser, rank, world, device, stage=None):
-    """The training loop of train.py, and of finetune.py, whose `stage` supplies the data
-    (load_data), the model (new_model: the pre-trained one, adapted) and files to write (prepare)."""
-    master = rank == 0
-    # ---- check all input before writing anything -------------------------------------------
+def check_input(args, parser, world, stage):
+    """Every check of train() that reads the input: the run folder, the flags, the data and the
+    corruption. Returns (run_dir, checkpoint or None, data); writes nothing."""
     run_dir, ckpt = resolve_run(args, parser)
     runs.check_writable(run_dir, "--out-dir")
     check_args(args)
@@ -272,15 +244,15 @@ def train(args, parser, rank, world, device, stage=None):
         raise UsageError("--cep-fixed is implemented for class labels only")
     if text and args.corrupt_resample and manifest["corrupt_type"] == "rewrite":
         raise UsageError("--corrupt-resample re-draws caption swaps; it does not apply to --corrupt-type rewrite")
-    # config.json records the values used, not the defaults that chose them
-    args.precision = precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    args.corrupt_type = manifest["corrupt_type"]
-    if args.dry_run:
-        if master:
-            print(f"{manifest['summary']}\n{args.model}, {world} rank(s) on {device.type}, {precision}, run {run_dir}\n"
-                  f"{describe_recipe(args)}\ndry run: nothing written")
-        return
-    model, model_config = stage.new_model(args, dataset, text) if stage else new_model(args, dataset, text)
+    args.corrupt_type = manifest["corrupt_type"]  # config.json records the values used, not the defaults that chose them
+    data = argparse.Namespace(dataset=dataset, key=key, conditions=conditions, manifest=manifest, manifest_file=manifest_file, text=text)
+    return run_dir, ckpt, data
+
+
+def build_state(args, device, data, stage, ckpt):
+    """The model, its EMA, the optimizer and the loss scaler, restored from the checkpoint if any;
+    the step to start at, the loss accumulator and a startup line."""
+    model, model_config = stage.new_model(args, data.dataset, data.text) if stage else new_model(args, data.dataset, data.text)
     model = model.to(device)
     for module in model.modules():  # the denoiser (inside a text or adapted model too)
         if hasattr(module, "grad_checkpoint"):
@@ -288,9 +260,10 @@ def train(args, parser, rank, world, device, stage=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     # (sum of step losses, steps) since the last log, kept on the device: read only at log steps
-    start_step, loss_acc = 0, torch.zeros(2, dtype=torch.float64, device=device)
+    start_step, loss_acc, rng_note = 0, torch.zeros(2, dtype=torch.float64, device=device), ""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     seed_rank(args.seed, rank)  # the weights are built (the same on every rank): from here each rank draws its own
     if ckpt is not None:
         try:
@@ -301,131 +274,176 @@ def train(args, parser, rank, world, device, stage=None):
             raise UsageError(f"--resume: checkpoint does not fit {args.model}: {str(e).splitlines()[0]}")
         scaler.load_state_dict(ckpt["scaler"])
         start_step = ckpt["step"]
-        loss_acc = ckpt["loss_acc"].to(device) if master else loss_acc
-        rng_restored = restore_rng(ckpt["rng"], rank, world, args.seed, start_step, device)
+        loss_acc = ckpt["loss_acc"].to(device) if rank == 0 else loss_acc
+        if not restore_rng(ckpt["rng"], rank, world, args.seed, start_step, device):
+            rng_note = " (RNG reseeded: the checkpoint has another number of ranks)"
         if stage is not None:
             stage.resume(ckpt)
     startup = (f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
                f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), {world} rank(s) on {device.type}, "
-               f"{precision}, run {run_dir}" + (f", resuming at step {start_step}" if start_step else "")
-               + ("" if ckpt is None or rng_restored else " (RNG reseeded: the checkpoint has another number of ranks)")
+               f"{args.precision}" + (f", resuming at step {start_step}" if start_step else "") + rng_note
                + (" (torchrun starts 1 rank unless --nproc_per_node=N)" if world == 1 and "TORCHELASTIC_RUN_ID" in os.environ else ""))
+    return model, ema, opt, scaler, model_config, start_step, loss_acc, startup
 
-    # ---- all checks passed: write the manifest, config and (on resume) the trimmed log ------
-    config = run_config(args)
+
+def write_run_files(args, run_dir, data, stage, start_step, startup):
+    """Rank 0, once every check has passed: the manifest, config.json and (on resume) the log trimmed
+    to the checkpoint's step."""
+    if not os.path.exists(data.manifest_file):
+        atomic_write_json(data.manifest_file, data.manifest)
+    atomic_write_json(os.path.join(run_dir, "config.json"), run_config(args))
     log_path = os.path.join(run_dir, "log.jsonl")
-    if master:
-        if not os.path.exists(manifest_file):
-            atomic_write_json(manifest_file, manifest)
-        atomic_write_json(os.path.join(run_dir, "config.json"), config)
-        if os.path.exists(log_path):  # drop lines logged after the checkpoint we resume from
-            with open(log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-            atomic_write_text(log_path, "".join(kept))
-        if stage is not None:
-            stage.prepare(args, run_dir)
-        print(f"{manifest['summary']}\n{startup}\n{describe_recipe(args)}", flush=True)
-    if world > 1:
-        dist.barrier()
+    if os.path.exists(log_path):  # drop lines logged after the checkpoint we resume from
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        atomic_write_text(log_path, "".join(kept))
+    if stage is not None:
+        stage.prepare(args, run_dir)
+    print(f"{data.manifest['summary']}\n{startup}, run {run_dir}\n{describe_recipe(args)}", flush=True)
 
-    # ---- the training loop -------------------------------------------------------------------
-    diffusion = GaussianDiffusion.from_config(diffusion_config(args), learn_sigma=args.learn_sigma)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, static_graph=True)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "fp32" else contextlib.nullcontext())
-    train_conditions = conditions if text else torch.from_numpy(conditions).to(device)
-    text_cache = None
-    if text and model.text_encoder.is_frozen:  # a frozen encoder (CLIP) runs once per distinct caption
-        cache = f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}-L{args.caption_length}"
-        text_cache = frozen_text_cache(model.text_encoder, list(dataset.captions) + list(conditions),
-                                       os.path.join(args.out_dir, "data", key, cache), master, world)
-    conditions_epoch = None
-    B, share = args.global_batch_size, slice(rank, None, world)
-    flops_per_image = 3 * model.flops_per_forward()
-    peak_tflops = measure_matmul_tflops(device) if device.type == "cuda" else None
-    data = batches(dataset, B, rank, world, args.seed, start_step, args.num_workers, device)
-    model.train()
-    progress = tqdm(total=args.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False,
-                    disable=not (master and sys.stderr.isatty()))  # the log lines carry the ETA when there is no terminal
-    t_start = t_last = time.perf_counter()
-    steps_since_log = 0
-    one = torch.ones((), dtype=torch.float64, device=device)
-    for step in range(start_step, args.max_steps):
-        x, idx, epoch = next(data)
-        x, control = x if isinstance(x, tuple) else (x, None)  # finetune.py: control images beside the data
-        if args.corrupt_resample and epoch != conditions_epoch:
-            train_conditions, conditions_epoch = resampled_conditions(dataset, args.corrupt, args.seed, manifest, epoch, device), epoch
-        # every random draw of the step, for the global batch; this rank keeps rows rank::world
-        g = step_generator(args.seed, step, device)
-        if args.vae:
-            x = latents_from_stats(x, dataset.index["scaling_factor"], g, B, share)
-        t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
-        noise = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
-        dropped = (torch.rand(B, generator=g, device=device) < args.class_dropout)[share]
-        xi = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share] if args.input_perturbation else None
-        cond, extra, delta = step_conditions(args, model, train_conditions, idx, dropped, g, B, share, text_cache)
-        if control is not None:  # kept for dropped conditions too: guidance is over the class / caption only
-            extra["control"] = control
-        with autocast:
-            if stage is not None and stage.distills:  # finetune.py --method lcm: consistency distillation
-                losses = stage.distillation_losses(args, step, net, x, noise, cond, extra, delta, g, B, share, diffusion)
-            else:
-                losses = diffusion.training_losses(lambda xt, tt: net(xt, tt, *cond, cond_noise=delta, **extra), x, t, noise,
-                                                   args.input_perturbation, xi)
-        loss = losses["loss"].mean()
-        lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
-        if stage is not None:
-            stage.after_step(args, model)  # --method lcm: the target network's EMA
-        loss_acc += torch.stack((loss.detach().double(), one))  # on the device: no host sync between log steps
-        steps_since_log += 1
-        done = step + 1
-        progress.update()
 
-        if done % args.log_every == 0 or done == args.max_steps:
-            total = loss_acc.clone()
-            if world > 1:
-                dist.all_reduce(total)  # sum over ranks of (sum of local mean losses, count)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            img_per_s = B * steps_since_log / (time.perf_counter() - t_last)
-            record = {"step": done, "epoch": epoch, "loss": (total[0] / total[1]).item(), "grad_norm": grad_norm.item(),
-                      "lr": lr, "img_per_s": round(img_per_s, 2), "time": round(time.time(), 1)}
-            if peak_tflops:
-                record["mfu"] = round(flops_per_image * img_per_s / world / (peak_tflops * 1e12), 4)
-            if master:
-                log(log_path, record, (time.perf_counter() - t_start) / (done - start_step) * (args.max_steps - done))
-            loss_acc.zero_()
-            t_last, steps_since_log = time.perf_counter(), 0
+# ---- the steps of the loop, in the order it calls them ------------------------------------------
 
-        if done % args.ckpt_every == 0 or done == args.max_steps:
-            acc = loss_acc.clone()
-            if world > 1:
-                dist.all_reduce(acc)  # so a resume mid-interval logs the same mean
-            rng = rng_states(device, world)  # every rank's, so a resume restores each rank's own
-            if master:
-                state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "step": done, "rng": rng, "loss_acc": acc.cpu(),
-                         "config": config, "model_config": model_config, "diffusion": diffusion_config(args),
-                         **(stage.checkpoint_state() if stage is not None else {})}
-                runs.save_checkpoint(run_dir, state, numbered=done % args.ckpt_every == 0)
-    progress.close()
-    if master:
-        minutes = (time.perf_counter() - t_start) / 60
-        print(f"done: {run_dir} ({args.max_steps} steps, {minutes:.1f} min)\nnext:\n{runs.next_commands(args, run_dir)}", flush=True)
+def step_inputs(args, diffusion, model, data, x, idx, conditions, g, B, share, text_cache):
+    """Every random draw of the step, for the global batch (this rank keeps rows rank::world): the
+    latents (drawn from their stored mean / log-variance), t, ε, the dropped conditions, ξ (input
+    perturbation), and the conditions with their CEP δ."""
+    device = x.device
+    if args.vae:
+        x = latents_from_stats(x, data.dataset.index["scaling_factor"], g, B, share)
+    t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=device)[share]
+    noise = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share]
+    dropped = (torch.rand(B, generator=g, device=device) < args.class_dropout)[share]
+    xi = torch.randn((B, *x.shape[1:]), generator=g, device=device)[share] if args.input_perturbation else None
+    cond, extra, delta = step_conditions(args, model, conditions, idx, dropped, g, B, share, text_cache)
+    return argparse.Namespace(x=x, t=t, noise=noise, xi=xi, cond=cond, extra=extra, delta=delta)
+
+
+def step_losses(args, stage, step, net, diffusion, inp, g, B, share):
+    """The per-example losses: the diffusion loss of the model (ε-prediction, plus L_vb when it learns
+    the variance), or finetune.py --method lcm's consistency distillation."""
+    if stage is not None and stage.distills:
+        return stage.distillation_losses(args, step, net, inp.x, inp.noise, inp.cond, inp.extra, inp.delta, g, B, share, diffusion)
+    return diffusion.training_losses(lambda xt, tt: net(xt, tt, *inp.cond, cond_noise=inp.delta, **inp.extra), inp.x, inp.t,
+                                     inp.noise, args.input_perturbation, inp.xi)
+
+
+def batch_mean(per_example, bad):
+    """The loss: the mean over this rank's examples, less the rows of unreadable files (--skip-bad-files)."""
+    keep = faults.kept_rows(bad, len(per_example), per_example.device)
+    return per_example.mean() if keep is None else (per_example * keep).sum() / keep.sum()
+
+
+def optimizer_step(args, step, loss, model, opt, scaler):
+    """Backward (scaled under fp16), gradient clipping, the AdamW step at this step's learning rate.
+    Returns (grad norm, lr); the norm stays on the device."""
+    lr = learning_rate(step, args)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+    scaler.step(opt)  # under fp16 a step with a non-finite gradient is skipped (and the scale lowered)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+
+def train(args, parser, rank, world, device, stage=None):
+    """The training loop of train.py, and of finetune.py, whose `stage` supplies the data
+    (load_data), the model (new_model: the pre-trained one, adapted) and files to write (prepare).
+    Returns the run folder."""
+    master = rank == 0
+    run_dir, ckpt, data = check_input(args, parser, world, stage)  # every check before anything is written
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    lock = faults.lock_run(run_dir, rank, world, write=not args.dry_run)
+    if args.dry_run:
+        if master:
+            print(f"{data.manifest['summary']}\n{args.model}, {world} rank(s) on {device.type}, {args.precision}, run {run_dir}\n"
+                  f"{describe_recipe(args)}\ndry run: nothing written")
+        return run_dir
+    stops = None
+    try:
+        model, ema, opt, scaler, model_config, start_step, loss_acc, startup = build_state(args, device, data, stage, ckpt)
+        if master:
+            write_run_files(args, run_dir, data, stage, start_step, startup)
+        if world > 1:
+            dist.barrier()
+
+        # ---- the training loop ---------------------------------------------------------------
+        diffusion = GaussianDiffusion.from_config(diffusion_config(args), learn_sigma=args.learn_sigma)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        net = torch.compile(model) if args.compile else model
+        if dist.is_initialized():  # under torchrun, 1 rank included
+            net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, static_graph=True)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
+                    if args.precision != "fp32" else contextlib.nullcontext())
+        conditions, conditions_epoch = (data.conditions if data.text else torch.from_numpy(data.conditions).to(device)), None
+        text_cache = (frozen_text_cache(model.text_encoder, list(data.dataset.captions) + list(data.conditions),  # a frozen encoder
+                                        os.path.join(args.out_dir, "data", data.key, f"text-{args.text_encoder.replace('/', '_').replace(':', '-')}"
+                                                     f"-L{args.caption_length}"), master, world)  # (CLIP) runs once per caption
+                      if data.text and model.text_encoder.is_frozen else None)
+        B, share = args.global_batch_size, slice(rank, None, world)
+        run_state = lambda: {"config": run_config(args), "model_config": model_config, "diffusion": diffusion_config(args),  # noqa: E731
+                             **(stage.checkpoint_state() if stage is not None else {})}
+        stops = faults.StopRequests(world, args.time_limit, refuse_bad_files=not args.skip_bad_files)
+        diverged, skipped_files = faults.DivergenceCheck(device, args.precision == "fp16"), 0
+        clock = dict(start=time.perf_counter(), last=time.perf_counter(), steps=0, start_step=start_step, skipped_files=0,
+                     flops_per_image=3 * model.flops_per_forward(), peak_tflops=measure_matmul_tflops(device) if device.type == "cuda" else None)
+        loader = batches(data.dataset, B, rank, world, args.seed, start_step, args.num_workers, device)
+        progress = tqdm(total=args.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False,
+                        disable=not (master and sys.stderr.isatty()))  # the log lines carry the ETA when there is no terminal
+        one = torch.ones((), dtype=torch.float64, device=device)
+        model.train()
+        for step in range(start_step, args.max_steps):
+            x, idx, epoch, bad = next(loader)
+            x, control = x if isinstance(x, tuple) else (x, None)  # finetune.py: control images beside the data
+            if bad:  # unreadable image files: refused at the agreed step, or (--skip-bad-files) left out of the loss
+                stops.bad_files += [message for _, message in bad]
+                skipped_files += faults.record_skipped(run_dir, bad) if args.skip_bad_files else 0
+            if args.corrupt_resample and epoch != conditions_epoch:
+                conditions, conditions_epoch = resampled_conditions(data.dataset, args.corrupt, args.seed, data.manifest, epoch, device), epoch
+            g = step_generator(args.seed, step, device)  # every random draw of the step, for the global batch
+            inp = step_inputs(args, diffusion, model, data, x, idx, conditions, g, B, share, text_cache)
+            if control is not None:  # kept for dropped conditions too: guidance is over the class / caption only
+                inp.extra["control"] = control
+            with autocast:
+                losses = step_losses(args, stage, step, net, diffusion, inp, g, B, share)
+            loss = batch_mean(losses["loss"], bad)
+            grad_norm, lr = optimizer_step(args, step, loss, model, opt, scaler)
+            update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
+            if stage is not None:
+                stage.after_step(args, model)  # --method lcm: the target network's EMA
+            diverged.update(step + 1, loss.detach(), grad_norm)  # on the device: no host sync between log steps
+            loss_acc += torch.stack((loss.detach().double(), one))
+            done, clock["steps"] = step + 1, clock["steps"] + 1
+            progress.update()
+            stop = stops.poll(final=done == args.max_steps)  # a signal, --time-limit or a bad file on any rank: all stop here
+            if stop & stops.BAD_FILE:
+                faults.refuse_bad_files(stops.bad_files, world)
+            if done % args.log_every == 0 or done == args.max_steps:  # (a stop's checkpoint keeps the interval's losses)
+                record = {"step": done, "epoch": epoch, "grad_norm": grad_norm.item(), "lr": lr}
+                runs.log_step(args, run_dir, record, loss_acc, diverged, skipped_files, clock, world)
+            stopped = stops.reason(stop) if stop and done < args.max_steps else None  # recorded in last.pt for the launcher
+            if done % args.ckpt_every == 0 or done == args.max_steps or stopped:
+                runs.checkpoint_step(args, run_dir, done, stopped, model, ema, opt, scaler, loss_acc, diverged,
+                                     run_state, rank, world, device)
+            if stopped:
+                raise Requeue(f"stopped after step {done} ({stopped}): {os.path.join(run_dir, 'ckpt', 'last.pt')} written; "
+                              f"rerun the same command with --resume to continue (exit status {REQUEUE_EXIT})")
+        progress.close()
+        if master:
+            print(f"done: {run_dir} ({args.max_steps} steps, {(time.perf_counter() - clock['start']) / 60:.1f} min)"
+                  + (f"; {clock['skipped_files']} unreadable file(s) skipped, listed in {faults.skipped_list(run_dir)}"
+                     if clock["skipped_files"] else "")
+                  + f"\nnext:\n{runs.next_commands(args, run_dir)}", flush=True)
+        return run_dir
+    finally:
+        if stops is not None:
+            stops.close()
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -46,3 +46,28 @@ def fixed_cep_noise(example_ids, dim, gamma, kind, seed):
         else:
             raise ValueError(f"unknown CEP type '{kind}'; choose one of {CEP_TYPES}")
     return torch.from_numpy(np.stack(rows)).float().to(example_ids.device)
+
+
+def step_conditions(args, model, conditions, idx, dropped, g, B, share, text_cache):
+    """The condition of each example of this rank's share: (cond, extra model kwargs, CEP δ or None).
+    Dropped rows (classifier-free guidance) get the null condition, never perturbed. CEP (Chen et al.
+    2024, Eq. 4) adds δ to the condition embedding c_θ(y), drawn for the global batch."""
+    device = idx.device
+    if isinstance(conditions, torch.Tensor):  # class labels: the null class is num_classes
+        cond = (torch.where(dropped, model.num_classes, conditions[idx]),)
+        if not args.cep:
+            return cond, {}, None
+        if args.cep_fixed:  # ablation: one δ per training example, drawn once
+            delta = fixed_cep_noise(idx, model.cond_dim, args.cep_gamma, args.cep_type, args.seed)
+        else:
+            delta = cep_noise(B, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device)[share]
+        return cond, {}, delta * (~dropped).unsqueeze(1)
+    captions = ["" if d else conditions[i] for i, d in zip(idx.tolist(), dropped.tolist())]  # "": the null caption
+    tokens = model.tokenize(captions)
+    cond = (tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    extra = {"context": text_cache.lookup(captions, device)} if text_cache else {}
+    if not args.cep:
+        return cond, extra, None
+    L = cond[0].shape[1]  # δ on every caption token (drawn row-major for the global batch), none on padding or null rows
+    delta = cep_noise(B * L, model.cond_dim, args.cep_gamma, args.cep_type, generator=g, device=device).view(B, L, -1)[share]
+    return cond, extra, delta * (cond[1].unsqueeze(-1) * (~dropped).view(-1, 1, 1))

@@ -20,11 +20,25 @@ class NothingToDo(Exception):
     """What was asked is already on disk (e.g. the same finished run): said once, and exit status 0."""
 
 
+REQUEUE_EXIT = 75  # sysexits.h EX_TEMPFAIL, "try again later": a preempted run, to requeue (docs/runs.md#faults)
+LAUNCHED = "SLIGHT_CORRUPTION_LAUNCHED"  # set by --nproc-per-node's launcher, which maps a stop to REQUEUE_EXIT itself
+
+
+class Requeue(Exception):
+    """The run stopped early on request (a signal, --time-limit) after writing ckpt/last.pt: said once,
+    and exit status REQUEUE_EXIT (0 under the launcher, which reads the stop from last.pt)."""
+
+
 def run_main(main):
     """Call main(); turn a UsageError into one 'error: ...' line (printed once, by rank 0) and exit 2,
-    and NothingToDo into its message and exit 0 (so torchrun ends quietly too)."""
+    NothingToDo into its message and exit 0 (so torchrun ends quietly too), Requeue into its message
+    and REQUEUE_EXIT."""
     try:
         main()
+    except Requeue as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, flush=True)
+        sys.exit(0 if os.environ.get(LAUNCHED) else REQUEUE_EXIT)
     except UsageError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
@@ -134,8 +148,21 @@ def setup_distributed(device_flag):
     if use_cuda:
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None, **restart_safe_store(rank, world))
     return rank, world, device
+
+
+def restart_safe_store(rank, world):
+    """Under torchrun the ranks meet in the agent's store, which outlives a restart
+    (--max-restarts): the dead attempt's keys are still there, and a restarted gloo group connects
+    to the dead ranks' addresses (torch 2.14). Each attempt gets its own key prefix instead."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # plain env:// rendezvous (srun, or a launcher without an agent store)
+    import datetime
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=datetime.timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"/slight-corruption/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
 def measure_matmul_tflops(device, dtype=torch.bfloat16, n=None, iters=None):

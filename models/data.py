@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models.common import UsageError, derived_seed
+from models.faults import BadImage, MarkBad, collate_marking_bad
 
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian: apt-get install dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -111,9 +112,13 @@ class FashionMNISTCaptions(FashionMNIST):
 
 
 def load_image(path, image_size, flip=False):
-    """An RGB file -> float (3, S, S) in [-1, 1], ADM centre crop, optional horizontal flip."""
-    with Image.open(path) as img:
-        arr = center_crop_arr(img.convert("RGB"), image_size)
+    """An RGB file -> float (3, S, S) in [-1, 1], ADM centre crop, optional horizontal flip. A file
+    PIL cannot decode (truncated, not an image, gone) raises BadImage, one line naming it."""
+    try:
+        with Image.open(path) as img:
+            arr = center_crop_arr(img.convert("RGB"), image_size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
     if flip:
         arr = arr[:, ::-1]
     return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
@@ -161,16 +166,19 @@ class CaptionImages(torch.utils.data.Dataset):
       relative to the file;
     - img2dataset's "files" output folder: each image beside a .txt file holding its caption."""
 
-    def __init__(self, source, image_size=256):
+    def __init__(self, source, image_size=256, skip_missing=False):
         if source is None or not os.path.exists(source):
             raise UsageError(f"--data-path {source} does not exist")
         self.source = os.path.abspath(source)
         pairs = self._read_table(source) if os.path.isfile(source) else self._read_img2dataset(source)
+        missing = [p for p, _ in pairs if not os.path.isfile(p)]
+        if missing and not skip_missing:
+            raise UsageError(f"{len(missing)} image(s) listed in {source} do not exist, e.g. {missing[0]} (--skip-bad-files leaves them out)")
+        if missing:  # --skip-bad-files
+            print(f"--skip-bad-files: left out {len(missing)} listed image(s) that do not exist, e.g. {missing[0]}", flush=True)
+            pairs = [(p, c) for p, c in pairs if os.path.isfile(p)]
         if not pairs:
             raise UsageError(f"no (image, caption) pairs in {source}")
-        missing = [p for p, _ in pairs if not os.path.isfile(p)]
-        if missing:
-            raise UsageError(f"{len(missing)} image(s) listed in {source} do not exist, e.g. {missing[0]}")
         self.paths, self.captions = [p for p, _ in pairs], [c for _, c in pairs]
         self.labels, self.classes = None, None
         self.image_size, self.channels = image_size, 3
@@ -190,6 +198,9 @@ class CaptionImages(torch.utils.data.Dataset):
                 if pcol is None or ccol is None:
                     raise UsageError(f"{path}: the header needs a path column (filepath/path/image/file) and a caption column (caption/text)")
                 pairs = [(r[pcol], r[ccol]) for r in rows]
+                empty = [n for n, (p, _) in enumerate(pairs, 2) if not (p or "").strip()]
+                if empty:
+                    raise UsageError(f"{path}:{empty[0]}: no image path in the {pcol} column")
             else:
                 pairs = []
                 for n, line in enumerate(f, 1):
@@ -197,6 +208,8 @@ class CaptionImages(torch.utils.data.Dataset):
                         if "\t" not in line:
                             raise UsageError(f"{path}:{n}: expected `path<TAB>caption`")
                         p, c = line.rstrip("\n").split("\t", 1)
+                        if not p.strip():
+                            raise UsageError(f"{path}:{n}: no image path before the tab")
                         pairs.append((p, c))
         return [(p if os.path.isabs(p) else os.path.join(base, p), c.strip()) for p, c in pairs]
 
@@ -219,7 +232,7 @@ class CaptionImages(torch.utils.data.Dataset):
         return load_image(self.paths[i], self.image_size, flip), i
 
 
-def load_dataset(name, data_path=None, image_size=None, split="train", download_root=None):
+def load_dataset(name, data_path=None, image_size=None, split="train", download_root=None, skip_missing=False):
     if name == "fashion-mnist":
         if image_size not in (None, 32):
             raise UsageError("fashion-mnist is 28x28 padded to 32x32: --image-size must be 32")
@@ -231,7 +244,7 @@ def load_dataset(name, data_path=None, image_size=None, split="train", download_
     if name == "imagefolder":
         return ImageFolderData(data_path, image_size or 256)
     if name == "captions":
-        return CaptionImages(data_path, image_size or 256)
+        return CaptionImages(data_path, image_size or 256, skip_missing)
     raise UsageError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
 
 
@@ -256,7 +269,12 @@ class LatentDataset(torch.utils.data.Dataset):
             raise UsageError(f"{latent_dir} holds latents of {self.index['num_examples']} images, the dataset has {len(base)}")
         self.shards, rows = [], 0
         for name in self.index["shards"]:
-            arr = np.load(os.path.join(latent_dir, name), mmap_mode="r")
+            path = os.path.join(latent_dir, name)
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:  # missing, truncated, not an .npy
+                raise UsageError(f"latent shard {path} is unreadable ({type(e).__name__}: {e}); "
+                                 "extract the latents again (corrupt_data.py --vae)") from None
             want = (min(self.index["shard_size"], len(base) - rows), 2, self.index["stats"], *self.index["shape"])
             if arr.shape != want:
                 raise UsageError(f"latent shard {name} has shape {arr.shape}, expected {want}")
@@ -339,9 +357,10 @@ class SubsetData(torch.utils.data.Dataset):
 
 
 def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, device):
-    """Yield (images, example indices, epoch) of this rank's share of each global batch, from
+    """Yield (images, example indices, epoch, bad) of this rank's share of each global batch, from
     start_step on. Rank r takes positions r, r+W, r+2W, ... of DistributedSampler's permutation,
-    so the union over ranks of batch s is the same for every world size."""
+    so the union over ranks of batch s is the same for every world size. bad: [(row, message)] of
+    the image files that could not be decoded (zeros in their rows; models/faults.py)."""
     local_batch = global_batch // world
     steps_per_epoch = len(dataset) // global_batch
     step = start_step
@@ -357,13 +376,14 @@ def batches(dataset, global_batch, rank, world, seed, start_step, num_workers, d
                 for chunk in order.split(local_batch):
                     yield dataset.get_batch(chunk, flips[chunk]) if getattr(dataset, "random_flip", False) else dataset.get_batch(chunk), chunk
             for x, chunk in (prefetched(gathered()) if device.type == "cuda" else gathered()):
-                yield to_device(x, device), chunk.to(device, non_blocking=True), epoch
+                yield to_device(x, device), chunk.to(device, non_blocking=True), epoch, []
         else:  # files: workers decode
             keys = [(i, bool(flips[i])) for i in order.tolist()]
-            loader = DataLoader(dataset, batch_size=local_batch, sampler=keys, num_workers=num_workers,
-                                pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
-            for x, idx in loader:
-                yield to_device(x, device), idx.to(device), epoch
+            loader = DataLoader(MarkBad(dataset), batch_size=local_batch, sampler=keys, num_workers=num_workers,
+                                collate_fn=collate_marking_bad, pin_memory=device.type == "cuda", drop_last=True,
+                                persistent_workers=False)
+            for x, idx, bad in loader:
+                yield to_device(x, device), idx.to(device), epoch, bad
         step += steps_per_epoch - offset
 
 

@@ -4,6 +4,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,14 @@ def run_script(script, args, nproc=1, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def wait_for(path, proc, timeout=300):
+    """Wait until a running script (a Popen) has written `path`, e.g. a checkpoint to kill it after."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert os.path.exists(path), f"{path} never appeared"
 
 
 def run_scripts_at_once(calls, timeout=600):

@@ -375,6 +375,6 @@ def test_stable_diffusion_pipeline_teacher_distils_and_samples(tmp_path, monkeyp
     run_script("finetune.py", ["--init", pipe, *data, "--run", "sd-lcm", *LCM, "--max-steps", "2", "--corrupt", "0.25", "--cep"])
     ckpt = load(out / "sd-lcm" / "ckpt" / "last.pt")
     assert ckpt["model_config"]["guidance_dim"] == 256 and ckpt["config"]["vae"] == str(pipe / "vae")
-    run_script("sample.py", ["--run", out / "sd-lcm", "--sampler", "lcm", "--steps", "2", "--cfg-scale", "5", "--num-samples", "4",
+    run_script("sample.py", ["--run", out / "sd-lcm", "--sampler", "lcm", "--steps", "2", "--cfg-scale", "7", "--num-samples", "4",
                              "--tag", "s"])
     assert np.load(out / "sd-lcm" / "samples" / "s" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)

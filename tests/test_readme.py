@@ -113,14 +113,14 @@ def tiny(line, fx):
     if script == "study.py" and "--list" not in line and "--report-only" not in line:  # 2 steps, 4 samples, 1 sample step
         line += (" --max-steps 2 --num-samples 4 --sample-steps 1 --cfg-scales 1,2 --fixed-cfg 2 --sample-args '--batch-size 4'"
                  " --train-args '--global-batch-size 4 --ckpt-every 100 --log-every 1'" + ("" if "--only" in line else " --only clean_seed0"))
-    if script in ("train.py", "finetune.py") and "--resume" not in line:
+    if script in ("train.py", "finetune.py"):  # (--resume too: it starts a run that is not there yet)
         line += " --max-steps 2 --global-batch-size 4 --ckpt-every 100 --log-every 1"  # one checkpoint, at the end
         if script == "finetune.py" and "--val-size" not in line:
             line += " --val-size 4"
         if script == "finetune.py" and "/data/" in original:  # adapting LDM-4 / DiT-XL/2 (UNet-T / DiT-S/8 here)
             line += " " + recipe_flags(FINETUNE_RECIPES["stock"])
     fmnist = "--dataset" not in line or "fashion-mnist" in line
-    if script in ("train.py", "corrupt_data.py", "study.py") and fmnist and "--data-path" not in line and "--resume" not in line:
+    if script in ("train.py", "corrupt_data.py", "study.py") and fmnist and "--data-path" not in line:
         line += f" --data-path {fx['fmnist']}"  # a 256-image Fashion-MNIST
     return line
 

@@ -5,13 +5,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from tests.helpers import FMNIST_DIR, REPO, make_fake_fmnist, run_script, tree_snapshot  # noqa: E402
+from tests.helpers import FMNIST_DIR, REPO, make_fake_fmnist, run_script, tree_snapshot, wait_for  # noqa: E402
 from models.common import ema_decay_at, update_ema  # noqa: E402
 
 
@@ -76,10 +75,7 @@ def test_resume_after_kill_is_exact(fake_data, tmp_path):
     # the same run, killed (SIGKILL, no clean-up) once it has written a checkpoint, then resumed
     cmd = [sys.executable, "train.py", *map(str, common), "--run", "killed"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "ckpt" / "0000010.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for(tmp_path / "killed" / "ckpt" / "0000010.pt", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -168,7 +164,7 @@ def existing_run(fake_data, tmp_path_factory):
     ["--corrupt", "-0.1"], ["--corrupt", "1.0"], ["--cep-gamma", "-1", "--cep"], ["--model", "DiT-Q/3"],
     ["--data-path", "/nonexistent/fmnist"], ["--run", "demo", "--corrupt", "0.05"], ["--run", "demo"],
     ["--run", "broken", "--resume"], ["--run", "demo", "--resume", "--model", "DiT-S/8"],
-    ["--run", "nothing-here", "--resume"], ["--cep-type", "gaussian"], ["--global-batch-size", "100000"],
+    ["--run", "data", "--resume"], ["--cep-type", "gaussian"], ["--global-batch-size", "100000"],
 ])
 def test_bad_input_one_line_nothing_written(existing_run, fake_data, args):
     full = ["--out-dir", existing_run, "--model", "DiT-T/8", "--global-batch-size", "16", "--max-steps", "4",
