@@ -28,8 +28,10 @@ IS (10 splits), precision / recall (k = 3), density / coverage (k = 5), TopP&R p
 memorisation ratio (nearest training image closer than --mem-threshold on L2-normalised features;
 0.12 is the paper's value for CLIP) and mean within-class distance; with --clip in CLIP space.
 Runs on VQ latents (their --vae is a VQModel): vq_entropy, the entropy in bits of the codebook
-indices of the generated images re-encoded by that autoencoder (all images and positions), with
-vq_perplexity = 2^H and vq_code_usage, the share of codes used.
+indices the sampled latents were quantised to (codes.npy, recorded by sample.py; all images and
+positions), with vq_perplexity = 2^H and vq_code_usage, the share of codes used. Folders of an older
+sample.py have no codes.npy: their images are re-encoded instead, with a note (encode∘decode is not
+the identity, so those codes differ).
 Reference and training features are streamed by a DataLoader into a float16 cache under
 <cache-dir>/features/ (models/features.py), so a second evaluation against the same sets only reads;
 <cache-dir> is $SLIGHT_CORRUPTION_CACHE, else $XDG_CACHE_HOME/slight-corruption, else ~/.cache/slight-corruption.
@@ -293,13 +295,21 @@ def control_fidelity(images, controls_npz, run_config, tolerance):
 
 
 @torch.no_grad()
-def vq_codebook_metrics(vae, images, batch_size):
-    """Entropy (bits), perplexity and share used of the VQ codebook over the generated images."""
+def vq_codebook_metrics(vae, images, batch_size, folder, notes):
+    """Entropy (bits), perplexity and share used of the VQ codebook over the generated images: the
+    codes sample.py recorded at quantisation (<folder>/codes.npy), else those of the images re-encoded."""
     from models.vae import vq_code_indices
     counts = torch.zeros(vae.quantize.embedding.num_embeddings, dtype=torch.int64)
-    for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        counts += torch.bincount(vq_code_indices(vae, x).flatten().cpu(), minlength=len(counts))
+    codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r") if os.path.exists(os.path.join(folder, "codes.npy")) else None
+    if codes is not None and len(codes) == len(images):
+        for s in range(0, len(codes), batch_size):
+            counts += torch.bincount(torch.from_numpy(codes[s:s + batch_size].astype(np.int64)).flatten(), minlength=len(counts))
+    else:
+        notes.append(f"VQ codebook metrics of the images re-encoded ({'codes.npy holds other images' if codes is not None else 'no codes.npy'}, "
+                     "an older sample.py): not the sampled codes, as encode∘decode is not the identity")
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            counts += torch.bincount(vq_code_indices(vae, x).flatten().cpu(), minlength=len(counts))
     h, ppl, used = M.codebook_usage(counts.numpy())
     return {"vq_entropy": h, "vq_perplexity": ppl, "vq_code_usage": used}
 
@@ -383,7 +393,7 @@ def evaluate(args):
     if clip:
         out["clip"] = args.clip
     if vq is not None:
-        metrics.update(vq_codebook_metrics(vq, images, args.batch_size))
+        metrics.update(vq_codebook_metrics(vq, images, args.batch_size, folder, notes))
     adapter = ((config or {}).get("model_config") or {}).get("adapter")
     if adapter and adapter["control"] == "canny" and os.path.exists(os.path.join(folder, "controls.npz")):
         metrics["control_f1"], metrics["control_f1_chance"] = control_fidelity(

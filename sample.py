@@ -22,7 +22,9 @@ w = s - 1, inside the range the student was distilled on, at the cost of one for
 
 Writes <run>/samples/<tag>/: images/<index>.png, samples.npz (ADM evaluator layout: arr_0 uint8
 N x H x W x C, arr_1 labels), grid.png and sample_config.json (and controls.npz: each image's
-control, for evaluate.py's control fidelity).
+control, for evaluate.py's control fidelity; for a VQ latent model codes.npy, N x h x w: the codebook
+index of each latent position at quantisation, the codes the images were decoded from, for
+evaluate.py's codebook entropy, assembled from one codes/<first index>.npy per batch).
 """
 import argparse
 import json
@@ -35,7 +37,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models.common import ImageNoise, UsageError, atomic_write_json, atomic_write_text, compile_for_inference, run_main, setup_distributed
+from models.common import (ImageNoise, UsageError, atomic_write_json, atomic_write_npy, atomic_write_text, compile_for_inference, run_main,
+                           setup_distributed)
 from models.data import load_dataset
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
 from models.build import model_from_checkpoint
@@ -315,6 +318,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     shape = (model.in_channels, model.input_size, model.input_size)
     png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
+    codes_of = lambda b: os.path.join(out, "codes", f"{b.start:06d}.npy")  # noqa: E731  (VQ: a batch's codes)
     batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % world == rank and not all(os.path.exists(png(i)) for i in b)]
     net = compile_for_inference(model) if args.compile else model
@@ -335,7 +339,9 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
         if vae is not None:
-            x = decode_latents(vae, x.float())
+            x, codes = decode_latents(vae, x.float(), return_codes=True)
+            if codes is not None:  # before the PNGs: a batch whose PNGs all exist has its codes
+                atomic_write_npy(codes_of(idx), codes.cpu().numpy().astype(np.min_scalar_type(vae.quantize.embedding.num_embeddings - 1)))
         for i, arr in zip(idx, to_uint8(x)):
             save_png(png(i), arr)
     seconds = time.perf_counter() - t_start
@@ -351,6 +357,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         tmp = os.path.join(out, "samples.tmp.npz")
         np.savez(tmp, arr_0=images, arr_1=labels)
         os.replace(tmp, os.path.join(out, "samples.npz"))
+        if vae is not None and all(os.path.exists(codes_of(b)) for b in batches):  # none for KL, or images of an older sample.py
+            atomic_write_npy(os.path.join(out, "codes.npy"), np.concatenate([np.load(codes_of(b)) for b in batches]))
         if text:
             atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
         if controls is not None:  # what each image was asked to follow (evaluate.py: control fidelity)
