@@ -2,6 +2,7 @@
 statistics, and the VQ codebook entropy, each against a computation written here from the
 definitions (float64 eigh Fréchet distance, explicit codebook argmin, scipy's entropy)."""
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -135,10 +136,15 @@ def test_vq_codebook_entropy_counts_the_sampled_codes(tmp_path, monkeypatch):
         return decode_latents(vae_, z, **kw)
     from models.vae import decode_latents
     monkeypatch.setattr(sample, "decode_latents", spy)
-    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(run / "ckpt" / "model.pt"), "--num-samples", "30", "--batch-size", "16",
-                                      "--sampler", "ddim", "--steps", "4", "--cfg-scale", "1", "--tag", "s", "--device", "cpu"])
+    flags = ["--ckpt", run / "ckpt" / "model.pt", "--num-samples", "30", "--batch-size", "16", "--sampler", "ddim", "--steps", "4",
+             "--cfg-scale", "1", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, flags), "--tag", "s"])
     sample.main()
     sdir = run / "samples" / "s"
+    run_script("sample.py", [*flags, "--tag", "two"], nproc=2)  # batch 1 on rank 1: its codes file, merged by rank 0
+    assert (run / "samples" / "two" / "codes.npy").read_bytes() == (sdir / "codes.npy").read_bytes()
+    assert sorted(p.name for p in (sdir / "codes").iterdir()) == ["000000.npy", "000016.npy"]
+    shutil.rmtree(run / "samples" / "two")  # one sample folder for --compare
     # direct: nearest codebook entry of every sampled latent position by explicit float64 distances
     h = torch.cat(latents).permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
     codebook = vae.quantize.embedding.weight.detach().double().numpy()
