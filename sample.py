@@ -20,6 +20,12 @@ w = s - 1, inside the range the student was distilled on, at the cost of one for
 
     python sample.py --run out/<lcm run> --sampler lcm --steps 4 --cfg-scale 3
 
+Released diffusers pipelines (the paper's DiffusionNoise/* on the hub, or a pipeline folder) are
+converted to our networks and sampled the same way, into <out-dir>/<name>/samples/<tag>
+(models/pretrained.py; the pipeline's scheduler sets the β schedule and timestep grid):
+
+    python sample.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --num-samples 50000 --cfg-scale 1.75
+
 Writes <run>/samples/<tag>/: images/<index>.png, samples.npz (ADM evaluator layout: arr_0 uint8
 N x H x W x C, arr_1 labels), grid.png and sample_config.json (and controls.npz: each image's
 control, for evaluate.py's control fidelity).
@@ -52,7 +58,7 @@ def get_parser():
     a("--pretrained", default=None, metavar="SPEC", help="a released diffusers pipeline instead of --run: a folder or hub id "
       "(DiTPipeline, the authors' LDMClassToImagePipeline, LDMTextToImagePipeline; e.g. DiffusionNoise/dit-xl-2_imagenet_clean), "
       "converted to our networks; its scheduler gives the β schedule and the sampler's timesteps")
-    a("--out-dir", default="out", help="--pretrained: samples go to <out-dir>/<pipeline name>/samples/<tag>")
+    a("--out-dir", default="out", help="--pretrained: samples go to <out-dir>/<the folder's or hub id's last part>/samples/<tag>")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     a("--sampler", default="dpm-solver++", choices=SAMPLERS, help="the paper's default is DPM-Solver++ with 50 steps; "
       "lcm: multistep consistency sampling of a finetune.py --method lcm run")
@@ -141,8 +147,7 @@ def load_pretrained_model(args):
     except ValueError as e:
         raise UsageError(f"--pretrained {args.pretrained}: scheduler: {e}")
     ckpt["diffusion"], args.vae, args.pipeline_vae, args.plan = plan.pop("diffusion"), ckpt["config"]["vae"], vae, plan
-    name = os.path.basename(os.path.normpath(args.pretrained)) if os.path.isdir(args.pretrained) else args.pretrained.replace("/", "_")
-    return model, ckpt, os.path.join(args.out_dir, name), folder
+    return model, ckpt, os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.pretrained))), folder
 
 
 def load_model(args):
