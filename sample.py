@@ -305,7 +305,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
               "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed, "noise": "pcg64-box-muller",
               "control": os.path.abspath(args.control) if args.control else None,
               "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {}),
-              "diffusion": {**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})}, **({"scheduler": args.plan} if args.pretrained else {})}
+              "diffusion": {**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})},
+              **({"scheduler": args.plan} if args.pretrained else {})}  # a pipeline's scheduler, converted
     config_path = os.path.join(out, "sample_config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -326,7 +327,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     model.to(device)
     plan = args.plan if args.pretrained else {}  # a pipeline's scheduler: its grid, clipping and variance
     learned = plan.get("learned_variance")
-    diffusion = GaussianDiffusion.from_config(ckpt.get("diffusion"), learn_sigma=model.learn_sigma if learned is None else learned and model.learn_sigma)
+    learn_sigma = model.learn_sigma if learned is None else learned and model.learn_sigma
+    diffusion = GaussianDiffusion.from_config(ckpt.get("diffusion"), learn_sigma=learn_sigma)  # the run's (pipeline's) schedule
     sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised or plan.get("clip", False),
                       lcm_skip=ckpt["config"]["lcm_skip"] if args.lcm else 20, grid=plan.get("grid"))
     text = model.num_classes == 0

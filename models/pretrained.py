@@ -128,7 +128,7 @@ def read_components(folder):
         if name not in wanted and not (kind == "LDMClassToImagePipeline" and cls == CLASS_EMBEDDER):
             refuse(folder, "model_index.json", f"component '{name}' ({cls}) not understood by a {kind}")
         accepted = wanted.get(name, (CLASS_EMBEDDER,))
-        if accepted is None and not str(cls).endswith("Scheduler") or accepted is not None and cls not in accepted:
+        if (not str(cls).endswith("Scheduler")) if accepted is None else cls not in accepted:
             refuse(folder, name, f"class {cls} is not supported (supported: {', '.join(accepted or ('a diffusers scheduler',))})")
         found[name] = cls
     missing = [n for n in wanted if n not in found]

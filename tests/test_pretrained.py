@@ -13,7 +13,6 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 diffusers = pytest.importorskip("diffusers")
@@ -109,7 +108,8 @@ def test_matches_the_diffusers_pipeline(pipes, tmp_path, name):
         for scale in SCALES:
             assert_same_images(ours[scale], reference(folder, pipe, kind, scale), (name, kind, scale))
         assert np.abs(ours[1.0].astype(int) - ours[3.0]).mean() > 0.25  # guidance changes the images
-    config = json.loads((tmp_path / "ddim" / folder.name / "samples" / f"ddim{STEPS}_cfg3_n{N}_seed{SEED}" / "sample_config.json").read_text())
+    saved = tmp_path / "ddim" / folder.name / "samples" / f"ddim{STEPS}_cfg3_n{N}_seed{SEED}" / "sample_config.json"
+    config = json.loads(saved.read_text())
     assert config["run_config"]["pretrained"] == str(folder) and config["checkpoint"] == str(folder.resolve())
     assert config["scheduler"]["grid"][0] == ([750, 500, 250, 0] if name == "dit" else [751, 501, 251, 1])  # DDIM 'leading'
 
@@ -163,8 +163,9 @@ def test_scheduler_grids_are_diffusers():
     plan = scheduler_grid(dict(clip_sample=True, variance_type="learned_range"), "ddpm", 10)
     assert plan["clip"] and plan["learned_variance"] and plan["diffusion"]["schedule"] == "linear"
     assert scheduler_grid({"clip_sample": True}, "dpm-solver++", 10)["clip"] is False  # DPM-Solver has no clip_sample
-    for cfg, kind, key in ((dict(prediction_type="v_prediction"), "ddim", "prediction_type"), ({"use_karras_sigmas": True}, "dpm-solver++", "use_karras_sigmas"),
-                           (dict(beta_schedule="squaredcos_cap_v2"), "ddim", "beta_schedule"), ({}, "lcm", "--sampler lcm")):
+    for cfg, kind, key in ((dict(prediction_type="v_prediction"), "ddim", "prediction_type"), ({}, "lcm", "--sampler lcm"),
+                           ({"use_karras_sigmas": True}, "dpm-solver++", "use_karras_sigmas"),
+                           (dict(beta_schedule="squaredcos_cap_v2"), "ddim", "beta_schedule")):
         with pytest.raises(ValueError, match=key):
             scheduler_grid(cfg, kind, 10)
 
@@ -183,15 +184,18 @@ def test_bad_pipelines_are_refused_in_one_line(pipes, tmp_path, monkeypatch):
     cases = [
         (tmp_path, "no model_index.json"),
         ("nobody/no-such-pipeline", "could not be fetched"),
-        (edited(cls, tmp_path / "sd", "model_index.json", lambda c: c.update(_class_name="StableDiffusionPipeline")), "'StableDiffusionPipeline' is not supported"),
+        (edited(cls, tmp_path / "sd", "model_index.json", lambda c: c.update(_class_name="StableDiffusionPipeline")),
+         "'StableDiffusionPipeline' is not supported"),
         (edited(cls, tmp_path / "noemb", "model_index.json", lambda c: c.pop("class_embedder")), "lacks a ClassEmbedder"),
         (edited(cls, tmp_path / "extra", "model_index.json", lambda c: c.update(text_encoder=["transformers", "CLIPTextModel"])),
          "component 'text_encoder' (CLIPTextModel) not understood"),
         (edited(cls, tmp_path / "unetkey", "unet/config.json", lambda c: c.update(class_embed_type="timestep")),
          "unet: config class_embed_type='timestep' is not supported"),
         (edited(cls, tmp_path / "unetnew", "unet/config.json", lambda c: c.update(new_feature=1)), "unet: config key 'new_feature' not understood"),
-        (edited(cls, tmp_path / "embkey", "class_embedder/config.json", lambda c: c.update(n_dims=2)), "class_embedder: config key 'n_dims' not understood"),
-        (edited(dit, tmp_path / "ditkey", "transformer/config.json", lambda c: c.update(norm_type="ada_norm_single")), "transformer: config norm_type"),
+        (edited(cls, tmp_path / "embkey", "class_embedder/config.json", lambda c: c.update(n_dims=2)),
+         "class_embedder: config key 'n_dims' not understood"),
+        (edited(dit, tmp_path / "ditkey", "transformer/config.json", lambda c: c.update(norm_type="ada_norm_single")),
+         "transformer: config norm_type"),
         (edited(cls, tmp_path / "vqkey", "vqvae/config.json", lambda c: c.update(norm_type="spatial")), "vqvae: VQModel: config norm_type"),
     ]
     shutil.rmtree(tmp_path / "noemb" / "class_embedder")
@@ -209,3 +213,14 @@ def test_bad_pipelines_are_refused_in_one_line(pipes, tmp_path, monkeypatch):
             pytest.raises(UsageError, match="needs --prompts"):
         sample.main()
     assert not (tmp_path / "out").exists()
+
+
+def test_legacy_transformer2d_layout_loads(pipes, tmp_path):
+    """facebook/DiT-XL-2-256's layout: a Transformer2DModel with its extra keys at their DiT values."""
+    folder = edited(pipes["dit"][0], tmp_path / "legacy", "transformer/config.json", lambda c: c.update(
+        _class_name="Transformer2DModel", cross_attention_dim=None, num_vector_embeds=None, use_linear_projection=False,
+        only_cross_attention=False, double_self_attention=False, attention_type="default", caption_channels=None, interpolation_scale=None))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers", "Transformer2DModel"]}))
+    model, _, ckpt, _ = load_pretrained(str(folder))
+    assert ckpt["model_config"]["name"] == "DiTPipeline:Transformer2DModel" and model.num_classes == 1000 and model.learn_sigma
