@@ -21,6 +21,10 @@ Feature networks (--features)
   (inception-2015-12-05.pt; --inception PATH): pool3 for FID / KID / precision-recall / TopP&R,
   softmax without output bias for IS, mixed_6/conv[..., :7] for sFID (as the ADM evaluator).
 - clip: the --clip model's image embeddings for everything (suffix _clip).
+- dinov2: FD-DINOv2 (Stein et al. 2023; EDM2 reports it), the Fréchet distance in DINOv2 ViT-L/14 features
+  (timm's vit_large_patch14_dinov2.lvd142m, --dinov2 for another name or a local folder) as fd_dinov2, with
+  dgm-eval's preprocessing (bicubic resize to 224, ImageNet mean / std) and its CLS token; the other
+  metrics in that space carry the suffix _dinov2.
 Against the reference set (--ref: the dataset's test split by default, a folder, or an .npz with
 arr_0 uint8 NHWC images and/or ADM's precomputed mu / sigma / mu_s / sigma_s): FID, sFID, KID,
 IS (10 splits), precision / recall (k = 3), density / coverage (k = 5), TopP&R precision / recall
@@ -28,8 +32,10 @@ IS (10 splits), precision / recall (k = 3), density / coverage (k = 5), TopP&R p
 memorisation ratio (nearest training image closer than --mem-threshold on L2-normalised features;
 0.12 is the paper's value for CLIP) and mean within-class distance; with --clip in CLIP space.
 Runs on VQ latents (their --vae is a VQModel): vq_entropy, the entropy in bits of the codebook
-indices of the generated images re-encoded by that autoencoder (all images and positions), with
-vq_perplexity = 2^H and vq_code_usage, the share of codes used.
+indices the sampled latents were quantised to (codes.npy, recorded by sample.py; all images and
+positions), with vq_perplexity = 2^H and vq_code_usage, the share of codes used. Folders of an older
+sample.py have no codes.npy: their images are re-encoded instead, with a note (encode∘decode is not
+the identity, so those codes differ).
 Reference and training features are streamed by a DataLoader into a float16 cache under
 <cache-dir>/features/ (models/features.py), so a second evaluation against the same sets only reads;
 <cache-dir> is $SLIGHT_CORRUPTION_CACHE, else $XDG_CACHE_HOME/slight-corruption, else ~/.cache/slight-corruption.
@@ -51,8 +57,8 @@ from models.classifier import SHIPPED_CLASSIFIERS, load_or_train_classifier
 from models.common import UsageError, atomic_write_json, run_main
 from models.controls import canny, edge_f1
 from models.data import FASHION_MNIST_CLASSES, load_dataset, read_class_list
-from models.features import (AutoencoderNet, ClipNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached, dataset_images,
-                             default_cache_dir, extract, folder_files, npz_member, source_identity)
+from models.features import (DINOV2, AutoencoderNet, ClipNet, DinoNet, FileImages, FmnistNet, InceptionNet, NpzStream, cached,
+                             dataset_images, default_cache_dir, extract, folder_files, npz_member, source_identity)
 from models.runs import check_writable
 
 ADM_STATS = {"feat": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # keys of precomputed reference statistics
@@ -63,8 +69,10 @@ def get_parser():
     a = p.add_argument
     a("--samples", default=None, help="a sample.py folder, a folder of images, or an .npz (arr_0 uint8 NHWC, arr_1 labels)")
     a("--ref", default=None, help="reference images: fashion-mnist (test split; default), a folder, an .npz (arr_0 and/or mu, sigma, mu_s, sigma_s)")
-    a("--features", default="auto", choices=("auto", "fmnist", "inception", "clip"))
+    a("--features", default="auto", choices=("auto", "fmnist", "inception", "clip", "dinov2"))
     a("--inception", default=None, help="path of inception-2015-12-05.pt (default: clean-fid's cache, else download)")
+    a("--dinov2", default=None, metavar="MODEL", help=f"--features dinov2: a timm model name with pretrained weights (default {DINOV2}, "
+      "downloaded, or from the Hugging Face cache) or a folder of its hub files (config.json naming the architecture, model.safetensors)")
     a("--data-path", default=None, help="Fashion-MNIST IDX folder (default: the run's, else Debian's copy)")
     a("--train-data", default=None, help="training set of the diversity metrics: an ImageFolder (class sub-folders); default: the run's")
     a("--image-size", type=int, default=None, help="centre-crop size of --train-data images (default: the samples' size)")
@@ -199,12 +207,12 @@ def clip_score(image_feats, text_feats):
     return float(np.maximum(100 * (image_feats * text_feats).sum(axis=1), 0).mean())
 
 
-def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes, full=True):
-    """FID / sFID from the Gaussians (precomputed ones from an ADM .npz first, as its evaluator
-    does), the k-NN metrics and, when `full`, KID and TopP&R against the reference features (a
-    memmap) when there are reference images."""
+def reference_metrics(gen, gen_stats, ref_feats, ref_stats, pre, suffix, notes, full=True, fd="fid"):
+    """FID (named `fd`: fd_dinov2) / sFID from the Gaussians (precomputed ones from an ADM .npz first,
+    as its evaluator does), the k-NN metrics and, when `full`, KID and TopP&R against the reference
+    features (a memmap) when there are reference images."""
     m = {}
-    for kind, name in (("feat", "fid"), ("spatial", "sfid")):
+    for kind, name in (("feat", fd), ("spatial", "sfid")):
         ref_gauss = pre.get(kind) or (ref_stats[kind].mean_cov() if kind in ref_stats else None)
         if kind in gen_stats and ref_gauss is not None:
             m[name + suffix] = M.frechet_distance(*gen_stats[kind].mean_cov(), *ref_gauss)
@@ -239,7 +247,7 @@ def space_metrics(spaces, refs, images, pre, notes, kw, labels=None):
     for net, suffix, full in spaces:
         out, stats = extract(net, images, keep=("feat", "logits"), stats=("feat", "spatial"), **kw)
         feats[net.name] = out["feat"]
-        m.update(reference_metrics(out["feat"], stats, *refs[net.name], pre, suffix, notes, full))
+        m.update(reference_metrics(out["feat"], stats, *refs[net.name], pre, suffix, notes, full, getattr(net, "frechet", "fid")))
         if "logits" in out:
             m["is" + suffix], _ = M.inception_score(out["logits"], splits=min(10, len(out["logits"])))
             if labels is not None:
@@ -293,13 +301,21 @@ def control_fidelity(images, controls_npz, run_config, tolerance):
 
 
 @torch.no_grad()
-def vq_codebook_metrics(vae, images, batch_size):
-    """Entropy (bits), perplexity and share used of the VQ codebook over the generated images."""
+def vq_codebook_metrics(vae, images, batch_size, folder, notes):
+    """Entropy (bits), perplexity and share used of the VQ codebook over the generated images: the
+    codes sample.py recorded at quantisation (<folder>/codes.npy), else those of the images re-encoded."""
     from models.vae import vq_code_indices
     counts = torch.zeros(vae.quantize.embedding.num_embeddings, dtype=torch.int64)
-    for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        counts += torch.bincount(vq_code_indices(vae, x).flatten().cpu(), minlength=len(counts))
+    codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r") if os.path.exists(os.path.join(folder, "codes.npy")) else None
+    if codes is not None and len(codes) == len(images):
+        for s in range(0, len(codes), batch_size):
+            counts += torch.bincount(torch.from_numpy(codes[s:s + batch_size].astype(np.int64)).flatten(), minlength=len(counts))
+    else:
+        notes.append(f"VQ codebook metrics of the images re-encoded ({'codes.npy holds other images' if codes is not None else 'no codes.npy'}, "
+                     "an older sample.py): not the sampled codes, as encode∘decode is not the identity")
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            counts += torch.bincount(vq_code_indices(vae, x).flatten().cpu(), minlength=len(counts))
     h, ppl, used = M.codebook_usage(counts.numpy())
     return {"vq_entropy": h, "vq_perplexity": ppl, "vq_code_usage": used}
 
@@ -322,6 +338,9 @@ def evaluate(args):
     if pre and features != "inception":
         raise UsageError(f"--ref {args.ref}: precomputed mu/sigma are Inception statistics; use --features inception")
     clip = ClipNet(args.clip, device) if args.clip else None  # fail early, before the slow part
+    if args.dinov2 and features != "dinov2":
+        raise UsageError(f"--dinov2 names the network of --features dinov2, not of --features {features}")
+    dino = DinoNet(args.dinov2 or DINOV2, device) if features == "dinov2" else None
     if features == "clip" and clip is None:
         raise UsageError("--features clip needs --clip MODEL")
     if args.train_data and not os.path.isdir(args.train_data):
@@ -346,7 +365,7 @@ def evaluate(args):
     elif features == "inception":
         net, suffix = InceptionNet(inception_path(args.inception), device), ""
     else:
-        net, suffix = clip, "_clip"
+        net, suffix = (dino, "_dinov2") if features == "dinov2" else (clip, "_clip")
     # feature spaces of the reference-set metrics: (network, suffix, with KID and TopP&R); with the
     # fmnist classifier also the label-free autoencoder's (FID and the k-NN metrics)
     spaces = [(net, suffix, True)] + ([(AutoencoderNet(encoder), "_ae", False)] if features == "fmnist" else [])
@@ -382,8 +401,10 @@ def evaluate(args):
         metrics["clip_score"] = clip_score(g.astype(np.float64), clip.text_features(prompts))
     if clip:
         out["clip"] = args.clip
+    if dino:
+        out["dinov2"] = args.dinov2 or DINOV2
     if vq is not None:
-        metrics.update(vq_codebook_metrics(vq, images, args.batch_size))
+        metrics.update(vq_codebook_metrics(vq, images, args.batch_size, folder, notes))
     adapter = ((config or {}).get("model_config") or {}).get("adapter")
     if adapter and adapter["control"] == "canny" and os.path.exists(os.path.join(folder, "controls.npz")):
         metrics["control_f1"], metrics["control_f1_chance"] = control_fidelity(

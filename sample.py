@@ -20,9 +20,17 @@ w = s - 1, inside the range the student was distilled on, at the cost of one for
 
     python sample.py --run out/<lcm run> --sampler lcm --steps 4 --cfg-scale 3
 
+Released diffusers pipelines (the paper's DiffusionNoise/* on the hub, or a pipeline folder) are
+converted to our networks and sampled the same way, into <out-dir>/<name>/samples/<tag>
+(models/pretrained.py; the pipeline's scheduler sets the β schedule and timestep grid):
+
+    python sample.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --num-samples 50000 --cfg-scale 1.75
+
 Writes <run>/samples/<tag>/: images/<index>.png, samples.npz (ADM evaluator layout: arr_0 uint8
 N x H x W x C, arr_1 labels), grid.png and sample_config.json (and controls.npz: each image's
-control, for evaluate.py's control fidelity).
+control, for evaluate.py's control fidelity; for a VQ latent model codes.npy, N x h x w: the codebook
+index of each latent position at quantisation, the codes the images were decoded from, for
+evaluate.py's codebook entropy, assembled from one codes/<first index>.npy per batch).
 """
 import argparse
 import json
@@ -35,7 +43,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models.common import ImageNoise, UsageError, atomic_write_json, atomic_write_text, compile_for_inference, run_main, setup_distributed
+from models.common import (ImageNoise, UsageError, atomic_write_json, atomic_write_npy, atomic_write_text, compile_for_inference, run_main,
+                           setup_distributed)
 from models.data import load_dataset
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
 from models.build import model_from_checkpoint
@@ -49,6 +58,10 @@ def get_parser():
     a = p.add_argument
     a("--run", "--run-dir", dest="run", default=None, help="run directory (<out-dir>/<run>); uses ckpt/last.pt")
     a("--ckpt", default=None, help="a checkpoint file instead of --run (samples go next to its run)")
+    a("--pretrained", default=None, metavar="SPEC", help="a released diffusers pipeline instead of --run: a folder or hub id "
+      "(DiTPipeline, the authors' LDMClassToImagePipeline, LDMTextToImagePipeline; e.g. DiffusionNoise/dit-xl-2_imagenet_clean), "
+      "converted to our networks; its scheduler gives the β schedule and the sampler's timesteps")
+    a("--out-dir", default="out", help="--pretrained: samples go to <out-dir>/<the folder's or hub id's last part>/samples/<tag>")
     a("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     a("--sampler", default="dpm-solver++", choices=SAMPLERS, help="the paper's default is DPM-Solver++ with 50 steps; "
       "lcm: multistep consistency sampling of a finetune.py --method lcm run")
@@ -126,7 +139,23 @@ def read_controls(folder, model):
     return np.stack(maps), np.array([label for label, _ in entries], dtype=np.int64), captions
 
 
+def load_pretrained_model(args):
+    """--pretrained: our networks converted from a diffusers pipeline; samples go under <out-dir>/<its name>."""
+    from models.pretrained import load_pretrained, scheduler_grid
+    if args.run or args.ckpt or args.vae or args.control or args.no_ema:
+        raise UsageError("--pretrained takes none of --run, --ckpt, --vae, --control, --no-ema")
+    model, vae, ckpt, folder = load_pretrained(args.pretrained)
+    try:
+        plan = scheduler_grid(ckpt.pop("scheduler"), args.sampler, args.steps)
+    except ValueError as e:
+        raise UsageError(f"--pretrained {args.pretrained}: scheduler: {e}")
+    ckpt["diffusion"], args.vae, args.pipeline_vae, args.plan = plan.pop("diffusion"), ckpt["config"]["vae"], vae, plan
+    return model, ckpt, os.path.join(args.out_dir, os.path.basename(os.path.normpath(args.pretrained))), folder
+
+
 def load_model(args):
+    if args.pretrained:
+        return load_pretrained_model(args)
     path = args.ckpt or (os.path.join(args.run, "ckpt", "last.pt") if args.run else None)
     if path is None:
         raise UsageError("pass --run <out-dir>/<run> or --ckpt <file>")
@@ -215,7 +244,7 @@ def main():
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     model, ckpt, run_dir, ckpt_path = load_model(args)
-    check_writable(os.path.join(run_dir, "samples"), "--run" if args.run else "--ckpt")
+    check_writable(os.path.join(run_dir, "samples"), "--out-dir" if args.pretrained else "--run" if args.run else "--ckpt")
     num_classes = model.num_classes
     args.control_maps = args.control_labels = captions = None
     if args.control:
@@ -257,7 +286,8 @@ def main():
 
     rank, world, device = setup_distributed(args.device)
     try:
-        vae = open_vae(args.vae, device) if args.vae else None  # a bad --vae fails before anything is written
+        vae = open_vae(args.vae, device) if args.vae and not args.pretrained else None  # a bad --vae fails before anything is written
+        vae = args.pipeline_vae.to(device) if args.pretrained else vae
         for scale in scales:
             sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, world, device)
     finally:
@@ -278,7 +308,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
               "class": args.class_label, "batch_size": args.batch_size, "seed": args.seed, "noise": "pcg64-box-muller",
               "control": os.path.abspath(args.control) if args.control else None,
               "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {}),
-              "diffusion": {**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})}}
+              "diffusion": {**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})},
+              **({"scheduler": args.plan} if args.pretrained else {})}  # a pipeline's scheduler, converted
     config_path = os.path.join(out, "sample_config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -297,9 +328,12 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         dist.barrier()
 
     model.to(device)
-    diffusion = GaussianDiffusion.from_config(ckpt.get("diffusion"), learn_sigma=model.learn_sigma)  # the run's schedule
-    sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised,
-                      lcm_skip=ckpt["config"]["lcm_skip"] if args.lcm else 20)
+    plan = args.plan if args.pretrained else {}  # a pipeline's scheduler: its grid, clipping and variance
+    learned = plan.get("learned_variance")
+    learn_sigma = model.learn_sigma if learned is None else learned and model.learn_sigma
+    diffusion = GaussianDiffusion.from_config(ckpt.get("diffusion"), learn_sigma=learn_sigma)  # the run's (pipeline's) schedule
+    sampler = Sampler(diffusion, args.sampler, args.steps, args.ddim_eta, args.clip_denoised or plan.get("clip", False),
+                      lcm_skip=ckpt["config"]["lcm_skip"] if args.lcm else 20, grid=plan.get("grid"))
     text = model.num_classes == 0
     if text:  # image i gets prompt i mod P; its label (held-out class, or -1) goes to arr_1
         prompts = [args.prompt_list[i % len(args.prompt_list)] for i in range(args.num_samples)]
@@ -315,6 +349,7 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     shape = (model.in_channels, model.input_size, model.input_size)
     png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
+    codes_of = lambda b: os.path.join(out, "codes", f"{b.start:06d}.npy")  # noqa: E731  (VQ: a batch's codes)
     batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % world == rank and not all(os.path.exists(png(i)) for i in b)]
     net = compile_for_inference(model) if args.compile else model
@@ -335,7 +370,9 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
         if vae is not None:
-            x = decode_latents(vae, x.float())
+            x, codes = decode_latents(vae, x.float(), return_codes=True)
+            if codes is not None:  # before the PNGs: a batch whose PNGs all exist has its codes
+                atomic_write_npy(codes_of(idx), codes.cpu().numpy().astype(np.min_scalar_type(vae.quantize.embedding.num_embeddings - 1)))
         for i, arr in zip(idx, to_uint8(x)):
             save_png(png(i), arr)
     seconds = time.perf_counter() - t_start
@@ -351,6 +388,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         tmp = os.path.join(out, "samples.tmp.npz")
         np.savez(tmp, arr_0=images, arr_1=labels)
         os.replace(tmp, os.path.join(out, "samples.npz"))
+        if vae is not None and all(os.path.exists(codes_of(b)) for b in batches):  # none for KL, or images of an older sample.py
+            atomic_write_npy(os.path.join(out, "codes.npy"), np.concatenate([np.load(codes_of(b)) for b in batches]))
         if text:
             atomic_write_text(os.path.join(out, "prompts.txt"), "\n".join(prompts) + "\n")
         if controls is not None:  # what each image was asked to follow (evaluate.py: control fidelity)

@@ -80,6 +80,10 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def atomic_write_npy(path, array):
+    _atomic_write(path, lambda f: np.save(f, array))
+
+
 def atomic_torch_save(path, obj):
     _atomic_write(path, lambda f: torch.save(obj, f))
 

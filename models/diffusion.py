@@ -285,20 +285,27 @@ def classifier_free_guidance(model, cond, null_cond, scale, guided_channels=None
 class Sampler:
     """Reverse process on a subsequence of timesteps. model_fn(x, t) returns ε̂ (and the variance
     channels for learn_sigma models); noise_fn() returns fresh N(0, I) noise shaped like x (the
-    caller decides where it comes from, e.g. one generator per image)."""
+    caller decides where it comes from, e.g. one generator per image).
+    A diffusers scheduler's grid (models/pretrained.py) replaces the sampler's own: `grid` =
+    (timesteps, the timestep each step goes to (< 0: the end), ᾱ at the end (DDIM's set_alpha_to_one
+    False: ᾱ_0))."""
 
-    def __init__(self, diffusion, kind="dpm-solver++", steps=50, ddim_eta=0.0, clip_denoised=False, lcm_skip=20):
+    def __init__(self, diffusion, kind="dpm-solver++", steps=50, ddim_eta=0.0, clip_denoised=False, lcm_skip=20, grid=None):
         if kind not in SAMPLERS:
             raise ValueError(f"unknown sampler '{kind}'; choose one of {SAMPLERS}")
         self.d, self.kind, self.eta, self.clip = diffusion, kind, ddim_eta, clip_denoised
         T = diffusion.num_timesteps
+        if grid is not None:
+            self.timesteps, self.next_timesteps, self.final_alpha_bar = list(grid[0]), list(grid[1]), float(grid[2])
+            return
         if kind == "lcm":  # model_fn: a consistency-distilled student (its guidance weight built in)
             self.timesteps = lcm_timesteps(T, lcm_skip, steps)
         else:
             self.timesteps = dpm_solver_timesteps(T, steps) if kind == "dpm-solver++" else spaced_timesteps(T, steps)
+        self.next_timesteps, self.final_alpha_bar = self.timesteps[1:] + [-1], 1.0
 
     def alpha_bar(self, t):
-        return 1.0 if t < 0 else float(self.d.alphas_cumprod[t])
+        return self.final_alpha_bar if t < 0 else float(self.d.alphas_cumprod[t])
 
     def predict(self, model_fn, x, t):
         out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
@@ -365,7 +372,7 @@ class Sampler:
         ts = self.timesteps
         x0_prev = None
         for i in (progress(range(len(ts))) if progress else range(len(ts))):
-            t, t_next = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+            t, t_next = ts[i], self.next_timesteps[i]
             x0, eps, v = self.predict(model_fn, x, t)
             if self.kind == "ddpm":
                 x = self.ddpm_step(x, x0, v, t, t_next, noise_fn() if t_next >= 0 else None)

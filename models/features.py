@@ -259,6 +259,73 @@ class InceptionNet:
         return out
 
 
+DINOV2 = "vit_large_patch14_dinov2.lvd142m"  # timm's name of DINOv2 ViT-L/14 (Oquab et al. 2023), FD-DINOv2's network
+DINOV2_SIZE = 224  # dgm-eval's input size (the network was trained up to 518)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def dinov2_input(x, size=DINOV2_SIZE):
+    """uint8 NHWC -> DINOv2's input as Stein et al.'s dgm-eval makes it (dgm_eval/models/dinov2.py:
+    torchvision Resize((224, 224), bicubic) on the PIL image, ToTensor, Normalize(ImageNet mean, std)):
+    each image as RGB (grey replicated, as its loaders' convert('RGB')), PIL's bicubic resize of the
+    uint8 image, / 255, ImageNet mean / std. On square images this is timm's own eval transform at that
+    size (Resize of the shorter side + CenterCrop, crop_pct 1.0; tests/test_dinov2.py); a non-square
+    image dgm-eval squeezes and timm crops: we follow dgm-eval."""
+    rgb = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in x.numpy()]
+    t = torch.from_numpy(np.stack([np.asarray(im.resize((size, size), Image.BICUBIC)) for im in rgb])).permute(0, 3, 1, 2).float() / 255
+    return (t - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def load_dinov2(spec, size=DINOV2_SIZE):
+    """timm's DINOv2 ViT for size x size inputs (timm resamples the 37 x 37 position embedding of the
+    518-pixel checkpoint once, antialiased bicubic; the torch.hub model dgm-eval loads interpolates it at
+    run time, so features agree closely, not bit for bit). spec: a timm model name with pretrained
+    weights (downloaded by timm, or from the Hugging Face cache offline), or a folder in timm's hub
+    layout: config.json naming the "architecture" (+ optional "model_args") and model.safetensors or
+    pytorch_model.bin (e.g. the files of hf.co/timm/vit_large_patch14_dinov2.lvd142m)."""
+    try:
+        import timm
+    except ImportError:
+        raise UsageError("--features dinov2 needs timm (pip install -r requirements.txt)")
+    name, kw = spec, {}
+    if os.path.exists(spec):
+        config = os.path.join(spec, "config.json")
+        weights = [os.path.join(spec, w) for w in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(spec, w))]
+        if not os.path.isfile(config) or not weights:
+            raise UsageError(f"--dinov2 {spec}: expected a folder with config.json and model.safetensors (or pytorch_model.bin)")
+        with open(config) as f:
+            config = json.load(f)
+        if "architecture" not in config:
+            raise UsageError(f"--dinov2 {spec}: config.json names no \"architecture\"")
+        name, kw = config["architecture"], dict(config.get("model_args") or {}, pretrained_cfg_overlay={"file": weights[0]})
+    try:
+        model = timm.create_model(name, pretrained=True, **{**kw, "img_size": size, "num_classes": 0})
+    except Exception as e:  # noqa: BLE001  (offline, unknown name, weights of another shape)
+        raise UsageError(f"cannot load DINOv2 weights {spec} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "offline, pass --dinov2 FOLDER (timm's hub files) or use --features fmnist")
+    if getattr(model, "global_pool", None) != "token":
+        raise UsageError(f"--dinov2 {spec}: the feature is the CLS token; this model pools '{getattr(model, 'global_pool', None)}'")
+    return model.eval()
+
+
+class DinoNet:
+    """DINOv2 features for FD-DINOv2 (Stein et al., NeurIPS 2023, "Exposing flaws of generative model
+    evaluation metrics"; EDM2 reports it): feat = the CLS token after the final norm (1024-d for ViT-L),
+    what dgm-eval takes (the hub model's forward with an identity head); input as `dinov2_input`.
+    Its Fréchet distance is reported as fd_dinov2, the field's name, beside the other metrics (_dinov2)."""
+    name = "dinov2"
+    frechet = "fd"
+
+    def __init__(self, spec, device, size=DINOV2_SIZE):
+        self.model, self.device, self.size = load_dinov2(spec, size).to(device), device, size
+        self.digest = module_digest(self.model, f"dgm-eval: PIL bicubic {size}, ImageNet mean/std, CLS token")
+
+    @torch.no_grad()
+    def __call__(self, x):
+        tokens = self.model.forward_features(dinov2_input(x, self.size).to(self.device))
+        return {"feat": self.model.forward_head(tokens, pre_logits=True).float().cpu()}
+
+
 class ClipNet:
     """CLIP image embeddings, L2-normalised (the paper's space for RMD / top-5 L2 / memorisation;
     with --features clip also for FID and the rest, suffix _clip). The image processor (resize,

@@ -61,12 +61,45 @@ def dit_state_dict_from_diffusers(sd, sample_size=32):
     return out
 
 
+def check_keys(cfg, shape_keys, only):
+    """A diffusers config against what our network reproduces: every key is read for the shape (or only
+    changes numerics), or `only` lists the values we have. ValueError naming the first other key."""
+    for key, value in cfg.items():
+        if key.startswith("_") or key in shape_keys:
+            continue
+        if key not in only:
+            raise ValueError(f"config key '{key}' not understood")
+        if value not in only[key]:
+            raise ValueError(f"config {key}={value!r} is not supported (only {', '.join(map(repr, only[key]))})")
+
+
+# UNet2DConditionModel keys: read for the shape (or numerics only: dropout, attention upcasting), or the
+# only value models/unet.py has (diffusers' defaults: SD's and LDM's U-Nets)
+UNET_SHAPE_KEYS = {"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                   "layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim", "norm_num_groups",
+                   "transformer_layers_per_block", "mid_block_type", "time_cond_proj_dim", "use_linear_projection", "upcast_attention",
+                   "dropout", "addition_embed_type_num_heads"}
+UNET_ONLY = dict(center_input_sample=(False,), flip_sin_to_cos=(True,), freq_shift=(0,), only_cross_attention=(False,), downsample_padding=(1,),
+                 mid_block_scale_factor=(1,), act_fn=("silu", "swish"), norm_eps=(1e-5,), reverse_transformer_layers_per_block=(None,),
+                 encoder_hid_dim=(None,), encoder_hid_dim_type=(None,), dual_cross_attention=(False,), class_embed_type=(None,),
+                 addition_embed_type=(None,), addition_time_embed_dim=(None,), num_class_embeds=(None,), resnet_time_scale_shift=("default",),
+                 resnet_skip_time_act=(False,), resnet_out_scale_factor=(1.0,), time_embedding_type=("positional",), time_embedding_dim=(None,),
+                 time_embedding_act_fn=(None,), timestep_post_act=(None,), conv_in_kernel=(3,), conv_out_kernel=(3,),
+                 projection_class_embeddings_input_dim=(None,), attention_type=("default",), class_embeddings_concat=(False,),
+                 mid_block_only_cross_attention=(None, False), cross_attention_norm=(None,))
+
+
 def unet_config_from_diffusers(cfg):
-    """UNet(...) keywords for a diffusers UNet2DConditionModel config.json (a dict). ValueError for a
-    layout this U-Net does not have (SDXL's added embeddings, class embeddings, uneven heads, ...)."""
-    unsupported = [k for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "num_class_embeds") if cfg.get(k)]
-    if unsupported or cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"a UNet2DConditionModel with {unsupported or cfg.get('mid_block_type')} is not supported")
+    """UNet(...) keywords for a diffusers UNet2DConditionModel config.json (a dict). ValueError naming
+    the key of a layout this U-Net does not have (SDXL's added embeddings, class embeddings, uneven heads, ...)."""
+    check_keys(cfg, UNET_SHAPE_KEYS, UNET_ONLY)
+    if cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"config mid_block_type={cfg.get('mid_block_type')!r} is not supported")
+    kinds = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    down = list(cfg.get("down_block_types", []))
+    if any(k not in kinds for k in down) or list(cfg.get("up_block_types", [])) != [kinds[k] for k in reversed(down)]:
+        raise ValueError(f"config down_block_types / up_block_types {down} / {cfg.get('up_block_types')} are not supported "
+                         "(CrossAttnDownBlock2D / DownBlock2D, mirrored)")
     channels = list(cfg["block_out_channels"])
     mc = channels[0]
     if any(c % mc for c in channels) or cfg.get("norm_num_groups", 32) != 32 or not isinstance(cfg.get("layers_per_block", 2), int):

@@ -14,16 +14,16 @@ from models.build import describe_recipe, with_legacy_defaults
 from models.common import UsageError, atomic_write_text
 from models.stats import best_scale_groups, detectable_effect, paired_comparisons, paired_power, pooled_sd
 
-# metric -> +1 higher is better, -1 lower is better (the feature-space suffixes _fmnist / _clip / _ae are ignored);
+# metric -> +1 higher is better, -1 lower is better (the feature-space suffixes _fmnist / _clip / _ae / _dinov2 are ignored);
 # the diversity metrics (RMD, top-5 L2, within-class distance) have no better side, only a difference
-DIRECTION = {"fid": -1, "sfid": -1, "kid": -1, "memorization": -1, "is": 1, "precision": 1, "recall": 1, "density": 1,
+DIRECTION = {"fid": -1, "fd": -1, "sfid": -1, "kid": -1, "memorization": -1, "is": 1, "precision": 1, "recall": 1, "density": 1,
              "coverage": 1, "toppr_precision": 1, "toppr_recall": 1, "toppr_f1": 1, "accuracy": 1, "clip_score": 1}
 TOPPR_VERSION = 2  # evaluate.py's metrics.json says which TopP&R estimator scored it (2: the authors')
 QUALITY = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "accuracy", "toppr_f1")
 
 
 def base_name(metric):
-    for suffix in ("_fmnist", "_clip", "_ae"):
+    for suffix in ("_fmnist", "_clip", "_ae", "_dinov2"):
         if metric.endswith(suffix):
             return metric[: -len(suffix)]
     return metric

@@ -228,6 +228,79 @@ class HFTextEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# LDMBert: the text encoder of LDM's text-to-image model (diffusers' LDMTextToImagePipeline "bert")
+# ---------------------------------------------------------------------------------------------
+
+class LDMBertLayer(nn.Module):
+    """Pre-LN block: x + out_proj(attention(LN(x))) with bias-free q/k/v of `heads` x `head_dim`
+    (which need not equal the width), then x + fc2(GELU(fc1(LN(x)))). Parameter names as diffusers'."""
+
+    def __init__(self, width, heads, head_dim, ffn_dim):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.self_attn_layer_norm, self.final_layer_norm = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = nn.ModuleDict({n: nn.Linear(width, heads * head_dim, bias=False) for n in ("q_proj", "k_proj", "v_proj")})
+        self.self_attn["out_proj"] = nn.Linear(heads * head_dim, width)
+        self.fc1, self.fc2 = nn.Linear(width, ffn_dim), nn.Linear(ffn_dim, width)
+
+    def forward(self, x):
+        N, L, _ = x.shape
+        h = self.self_attn_layer_norm(x)
+        q, k, v = (self.self_attn[n](h).view(N, L, self.heads, self.head_dim).transpose(1, 2) for n in ("q_proj", "k_proj", "v_proj"))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, -1)
+        x = x + self.self_attn["out_proj"](h)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class LDMBert(nn.Module):
+    """LDMBert (Rombach et al. 2022's BERT-tokenised transformer, diffusers' LDMBertModel): token +
+    learned position embeddings, pre-LN layers, a final LayerNorm; the output is the last hidden state.
+    As the pipeline runs it, it sees the ids alone: every token, padding included, attends to all."""
+
+    def __init__(self, vocab_size, max_position_embeddings, d_model, encoder_layers, encoder_attention_heads, head_dim,
+                 encoder_ffn_dim):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, d_model)
+        self.embed_positions = nn.Embedding(max_position_embeddings, d_model)
+        self.layers = nn.ModuleList([LDMBertLayer(d_model, encoder_attention_heads, head_dim, encoder_ffn_dim)
+                                     for _ in range(encoder_layers)])
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, input_ids):
+        x = self.embed_tokens(input_ids) + self.embed_positions(torch.arange(input_ids.shape[1], device=input_ids.device))
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+class LDMBertEncoder(nn.Module):
+    """A frozen LDMBert and its BERT tokenizer (a folder), in this file's encoder interface. The
+    pipeline pads every caption to 77 tokens and passes no attention mask: the mask is ignored."""
+    kind, trainable, is_frozen = "ldmbert", False, True
+
+    def __init__(self, bert, tokenizer_folder, max_length=77):
+        super().__init__()
+        import transformers
+        self.model, self.max_length, self.folder = bert.eval().requires_grad_(False), max_length, tokenizer_folder
+        self.width = bert.layer_norm.normalized_shape[0]
+        self.tokenizer = transformers.BertTokenizer.from_pretrained(tokenizer_folder)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    tokenize = HFTextEncoder.tokenize
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids)
+
+    def config(self):
+        return dict(kind=self.kind, spec=f"{self.kind}:{self.folder}", max_length=self.max_length, width=self.width)
+
+
+# ---------------------------------------------------------------------------------------------
 # building, rebuilding, CEP
 # ---------------------------------------------------------------------------------------------
 

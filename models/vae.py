@@ -293,17 +293,20 @@ class VQModel(nn.Module):
     def encode(self, x):
         return self.quant_conv(self.encoder(x))
 
-    def decode(self, h, force_not_quantize=False):
+    def decode(self, h, force_not_quantize=False, return_indices=False):
         """As diffusers' VQModel.decode (and LDM's VQModelInterface.decode): quantise h unless
-        force_not_quantize, then post_quant_conv and the decoder."""
-        z_q = h if force_not_quantize else self.quantize(h)[0]
-        return self.decoder(self.post_quant_conv(z_q))
+        force_not_quantize, then post_quant_conv and the decoder. return_indices: also the codebook
+        index of each position (N, h, w), None when not quantised."""
+        z_q, indices = (h, None) if force_not_quantize else self.quantize(h)
+        x = self.decoder(self.post_quant_conv(z_q))
+        return (x, indices) if return_indices else x
 
 
 @torch.no_grad()
 def vq_code_indices(vae, x):
     """Images (N, C, H, W) in [-1, 1] -> the codebook index of each latent position (N, h, w): LDM's
-    encode, then the nearest-codebook-entry quantisation (evaluate.py's codebook entropy)."""
+    encode, then the nearest-codebook-entry quantisation (evaluate.py's codebook entropy of sample
+    folders written before sample.py recorded the sampled codes)."""
     param = next(vae.parameters())
     return vae.quantize(vae.encode(x.to(param.device, param.dtype)))[1]
 
@@ -420,14 +423,16 @@ def latents_from_stats(stats, scaling_factor, g, B, share):
 
 
 @torch.no_grad()
-def decode_latents(vae, z, force_not_quantize=False):
+def decode_latents(vae, z, force_not_quantize=False, return_codes=False):
     """Diffusion latents -> images, roughly in [-1, 1] (not clamped): divide by scaling_factor, then
-    decode. A VQ decoder quantises first, as LDM does, unless force_not_quantize."""
+    decode. A VQ decoder quantises first, as LDM does, unless force_not_quantize. return_codes:
+    (images, the codebook indices the VQ decoder quantised to (N, h, w); None for a KL model),
+    what sample.py records for evaluate.py's codebook entropy."""
     param = next(vae.parameters())
     z = z.to(param.device, param.dtype) / vae.scaling_factor
     if isinstance(vae, VQModel):
-        return vae.decode(z, force_not_quantize=force_not_quantize)
-    return vae.decode(z)
+        return vae.decode(z, force_not_quantize=force_not_quantize, return_indices=return_codes)
+    return (vae.decode(z), None) if return_codes else vae.decode(z)
 
 
 def open_vae(spec, device="cpu"):

@@ -231,3 +231,115 @@ def make_tiny_sd_pipeline(folder):
         num_train_timesteps=1000, prediction_type="epsilon")))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return unet
+
+
+# ---- tiny released-pipeline stand-ins (sample.py --pretrained): diffusers' own classes, random weights
+
+def redraw(module, std=0.05, seed=0):
+    """Every parameter re-drawn from N(0, std²): no zero-initialised layer left (a real test of the mapping)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+def tiny_unet(context_dim, seed=1):
+    """A UNet2DConditionModel of LDM-4's kind (3-channel 8x8 latents, cross-attention on the second level)."""
+    import diffusers
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2, cross_attention_dim=context_dim)
+    redraw(unet, 0.05, seed)
+    for name, module in unet.named_modules():  # a condition strong enough for guidance to show
+        if name.endswith("attn2") or name == "conv_out":
+            redraw(module, 0.6, seed)
+    return unet
+
+
+def tiny_vq(seed=2):
+    """A VQModel of 16 px images, 8x8x3 latents, 256 codes spread over the range of the sampled latents
+    divided by the config's scaling_factor (diffusers' default 0.18215)."""
+    import diffusers
+    torch.manual_seed(seed)
+    vq = diffusers.VQModel(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                           layers_per_block=1, norm_num_groups=8, latent_channels=3, num_vq_embeddings=256, vq_embed_dim=3).eval()
+    redraw(vq.quantize, 40.0, seed)
+    return vq
+
+
+def tiny_kl(latent_channels):
+    """An AutoencoderKL of 16 px images (8x8 latents)."""
+    import diffusers
+    torch.manual_seed(5)
+    return diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                   layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels).eval()
+
+
+def make_tiny_dit_pipeline(folder):
+    """A DiTPipeline (DiTTransformer2DModel on 8x8x4 latents, 1000 classes + null, learned sigma; KL
+    autoencoder of 16 px images; DDIM scheduler as facebook/DiT-XL-2-256's) saved into `folder`."""
+    import diffusers
+    torch.manual_seed(0)
+    dit = redraw(diffusers.DiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                                                 attention_head_dim=16, num_attention_heads=2, num_embeds_ada_norm=1000), 0.1)
+    with torch.no_grad():  # one timestep / class embedder, shared by every block (as converted official checkpoints)
+        for block in dit.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(dit.transformer_blocks[0].norm1.emb.state_dict())
+    vae = tiny_kl(4)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
+    pipe = diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def make_tiny_ldm_class_pipeline(folder):
+    """The authors' LDMClassToImagePipeline layout (their diffusers fork; see models/pretrained.py):
+    unet/, vqvae/, class_embedder/ (a ClassEmbedder: CompVis' nn.Embedding of 10 classes + null,
+    width 16), scheduler/ (CompVis' DDIM: scaled-linear 0.0015 -> 0.0195, steps_offset 1, ᾱ_0 at the
+    end) and a hand-written model_index.json. Returns dict(unet, vqvae, embedding, scheduler)."""
+    import json
+
+    import diffusers
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+    class ClassEmbedder(diffusers.ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, embed_dim=16, n_classes=11, key="class"):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(n_classes, embed_dim)
+
+    folder = Path(folder)
+    unet, vq = tiny_unet(16), tiny_vq()
+    embedder = redraw(ClassEmbedder(16, 11), 1.0, seed=3)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False,
+                                        set_alpha_to_one=False, steps_offset=1)
+    for name, part in (("unet", unet), ("vqvae", vq), ("class_embedder", embedder), ("scheduler", scheduler)):
+        part.save_pretrained(folder / name)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "LDMClassToImagePipeline", "_diffusers_version": "0.21.0.dev0", "class_embedder": ["diffusers", "ClassEmbedder"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"], "vqvae": ["diffusers", "VQModel"]}))
+    return dict(unet=unet, vqvae=vq, embedding=embedder.embedding, scheduler=scheduler)
+
+
+def make_tiny_ldm_text_pipeline(folder):
+    """An LDMTextToImagePipeline: LDMBert (width 32, 2 layers) + BERT tokenizer, the tiny U-Net, a KL
+    "vqvae" and the scheduler of CompVis/ldm-text2im-large-256 (DDIM, scaled-linear 0.00085 -> 0.012,
+    steps_offset 1). The class pipeline tests the VQ decoder, whose quantisation would hide guidance here."""
+    import diffusers
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from transformers import BertTokenizer
+    folder = Path(folder)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "##s", "shirt"]
+    (folder / "vocab").mkdir(parents=True, exist_ok=True)
+    (folder / "vocab" / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(4)
+    bert = redraw(LDMBertModel(LDMBertConfig(vocab_size=len(words), max_position_embeddings=77, encoder_layers=2, encoder_ffn_dim=64,
+                                             encoder_attention_heads=2, head_dim=16, d_model=32)), 1.0, seed=4)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                        set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.LDMTextToImagePipeline(vqvae=tiny_kl(3), bert=bert, tokenizer=BertTokenizer(str(folder / "vocab" / "vocab.txt")),
+                                            unet=tiny_unet(32), scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return pipe

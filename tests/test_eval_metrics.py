@@ -2,6 +2,7 @@
 statistics, and the VQ codebook entropy, each against a computation written here from the
 definitions (float64 eigh Fréchet distance, explicit codebook argmin, scipy's entropy)."""
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -112,30 +113,67 @@ def tiny_vq(folder, seed=0):
     return vae.eval()
 
 
-def test_vq_codebook_entropy(tmp_path):
+def test_vq_codebook_entropy_counts_the_sampled_codes(tmp_path, monkeypatch):
+    """sample.py records the codes of the latents it quantises (codes.npy); evaluate.py's entropy is
+    that of those codes, here recomputed from the same latents by an explicit float64 argmin. The
+    old path, re-encoding the decoded PNGs, gives other codes: it is the fallback for folders
+    without codes.npy, with a note."""
+    import sample
+    from models.build import build_model
     vae = tiny_vq(tmp_path / "vq")
-    rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
-    # direct: encode, nearest codebook entry by explicit float64 distances, histogram, scipy entropy
-    with torch.no_grad():
-        h = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    torch.manual_seed(1)  # a random class-conditional DiT on the VQ's 3 x 8 x 8 latents
+    config = dict(name="DiT-T/4", input_size=8, in_channels=3, num_classes=4, class_dropout=0.1, learn_sigma=True)
+    model = build_model(**config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    run = tmp_path / "run"  # samples go to <run>/samples/<tag>
+    (run / "ckpt").mkdir(parents=True)
+    torch.save({"model_config": config, "ema": model.state_dict(), "config": {"vae": str(tmp_path / "vq"), "dataset": "imagefolder"},
+                "step": 0}, run / "ckpt" / "model.pt")
+    latents = []  # what sample.py hands the decoder
+    def spy(vae_, z, **kw):
+        latents.append(z.clone())
+        return decode_latents(vae_, z, **kw)
+    from models.vae import decode_latents
+    monkeypatch.setattr(sample, "decode_latents", spy)
+    flags = ["--ckpt", run / "ckpt" / "model.pt", "--num-samples", "30", "--batch-size", "16", "--sampler", "ddim", "--steps", "4",
+             "--cfg-scale", "1", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, flags), "--tag", "s"])
+    sample.main()
+    sdir = run / "samples" / "s"
+    run_script("sample.py", [*flags, "--tag", "two"], nproc=2)  # batch 1 on rank 1: its codes file, merged by rank 0
+    assert (run / "samples" / "two" / "codes.npy").read_bytes() == (sdir / "codes.npy").read_bytes()
+    assert sorted(p.name for p in (sdir / "codes").iterdir()) == ["000000.npy", "000016.npy"]
+    shutil.rmtree(run / "samples" / "two")  # one sample folder for --compare
+    # direct: nearest codebook entry of every sampled latent position by explicit float64 distances
+    h = torch.cat(latents).permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
     codebook = vae.quantize.embedding.weight.detach().double().numpy()
     codes = ((h[:, None, :] - codebook[None]) ** 2).sum(-1).argmin(1)
+    recorded = np.load(sdir / "codes.npy")
+    assert recorded.shape == (30, 8, 8) and recorded.dtype == np.uint8 and (recorded.reshape(-1) == codes).all()
     counts = np.bincount(codes, minlength=32)
     assert (counts > 0).sum() > 2  # a non-trivial histogram
-    sdir = tmp_path / "run" / "samples" / "s"
-    sdir.mkdir(parents=True)
+    # the old path: the decoded PNGs re-encoded and quantised (float64 argmin as above)
+    images = np.load(sdir / "samples.npz")["arr_0"]
+    with torch.no_grad():
+        h = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    reencoded = np.bincount(((h[:, None, :] - codebook[None]) ** 2).sum(-1).argmin(1), minlength=32)
+    assert abs(entropy(reencoded, base=2) - entropy(counts, base=2)) > 0.05  # encode∘decode is not the identity
     np.savez(sdir / "samples.npz", arr_0=images)  # unlabelled: no training-set metrics needed
-    (sdir / "sample_config.json").write_text(json.dumps({"vae": str(tmp_path / "vq"), "run_config": {"dataset": "imagefolder"},
-                                                         "cfg_scale": 2.0}))
     make_tiny_clip(tmp_path / "clip")
+    rng = np.random.default_rng(2)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
-    run_script("evaluate.py", ["--samples", sdir, "--ref", tmp_path / "ref.npz", "--features", "clip", "--clip", tmp_path / "clip",
-                               "--out-dir", tmp_path / "out"])
-    m = json.loads((sdir / "metrics.json").read_text())["metrics"]
-    assert m["vq_entropy"] == pytest.approx(entropy(counts, base=2), rel=1e-9)
-    assert m["vq_perplexity"] == pytest.approx(2 ** entropy(counts, base=2), rel=1e-9)
-    assert m["vq_code_usage"] == pytest.approx((counts > 0).mean())
+    args = ["--samples", sdir, "--ref", tmp_path / "ref.npz", "--features", "clip", "--clip", tmp_path / "clip", "--out-dir", tmp_path / "out"]
+    for want, fallback in ((counts, False), (reencoded, True)):
+        if fallback:  # a folder of an older sample.py
+            (sdir / "codes.npy").unlink()
+        run_script("evaluate.py", args)
+        out = json.loads((sdir / "metrics.json").read_text())
+        m = out["metrics"]
+        assert m["vq_entropy"] == pytest.approx(entropy(want, base=2), rel=1e-9)
+        assert m["vq_perplexity"] == pytest.approx(2 ** entropy(want, base=2), rel=1e-9)
+        assert m["vq_code_usage"] == pytest.approx((want > 0).mean())
+        assert any("re-encoded (no codes.npy" in n for n in out["notes"]) == fallback
     run_script("evaluate.py", ["--compare", tmp_path])  # the new metrics reach the comparison table
     header = (tmp_path / "comparison.md").read_text().splitlines()[0]
     for name in ("vq_entropy", "fid_clip", "kid_clip"):  # 40 images: too few for TopP&R (k = 5 x 16 dims)

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.build import FINETUNE_RECIPES, TRAINING_RECIPES  # noqa: E402
-from tests.helpers import REPO, make_fake_fmnist, make_tiny_bert, make_tiny_clip, make_tiny_sd_pipeline, save_stand_in_inception  # noqa: E402
+from tests.helpers import (REPO, make_fake_fmnist, make_tiny_bert, make_tiny_clip, make_tiny_dit_pipeline,  # noqa: E402
+                           make_tiny_ldm_class_pipeline, make_tiny_ldm_text_pipeline, make_tiny_sd_pipeline, save_stand_in_inception)
 
 SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py", "study.py")
 SKIPPED = ("pip install", "apt-get", "python -m pytest", "python -m models.gmm")  # installs; the suite; 2 min of theory
@@ -93,6 +94,7 @@ def tiny(line, fx):
             (r"--control-path /data/in100/sam", f"--control-path {fx['sam']}"),
             (r"--image-size (256|512)", "--image-size 32"),
             (r"runwayml/stable-diffusion-v1-5", str(fx["sd"])),  # --init and --vae <it>/vae: a tiny pipeline
+            (r"--pretrained DiffusionNoise/", f"--pretrained {fx['released']}/"),  # the authors' pipelines, saved tiny
             (r"--vae stabilityai/sd-vae-ft-ema", f"--vae {fx['kl']}"),
             (r"--vae CompVis/ldm-super-resolution-4x-openimages/vqvae", f"--vae {fx['vq']}"),
             (r"--model DiT-XL/2", "--model DiT-S/8"),
@@ -134,7 +136,7 @@ def fixtures(tmp_path_factory):
     fx = {"fmnist": root / "fmnist", "folder": root / "imagenet", "tsv": root / "cc3m" / "train.tsv", "kl": root / "kl",
           "vq": root / "vq", "bert": root / "bert", "clip": root / "clip", "inception": root / "inception.pt",
           "adm_ref": root / "VIRTUAL_imagenet256_labeled.npz", "ref_folder": root / "coco", "prompts": root / "prompts.txt",
-          "in100": root / "in100.txt", "sam": root / "sam", "groups": root / "groups.txt", "sd": root / "sd"}
+          "in100": root / "in100.txt", "sam": root / "sam", "groups": root / "groups.txt", "sd": root / "sd", "released": root / "released"}
     make_fake_fmnist(fx["fmnist"], n=256)
     classes = ["n01440764", "n01443537", "n01484850"]
     for k, name in enumerate(classes):  # an ImageNet-like folder: 3 classes x 8 images of 40x48 (cropped to 32)
@@ -167,12 +169,15 @@ def fixtures(tmp_path_factory):
     make_tiny_clip(fx["clip"])
     save_stand_in_inception(fx["inception"])
     make_tiny_sd_pipeline(fx["sd"])
+    for make, name in ((make_tiny_dit_pipeline, "dit-xl-2_imagenet_clean"), (make_tiny_ldm_class_pipeline, "ldm_in1k_clean_condnoise_uniform"),
+                       (make_tiny_ldm_text_pipeline, "ldm_cc3m_clean")):
+        make(fx["released"] / name)
     return fx
 
 
 def test_tiny_rewrites_only_sizes():
     fx = {k: f"<{k}>" for k in ("fmnist", "folder", "tsv", "kl", "vq", "bert", "clip", "inception", "adm_ref", "ref_folder",
-                                "prompts", "in100", "sam", "groups", "sd")}
+                                "prompts", "in100", "sam", "groups", "sd", "released")}
     line = tiny("torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data-path /data/imagenet/train "
                 "--image-size 256 --vae stabilityai/sd-vae-ft-ema --model DiT-XL/2 --corrupt 0.025 --max-steps 400000 --run-name x", fx)
     assert line == ("torchrun --standalone --nproc_per_node=1 train.py --dataset imagefolder --data-path <folder> --image-size 32 "
@@ -183,6 +188,8 @@ def test_tiny_rewrites_only_sizes():
             "--warmup-steps 0 --lr-decay none --weight-decay 0.01 --grad-clip 0.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.1") in ldm
     ft = tiny("python finetune.py --init out/x --dataset imagefolder --data-path /data/imagenet/train", fx)
     assert ft.endswith("--lr 5e-06 --warmup-steps 0 --lr-decay none --weight-decay 0.01 --grad-clip 1.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.0")
+    assert tiny("sample.py --pretrained DiffusionNoise/ldm_cc3m_clean --num-samples 5000", fx) == \
+        "sample.py --pretrained <released>/ldm_cc3m_clean --num-samples 4"
     assert tiny("pip install -r requirements.txt", fx) is None and tiny("printf 'a' > b.txt", fx) == "printf 'a' > b.txt"
 
 
