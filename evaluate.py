@@ -413,6 +413,7 @@ def evaluate(args):
     out["toppr_version"] = report.TOPPR_VERSION  # the authors' estimator (older files' TopP&R is left out of reports)
     out["notes"], out["timings"] = list(dict.fromkeys(notes)), timings
     out["sample_config"] = config
+    report.keep_other_space(os.path.join(folder, "metrics.json"), out)
     atomic_write_json(os.path.join(folder, "metrics.json"), out)
     print(f"{len(images)} samples vs {out['num_reference']} reference images, {features} features")
     for note in notes:

@@ -433,3 +433,15 @@ def write_study_report(args, run_names, reference, primary):
             f"python study.py{grid} --report-only   # this page from the files on disk", "```"]
     atomic_write_text(os.path.join(res, "README.md"), "\n".join(doc) + "\n")
     print(f"-> {os.path.join(res, 'README.md')} ({len(rows)} sample sets of {len({r['run'] for r in rows})} runs)")
+
+
+def keep_other_space(path, out):
+    """A folder scored in another feature space before (e.g. --features inception, then dinov2) keeps
+    those scores: metric names differ per space (fid, fd_dinov2, ..._dinov2), the new ones win."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    if previous.get("features") not in (None, out["features"]):
+        out["metrics"] = {**{k: v for k, v in previous.get("metrics", {}).items() if k not in out["metrics"]}, **out["metrics"]}
+        out["other_features"] = sorted({previous["features"], *previous.get("other_features", [])} - {out["features"]})

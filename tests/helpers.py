@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny synthetic Fashion-MNIST in IDX format and script runners."""
 import gzip
+import json
 import hashlib
 import os
 import subprocess
@@ -343,3 +344,22 @@ def make_tiny_ldm_text_pipeline(folder):
                                             unet=tiny_unet(32), scheduler=scheduler)
     pipe.save_pretrained(folder)
     return pipe
+
+
+TINY_DINOV2 = ("vit_small_patch14_dinov2", {"embed_dim": 32, "depth": 2, "num_heads": 2})  # DINOv2's ViT, shrunk
+
+
+def tiny_dinov2(folder):
+    """A random DINOv2-family ViT at 224 pixels, saved as timm's hub files (config.json + model.safetensors)."""
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_DINOV2[0], pretrained=False, img_size=224, **TINY_DINOV2[1]).eval()
+    with torch.no_grad():  # DINOv2's LayerScale starts at 1e-5: at 1 the blocks, hence the CLS token, see the image
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.fill_(1.0)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": TINY_DINOV2[0], "model_args": TINY_DINOV2[1], "num_classes": 0}))
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    return model

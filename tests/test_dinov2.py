@@ -10,27 +10,12 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, run_script, run_scripts_at_once
+from tests.helpers import REPO, TINY_DINOV2, run_scripts_at_once, tiny_dinov2
 
 sys.path.insert(0, str(REPO))
 timm = pytest.importorskip("timm")
 
-ARCH, MODEL_ARGS = "vit_small_patch14_dinov2", {"embed_dim": 32, "depth": 2, "num_heads": 2}  # DINOv2's ViT, shrunk
-
-
-def tiny_dinov2(folder):
-    """A random DINOv2-family ViT at 224 pixels, saved as timm's hub files (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    model = timm.create_model(ARCH, pretrained=False, img_size=224, **MODEL_ARGS).eval()
-    with torch.no_grad():  # DINOv2's LayerScale starts at 1e-5: at 1 the blocks, hence the CLS token, see the image
-        for name, p in model.named_parameters():
-            if name.endswith(".gamma"):
-                p.fill_(1.0)
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architecture": ARCH, "model_args": MODEL_ARGS, "num_classes": 0}))
-    save_file(model.state_dict(), str(folder / "model.safetensors"))
-    return model
+ARCH, MODEL_ARGS = TINY_DINOV2
 
 
 def timm_features(model, images, size=224):
@@ -112,6 +97,8 @@ def test_evaluate_features_dinov2_end_to_end(tmp_path, monkeypatch):
     for path in (tmp_path / "gen.npz", tmp_path / "refused" / "gen.npz"):
         np.savez(path, arr_0=gen)
     np.savez(tmp_path / "ref.npz", arr_0=ref)
+    # scored in Inception space before: those scores stay beside the DINOv2 ones
+    (tmp_path / "metrics.json").write_text(json.dumps({"features": "inception", "metrics": {"fid": 5.0, "is": 9.0}}))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
     args = ["--ref", tmp_path / "ref.npz", "--features", "dinov2", "--out-dir", tmp_path / "out"]
@@ -125,7 +112,8 @@ def test_evaluate_features_dinov2_end_to_end(tmp_path, monkeypatch):
     assert out["features"] == "dinov2" and out["dinov2"] == str(tmp_path / "dino") and out["num_samples"] == 36
     assert m["fd_dinov2"] == pytest.approx(frechet_sqrtm(timm_features(model, gen), timm_features(model, ref)), rel=1e-4)
     assert {"kid_dinov2", "precision_dinov2", "recall_dinov2", "density_dinov2", "coverage_dinov2"} <= set(m)
-    assert not {"fid", "fid_dinov2", "is_dinov2", "sfid_dinov2"} & set(m)  # no logits, no spatial features
+    assert not {"fid_dinov2", "is_dinov2", "sfid_dinov2"} & set(m)  # no logits, no spatial features
+    assert m["fid"] == 5.0 and m["is"] == 9.0 and out["other_features"] == ["inception"]
     for proc, why in zip(refused, ("error: cannot load DINOv2 weights vit_small_patch14_dinov2.lvd142m", "error: --dinov2 names")):
         assert proc.returncode == 2 and proc.stderr.startswith(why) and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not (tmp_path / "refused" / "metrics.json").exists()

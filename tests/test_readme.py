@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.build import FINETUNE_RECIPES, TRAINING_RECIPES  # noqa: E402
 from tests.helpers import (REPO, make_fake_fmnist, make_tiny_bert, make_tiny_clip, make_tiny_dit_pipeline,  # noqa: E402
-                           make_tiny_ldm_class_pipeline, make_tiny_ldm_text_pipeline, make_tiny_sd_pipeline, save_stand_in_inception)
+                           make_tiny_ldm_class_pipeline, make_tiny_ldm_text_pipeline, make_tiny_sd_pipeline, save_stand_in_inception,
+                           tiny_dinov2)
 
 SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py", "study.py")
 SKIPPED = ("pip install", "apt-get", "python -m pytest", "python -m models.gmm")  # installs; the suite; 2 min of theory
@@ -101,7 +102,7 @@ def tiny(line, fx):
             (r"--model LDM-4", "--model UNet-T " + recipe_flags(TRAINING_RECIPES["LDM"])),
             (r"--text-encoder bert:bert-base-uncased", f"--text-encoder bert:{fx['bert']}"),
             (r"--clip openai/clip-vit-base-patch16", f"--clip {fx['clip']}"),
-            (r"--inception \S+", f"--inception {fx['inception']}"),
+            (r"--inception \S+", f"--inception {fx['inception']}"), (r"--features dinov2", f"--features dinov2 --dinov2 {fx['dinov2']}"),
             (r"--ref VIRTUAL_imagenet256_labeled\.npz", f"--ref {fx['adm_ref']}"),
             (r"--ref /data/coco/val2014", f"--ref {fx['ref_folder']}"),
             (r"--prompts coco_captions\.txt", f"--prompts {fx['prompts']}"),
@@ -134,7 +135,7 @@ def fixtures(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme-data")
     rng = np.random.default_rng(0)
     fx = {"fmnist": root / "fmnist", "folder": root / "imagenet", "tsv": root / "cc3m" / "train.tsv", "kl": root / "kl",
-          "vq": root / "vq", "bert": root / "bert", "clip": root / "clip", "inception": root / "inception.pt",
+          "vq": root / "vq", "dinov2": root / "dinov2", "bert": root / "bert", "clip": root / "clip", "inception": root / "inception.pt",
           "adm_ref": root / "VIRTUAL_imagenet256_labeled.npz", "ref_folder": root / "coco", "prompts": root / "prompts.txt",
           "in100": root / "in100.txt", "sam": root / "sam", "groups": root / "groups.txt", "sd": root / "sd", "released": root / "released"}
     make_fake_fmnist(fx["fmnist"], n=256)
@@ -168,6 +169,7 @@ def fixtures(tmp_path_factory):
     make_tiny_bert(fx["bert"])
     make_tiny_clip(fx["clip"])
     save_stand_in_inception(fx["inception"])
+    tiny_dinov2(fx["dinov2"])
     make_tiny_sd_pipeline(fx["sd"])
     for make, name in ((make_tiny_dit_pipeline, "dit-xl-2_imagenet_clean"), (make_tiny_ldm_class_pipeline, "ldm_in1k_clean_condnoise_uniform"),
                        (make_tiny_ldm_text_pipeline, "ldm_cc3m_clean")):
@@ -177,7 +179,7 @@ def fixtures(tmp_path_factory):
 
 def test_tiny_rewrites_only_sizes():
     fx = {k: f"<{k}>" for k in ("fmnist", "folder", "tsv", "kl", "vq", "bert", "clip", "inception", "adm_ref", "ref_folder",
-                                "prompts", "in100", "sam", "groups", "sd", "released")}
+                                "prompts", "in100", "sam", "groups", "sd", "released", "dinov2")}
     line = tiny("torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data-path /data/imagenet/train "
                 "--image-size 256 --vae stabilityai/sd-vae-ft-ema --model DiT-XL/2 --corrupt 0.025 --max-steps 400000 --run-name x", fx)
     assert line == ("torchrun --standalone --nproc_per_node=1 train.py --dataset imagefolder --data-path <folder> --image-size 32 "
