@@ -4,6 +4,17 @@ feature classifier is trained once)."""
 import os
 import tempfile
 
+import pytest
+
 
 def pytest_configure(config):
     os.environ.setdefault("SLIGHT_CORRUPTION_CACHE", tempfile.mkdtemp(prefix="slight-corruption-cache-"))
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist(tmp_path_factory):
+    """A 256-image synthetic Fashion-MNIST in IDX files (tests/helpers.make_fake_fmnist), shared by the session."""
+    from tests.helpers import make_fake_fmnist
+    folder = tmp_path_factory.mktemp("fake-fmnist")
+    make_fake_fmnist(folder, n=256)
+    return folder

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from tests.helpers import REPO, make_fake_fmnist, run_script, wait_for  # noqa: E402
+from tests.helpers import REPO, run_script, wait_for  # noqa: E402
 from models.common import REQUEUE_EXIT, UsageError  # noqa: E402
 from models import runs  # noqa: E402
 
@@ -24,17 +24,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def fake_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fmnist")
-    make_fake_fmnist(d, n=128)
-    return d
-
-
-@pytest.fixture(scope="module")
-def straight(fake_data, tmp_path_factory):
+def straight(fake_fmnist, tmp_path_factory):
     """The uninterrupted 2-rank run every interrupted one must end equal to."""
     out = tmp_path_factory.mktemp("straight")
-    run_script("train.py", [*TINY, *STEPS, "--data-path", fake_data, "--out-dir", out, "--run", "r"], nproc=2)
+    run_script("train.py", [*TINY, *STEPS, "--data-path", fake_fmnist, "--out-dir", out, "--run", "r"], nproc=2)
     return out / "r"
 
 
@@ -67,8 +60,8 @@ def worker_pids(parent):
     return found
 
 
-def test_worker_killed_under_max_restarts_ends_identical(fake_data, straight, tmp_path):
-    cmd = [*TORCHRUN, "--max-restarts=1", "--", "train.py", *TINY, *STEPS, "--data-path", str(fake_data),
+def test_worker_killed_under_max_restarts_ends_identical(fake_fmnist, straight, tmp_path):
+    cmd = [*TORCHRUN, "--max-restarts=1", "--", "train.py", *TINY, *STEPS, "--data-path", str(fake_fmnist),
            "--out-dir", str(tmp_path), "--run-name", "r", "--resume"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(tmp_path / "r" / "ckpt" / "0000006.pt", proc)
@@ -79,8 +72,8 @@ def test_worker_killed_under_max_restarts_ends_identical(fake_data, straight, tm
     assert_same_run(straight, tmp_path / "r")
 
 
-def test_sigterm_to_one_rank_stops_all_at_one_step_and_requeues(fake_data, straight, tmp_path):
-    args = [*TINY, *STEPS, "--data-path", str(fake_data), "--out-dir", str(tmp_path), "--run", "r"]
+def test_sigterm_to_one_rank_stops_all_at_one_step_and_requeues(fake_fmnist, straight, tmp_path):
+    args = [*TINY, *STEPS, "--data-path", str(fake_fmnist), "--out-dir", str(tmp_path), "--run", "r"]
     proc = subprocess.Popen([sys.executable, "train.py", "--nproc-per-node", "2", *args], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(tmp_path / "r" / "ckpt" / "0000006.pt", proc)
@@ -93,13 +86,13 @@ def test_sigterm_to_one_rank_stops_all_at_one_step_and_requeues(fake_data, strai
     assert f"stopped after step {ckpt['step']}" in out
     log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
     assert log[-1]["step"] <= ckpt["step"] < log[-1]["step"] + 3  # the log interval goes on after the resume
-    rerun = run_script("train.py", ["--out-dir", tmp_path, "--run", "r", "--resume", "--data-path", fake_data], nproc=2)
+    rerun = run_script("train.py", ["--out-dir", tmp_path, "--run", "r", "--resume", "--data-path", fake_fmnist], nproc=2)
     assert f"resuming at step {ckpt['step']}" in rerun.stdout
     assert_same_run(straight, tmp_path / "r")
 
 
-def test_time_limit_stops_with_requeue_code(fake_data, tmp_path):
-    proc = run_script("train.py", [*TINY, "--max-steps", "100000", "--data-path", fake_data, "--out-dir", tmp_path,
+def test_time_limit_stops_with_requeue_code(fake_fmnist, tmp_path):
+    proc = run_script("train.py", [*TINY, "--max-steps", "100000", "--data-path", fake_fmnist, "--out-dir", tmp_path,
                                    "--run", "r", "--time-limit", "0.0003"], check=False)
     assert proc.returncode == REQUEUE_EXIT, proc.stderr[-2000:]
     ckpt = load(tmp_path / "r")
@@ -114,9 +107,9 @@ def failing_two_ranks(fault, at, on_rank, args):
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")], proc.stderr[-3000:]
 
 
-def test_nan_on_one_rank_stops_every_rank_without_writing_it(fake_data, tmp_path):
+def test_nan_on_one_rank_stops_every_rank_without_writing_it(fake_fmnist, tmp_path):
     errors, stderr = failing_two_ranks("nan", 8, 1, ["--max-steps", "30", "--ckpt-every", "4", "--log-every", "5",
-                                                     "--data-path", fake_data, "--out-dir", tmp_path, "--run-name", "r"])
+                                                     "--data-path", fake_fmnist, "--out-dir", tmp_path, "--run-name", "r"])
     assert len(errors) == 1 and "non-finite loss or gradient norm at step 8" in errors[0], stderr
     assert "ckpt/last.pt (step 4)" in errors[0], errors[0]  # caught at the step-8 checkpoint, before writing it
     names = sorted(os.listdir(tmp_path / "r" / "ckpt"))
@@ -126,9 +119,9 @@ def test_nan_on_one_rank_stops_every_rank_without_writing_it(fake_data, tmp_path
         assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ck[part].values())
 
 
-def test_nan_seen_at_a_log_step(fake_data, tmp_path):
+def test_nan_seen_at_a_log_step(fake_fmnist, tmp_path):
     cmd = [sys.executable, "tests/fault_injection.py", "nan", "3", "0", "train.py", *TINY, "--max-steps", "30",
-           "--ckpt-every", "20", "--log-every", "5", "--data-path", str(fake_data), "--out-dir", str(tmp_path), "--run", "r"]
+           "--ckpt-every", "20", "--log-every", "5", "--data-path", str(fake_fmnist), "--out-dir", str(tmp_path), "--run", "r"]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: non-finite loss or gradient norm at step 3; no checkpoint was written yet (every checkpoint on disk is "
@@ -170,10 +163,10 @@ def test_truncated_png(images_with_a_truncated_png, tmp_path, skip):
     assert "2 unreadable file(s) skipped" in proc.stdout
 
 
-def test_full_disk_keeps_the_previous_checkpoint(fake_data, tmp_path):
+def test_full_disk_keeps_the_previous_checkpoint(fake_fmnist, tmp_path):
     # checkpoints at steps 2 and 4 (numbered + last.pt each): the 3rd write is the step-4 numbered one
     errors, stderr = failing_two_ranks("enospc", 3, 0, ["--max-steps", "6", "--ckpt-every", "2", "--log-every", "1",
-                                                        "--data-path", fake_data, "--out-dir", tmp_path, "--run-name", "r"])
+                                                        "--data-path", fake_fmnist, "--out-dir", tmp_path, "--run-name", "r"])
     last = tmp_path / "r" / "ckpt" / "last.pt"
     assert len(errors) == 1 and "No space left on device" in errors[0] and f"the previous {last} (step 2) is intact" in errors[0], stderr
     assert load(tmp_path / "r")["step"] == 2
@@ -188,8 +181,8 @@ def test_full_disk_message_without_a_previous_checkpoint(tmp_path, monkeypatch):
         runs.save_checkpoint(str(tmp_path), {"step": 2}, numbered=False)
 
 
-def test_second_process_on_a_live_run_is_refused(fake_data, tmp_path):
-    args = [*TINY, "--max-steps", "100000", "--ckpt-every", "5", "--data-path", str(fake_data), "--out-dir", str(tmp_path), "--run", "r"]
+def test_second_process_on_a_live_run_is_refused(fake_fmnist, tmp_path):
+    args = [*TINY, "--max-steps", "100000", "--ckpt-every", "5", "--data-path", str(fake_fmnist), "--out-dir", str(tmp_path), "--run", "r"]
     first = subprocess.Popen([sys.executable, "train.py", "--nproc-per-node", "2", *args], cwd=REPO, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
