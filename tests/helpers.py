@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -363,3 +365,52 @@ def tiny_dinov2(folder):
     (folder / "config.json").write_text(json.dumps({"architecture": TINY_DINOV2[0], "model_args": TINY_DINOV2[1], "num_classes": 0}))
     save_file(model.state_dict(), str(folder / "model.safetensors"))
     return model
+
+
+# ---- references shared by the two halves of a test topic (test_dit.py / test_dit_text.py,
+#      test_unet.py / test_unet_configs.py, test_corrupt.py / test_datasets.py)
+
+def randomize_zero_init(model, seed=0, std=0.05):
+    """Give the adaLN-Zero layers (modulations, final linear) random non-zero weights so the
+    model's output depends non-trivially on x, t, y."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [b.adaLN_modulation[-1] for b in model.blocks]
+    layers += [model.final_layer.adaLN_modulation[-1], model.final_layer.linear]
+    with torch.no_grad():
+        for lin in layers:
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * std)
+    return model
+
+
+def diffusers_unet(config, meta=False):
+    """diffusers' UNet2DConditionModel with the architecture of our UNet(**config) in 'crossattn' or
+    text mode: an independent implementation of the same network."""
+    diffusers = pytest.importorskip("diffusers")
+    mult, mc = config["channel_mult"], config["model_channels"]
+    widths = tuple(m * mc for m in mult)
+    attn = [2 ** level in config["attention_resolutions"] for level in range(len(mult))]
+    if config.get("num_head_channels"):
+        heads = tuple(w // config["num_head_channels"] for w in widths)
+    else:
+        heads = tuple(config.get("num_heads", 1) for _ in widths)
+    out = config["in_channels"] * (2 if config.get("learn_sigma") else 1)
+    kw = dict(sample_size=config["input_size"], in_channels=config["in_channels"], out_channels=out,
+              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+              block_out_channels=widths, layers_per_block=config["num_res_blocks"],
+              cross_attention_dim=config["context_dim"], attention_head_dim=heads,  # (diffusers: = number of heads)
+              transformer_layers_per_block=config.get("transformer_depth", 1),
+              norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+    if meta:
+        with torch.device("meta"):
+            return diffusers.UNet2DConditionModel(**kw)
+    return diffusers.UNet2DConditionModel(**kw)
+
+
+def round_half_up(eta, n):
+    """Independent reference for corrupt_count: round(η·n) with halves rounded up, in exact
+    rational arithmetic on the decimal value of η as written (not on its binary float)."""
+    x = Fraction(str(eta)) * n
+    assert x >= 0
+    return int(x + Fraction(1, 2))  # int() truncates toward 0, i.e. floor for x >= 0

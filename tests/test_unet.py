@@ -15,8 +15,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.unet import UNET_CONFIGS, Attention, ResBlock, SpatialTransformer, UNet, build_unet, timestep_embedding
-from tests.helpers import SD15_DIFFUSERS_CONFIG
+from models.unet import Attention, ResBlock, SpatialTransformer, UNet, build_unet, timestep_embedding
+from tests.helpers import diffusers_unet
 
 torch.set_num_threads(2)
 
@@ -72,10 +72,6 @@ def random_inputs(model, n=2, seed=1, context_len=5):
     return x, t, y, context, delta
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. zero initialisation
 # ---------------------------------------------------------------------------------------------
@@ -120,66 +116,6 @@ def test_blocks_are_identity_on_the_residual_path_at_init(mode):
         assert (block(x, emb) - x).abs().max() > 1e-2
         x = torch.randn(2, transformers[0].norm.num_channels, 4, 4, generator=g)
         assert (transformers[0](x, context) - x).abs().max() > 1e-2
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. parameter count of LDM-4
-# ---------------------------------------------------------------------------------------------
-def diffusers_unet(config, meta=False):
-    """diffusers' UNet2DConditionModel with the architecture of our UNet(**config) in 'crossattn' or
-    text mode: an independent implementation of the same network."""
-    diffusers = pytest.importorskip("diffusers")
-    mult, mc = config["channel_mult"], config["model_channels"]
-    widths = tuple(m * mc for m in mult)
-    attn = [2 ** level in config["attention_resolutions"] for level in range(len(mult))]
-    if config.get("num_head_channels"):
-        heads = tuple(w // config["num_head_channels"] for w in widths)
-    else:
-        heads = tuple(config.get("num_heads", 1) for _ in widths)
-    out = config["in_channels"] * (2 if config.get("learn_sigma") else 1)
-    kw = dict(sample_size=config["input_size"], in_channels=config["in_channels"], out_channels=out,
-              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-              block_out_channels=widths, layers_per_block=config["num_res_blocks"],
-              cross_attention_dim=config["context_dim"], attention_head_dim=heads,  # (diffusers: = number of heads)
-              transformer_layers_per_block=config.get("transformer_depth", 1),
-              norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
-    if meta:
-        with torch.device("meta"):
-            return diffusers.UNet2DConditionModel(**kw)
-    return diffusers.UNet2DConditionModel(**kw)
-
-
-def test_ldm4_param_count():
-    """LDM-4 = CompVis' cin256-v2.yaml. The LDM paper (Rombach et al. 2022, Table 3, class-conditional
-    ImageNet 256) lists LDM-4 with 400M parameters; Chen et al. 2024 reuse that model. The exact count
-    of the U-Net (400,920,579) is checked against diffusers' independent implementation of the same
-    config; the 1001 x 512 class table (LDM's ClassEmbedder, here y_embedder) adds 512,512."""
-    with torch.device("meta"):
-        model = build_unet("LDM-4")
-    table = model.y_embedder.embedding_table
-    assert (table.num_embeddings, table.embedding_dim) == (1001, 512)
-    n_unet = n_params(model) - table.weight.numel()
-    assert n_unet == 400_920_579
-    assert 396e6 < n_params(model) < 404e6  # the paper's 400M (rounded) within 1 %
-    if os.environ.get("CI"):
-        import diffusers  # noqa: F401  (must be installed in CI)
-    assert n_params(diffusers_unet(UNET_CONFIGS["LDM-4"], meta=True)) == n_unet
-    # the LDM-4 layout: attention on the 32x32, 16x16 and 8x8 maps (down-factors 2, 4, 8), not on 64x64
-    assert len(model.input_blocks[1]) == 1 and len(model.input_blocks[4]) == 2
-    assert len(model.output_blocks[-1]) == 1 and len(model.output_blocks[0]) == 2
-
-
-def test_small_configs_build_and_unknown_name_lists_choices():
-    for name in UNET_CONFIGS:
-        with torch.device("meta"):
-            model = build_unet(name)
-        assert model.num_classes == UNET_CONFIGS[name]["num_classes"]
-    assert 0.5e6 < n_params(build_unet("UNet-T")) < n_params(build_unet("UNet-S")) < 20e6
-    m = build_unet("UNet-T", class_cond="add", learn_sigma=True, num_classes=5, class_dropout=0.0)
-    assert (m.out_channels, m.y_embedder.embedding_table.weight.shape) == (2, (5, 128))
-    with pytest.raises(ValueError, match="LDM-4, UNet-T, UNet-S"):
-        build_unet("UNet-XL")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,50 +388,3 @@ def test_matches_diffusers_unet_loaded_from_our_state_dict(mode):
         theirs = reference(x, t, encoder_hidden_states=context).sample
     assert ours.abs().max() > 1e-2
     assert (ours - theirs).abs().max() < 1e-4 * max(1.0, ours.abs().max().item())
-
-
-# ---------------------------------------------------------------------------------------------
-# Stable Diffusion 1.x layout and diffusers weights (the LCM teacher of finetune.py)
-# ---------------------------------------------------------------------------------------------
-
-
-
-def test_sd15_layout_parameter_count():
-    """The SD 1.x configuration, from its own entry and from diffusers' config.json, has Stable
-    Diffusion 1.5's 859,520,964 U-Net parameters (counted without weights, on the meta device)."""
-    from models.from_diffusers import unet_config_from_diffusers
-    derived = unet_config_from_diffusers(SD15_DIFFUSERS_CONFIG)
-    assert {k: v for k, v in derived.items() if k not in ("learn_sigma", "guidance_dim")} == UNET_CONFIGS["SD-1.5"]
-    with torch.device("meta"):
-        assert n_params(build_unet("SD-1.5")) == n_params(UNet(**derived)) == 859_520_964
-
-
-@pytest.mark.parametrize("cond_proj", [0, 16])
-def test_sd_layout_loads_diffusers_weights_and_matches_diffusers(cond_proj):
-    """A tiny random UNet2DConditionModel of SD 1.x's layout (3 cross-attention levels and a plain
-    one, 2 layers per block, 8 heads; with cond_proj: an LCM student's guidance embedding): its state
-    dict converted by unet_state_dict_from_diffusers loads strictly and gives diffusers' output."""
-    if os.environ.get("CI"):
-        import diffusers  # noqa: F401  (must be installed in CI)
-    diffusers = pytest.importorskip("diffusers")
-    from models.from_diffusers import unet_config_from_diffusers, unet_state_dict_from_diffusers
-    config = dict(SD15_DIFFUSERS_CONFIG, sample_size=16, block_out_channels=[32, 64, 64, 64], cross_attention_dim=24,
-                  time_cond_proj_dim=cond_proj or None)
-    torch.manual_seed(0)
-    reference = diffusers.UNet2DConditionModel(**config).eval()
-    with torch.no_grad():
-        for p in reference.parameters():  # no zero-initialised layer left: every path counts
-            p.add_(0.05 * torch.randn_like(p))
-    ours = UNet(**unet_config_from_diffusers(config)).eval()
-    ours.load_state_dict(unet_state_dict_from_diffusers(reference.state_dict()), strict=True)
-    g = torch.Generator().manual_seed(1)
-    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 24, generator=g)
-    t, w = torch.tensor([3, 870]), torch.tensor([1.5, 7.0])
-    kw = {}
-    if cond_proj:  # diffusers' LCM pipeline embeds w itself; ours takes w
-        kw["timestep_cond"] = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=cond_proj)
-    with torch.no_grad():
-        theirs = reference(x, t, encoder_hidden_states=context, **kw).sample
-        mine = ours(x, t, context=context, guidance=w if cond_proj else None)
-    assert theirs.abs().max() > 1e-2
-    assert (mine - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max().item())
