@@ -357,15 +357,15 @@ def train(args, parser, rank, world, device, stage=None):
     master = rank == 0
     run_dir, ckpt, data = check_input(args, parser, world, stage)  # every check before anything is written
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    lock = faults.lock_run(run_dir, rank, world, write=not args.dry_run)
     if args.dry_run:
+        faults.lock_run(run_dir, rank, world, write=False)  # is another process writing the run?
         if master:
             print(f"{data.manifest['summary']}\n{args.model}, {world} rank(s) on {device.type}, {args.precision}, run {run_dir}\n"
                   f"{describe_recipe(args)}\ndry run: nothing written")
         return run_dir
-    stops = None
+    model, ema, opt, scaler, model_config, start_step, loss_acc, startup = build_state(args, device, data, stage, ckpt)
+    lock, stops = faults.lock_run(run_dir, rank, world, write=True), None  # one writer per run, from here on
     try:
-        model, ema, opt, scaler, model_config, start_step, loss_acc, startup = build_state(args, device, data, stage, ckpt)
         if master:
             write_run_files(args, run_dir, data, stage, start_step, startup)
         if world > 1:

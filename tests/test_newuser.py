@@ -68,22 +68,29 @@ def test_files_keep_the_umask_and_config_has_effective_values(trained):
     assert config["corrupt_type"] == "symmetric" and config["precision"] == "fp32"  # not null: the values used
 
 
-def test_damaged_last_names_the_intact_checkpoint_and_resume_from_it_is_exact(trained, data, tmp_path):
+def test_damaged_last_continues_from_the_newest_intact_checkpoint_exactly(trained, data, tmp_path):
     out, run_dir, _ = trained
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)
     last = damaged / "ckpt" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
-    before = tree_snapshot(damaged)
-    proc = run_script("train.py", ["--out-dir", tmp_path, "--run-name", "damaged", "--resume"], check=False)
-    one_error_line(proc, str(last), f"--resume-from {damaged / 'ckpt' / '0000004.pt'}")
-    assert tree_snapshot(damaged) == before
-    # continue from step 4: the same weights as the undamaged run's step 5
-    run_script("train.py", ["--resume-from", damaged / "ckpt" / "0000004.pt"])
+    # --resume names the damaged file and continues from step 4: the same weights as the undamaged run's step 5
+    proc = run_script("train.py", ["--out-dir", tmp_path, "--run-name", "damaged", "--resume"])
+    assert f"{last} is unreadable; continuing from {damaged / 'ckpt' / '0000004.pt'}" in proc.stdout
     a = torch.load(run_dir / "ckpt" / "last.pt", weights_only=True)
     b = torch.load(last, weights_only=True)
     assert a["step"] == b["step"] == 5
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # --resume-from a chosen checkpoint: the same again
+    run_script("train.py", ["--resume-from", damaged / "ckpt" / "0000004.pt"])
+    assert all(torch.equal(a["model"][k], v) for k, v in torch.load(last, weights_only=True)["model"].items())
+    # no readable checkpoint at all: refused, nothing written
+    for path in (damaged / "ckpt").iterdir():
+        path.write_bytes(b"not a checkpoint")
+    before = tree_snapshot(damaged)
+    proc = run_script("train.py", ["--out-dir", tmp_path, "--run-name", "damaged", "--resume"], check=False)
+    one_error_line(proc, "no checkpoint of", "is readable (3 damaged file(s) in ckpt/)")
+    assert tree_snapshot(damaged) == before
     # a checkpoint of another run, or a file outside a ckpt/ folder
     proc = run_script("train.py", ["--resume-from", damaged / "ckpt" / "0000004.pt", "--out-dir", tmp_path, "--run-name", "x"], check=False)
     one_error_line(proc, "--resume-from", "not to --run x")
