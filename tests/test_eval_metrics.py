@@ -50,6 +50,7 @@ def inception(tmp_path):
     return net.eval(), gen, ref
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_sfid_takes_mixed_6_conv_first_7_channels_hwc(inception, tmp_path):
     net, gen, ref = inception
     from models.features import InceptionNet

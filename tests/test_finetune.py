@@ -256,6 +256,7 @@ def test_text_model_controlnet_samples_each_control_with_its_caption(tmp_path):
     assert all(np.array_equal(g, np.asarray(Image.open(p))) for g, p in zip(got, files))
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_full_finetune_on_a_new_class_set(pretrained, tmp_path):
     root, out = pretrained
     classes = tmp_path / "shoes.txt"

@@ -272,6 +272,7 @@ def test_distillation_run_target_network_sampling_and_compare(teachers):
     assert "LCM clean" in report and "lcm-2" in report
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_distillation_resume_is_exact(teachers):
     """Stopped and resumed at the end of the guided warm-up, the run ends bit for bit where the
     straight run ends; the warm-up's step (guidance distillation) is not the consistency step."""
@@ -313,6 +314,7 @@ def test_text_teacher_with_corrupted_captions_and_cep(teachers):
     run_script("sample.py", ["--run", out / "tl", "--sampler", "lcm", "--steps", "1", "--cfg-scale", "3", "--num-samples", "4"])
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_bad_input_one_line_exit_2_nothing_written(teachers):
     root, out = teachers
     run_script("train.py", ["--data-path", root / "data", "--out-dir", out, "--run", "nodrop", "--model", "DiT-T/8",

@@ -130,6 +130,7 @@ def test_sample_rerun_names_the_setting_that_differs(trained):
     one_error_line(run_script("sample.py", [*common, "--clip-denoised"], check=False), "clip_denoised False (now True)")
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_nproc_per_node_starts_the_ranks_with_torchrun(data, tmp_path):
     """python train.py --nproc-per-node 2 = torchrun --standalone --nproc_per_node=2 train.py: the same
     run (same weights, since the run does not depend on the number of ranks), two ranks."""

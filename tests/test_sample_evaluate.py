@@ -91,6 +91,7 @@ def test_sample_rejects_foreign_checkpoint(trained, tmp_path):
         assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_evaluate_and_compare(trained):
     root, out = trained
     for run in ("demo", "corrupt"):
@@ -111,6 +112,7 @@ def test_evaluate_and_compare(trained):
     assert (out / "comparison_eta.png").exists() and (out / "comparison_fid_is.png").exists()
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_evaluate_real_images_score_better_than_noise(tmp_path):
     """The metrics rank real data above noise: real test images vs the test reference give a low
     FID (in the classifier's and the autoencoder's features) and high classifier accuracy; uniform
@@ -169,6 +171,7 @@ def test_inception_path_with_a_stand_in_network(tmp_path):
     assert m["metrics"]["is"] >= 1.0
 
 
+@pytest.mark.slow  # CI time (issue 31): its stage runs end to end in faster tests
 def test_clip_diversity_metrics_with_a_tiny_random_clip(trained, tmp_path):
     """The CLIP path (the paper's feature space for RMD / top-5 L2 / memorisation) with a randomly
     initialised tiny CLIP vision tower saved offline, checked against the same metrics computed
