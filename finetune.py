@@ -42,7 +42,7 @@ from PIL import Image
 import train
 from models.adapters import METHODS, Adapted, resize_class_table
 from models.build import FINETUNE_RECIPES, apply_recipe, build_model, model_from_checkpoint, recipe_table
-from models.common import UMASK, UsageError, atomic_write_json, run_main, setup_distributed, update_ema
+from models.common import UMASK, UsageError, atomic_write_json, end_distributed, run_main, setup_distributed, update_ema
 from models.controls import ControlData, control_cache_path, control_maps, image_uint8
 from models.data import LatentDataset, SubsetData, dataset_key, latent_dir, load_dataset, read_class_list
 from models.diffusion import DEFAULT_DIFFUSION, classifier_free_guidance, skipping_timesteps
@@ -366,9 +366,9 @@ def main():
     rank, world, device = setup_distributed(args.device)
     try:
         train.train(args, parser, rank, world, device, stage)
+        end_distributed(barrier=True)  # every rank done before any tears the group down
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models.common import (ImageNoise, UsageError, atomic_write_json, atomic_write_npy, atomic_write_text, compile_for_inference, run_main,
-                           setup_distributed)
+from models.common import (ImageNoise, UsageError, atomic_write_json, atomic_write_npy, atomic_write_text, compile_for_inference, end_distributed,
+                           run_main, setup_distributed)
 from models.data import load_dataset
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, SAMPLERS, GaussianDiffusion, Sampler, classifier_free_guidance, lcm_timesteps
 from models.build import model_from_checkpoint
@@ -290,9 +290,9 @@ def main():
         vae = args.pipeline_vae.to(device) if args.pretrained else vae
         for scale in scales:
             sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, world, device)
+        end_distributed(barrier=True)  # every rank done before any tears the group down
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed()
 
 
 def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, world, device):

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from models.corruption import CORRUPT_TYPES, is_text_dataset, prepare_corruption, resampled_conditions
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, step_conditions
-from models.common import (REQUEUE_EXIT, Requeue, UsageError, atomic_write_json, atomic_write_text, ema_decay_at, learning_rate,
-                           measure_matmul_tflops, restore_rng, run_main, seed_rank, setup_distributed,
+from models.common import (REQUEUE_EXIT, Requeue, UsageError, atomic_write_json, atomic_write_text, ema_decay_at, end_distributed,
+                           learning_rate, measure_matmul_tflops, restore_rng, run_main, seed_rank, setup_distributed,
                            step_generator, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import build_text_encoder, frozen_text_cache
@@ -177,9 +177,9 @@ def main():
     rank, world, device = setup_distributed(args.device)
     try:
         train(args, parser, rank, world, device)
+        end_distributed(barrier=True)  # every rank done before any tears the group down
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed()
 
 
 def check_only(args, parser, stage=None):

@@ -156,6 +156,15 @@ def setup_distributed(device_flag):
     return rank, world, device
 
 
+def end_distributed(barrier=False):
+    """Leave the process group; barrier=True (a normal end) first waits for every rank, so that no
+    rank tears its connections down while another still uses them."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def restart_safe_store(rank, world):
     """Under torchrun the ranks meet in the agent's store, which outlives a restart
     (--max-restarts): the dead attempt's keys are still there, and a restarted gloo group connects
