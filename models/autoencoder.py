@@ -7,7 +7,6 @@ brightness, print), i.e. the within-class variation; a contrastive encoder would
 its augmentations (crops, flips, contrast), which are such variations, and trains far slower on a CPU.
 Only the encoder is kept, shipped as models/weights/autoencoder-fashion-mnist-<training-set identity>.pt.
 """
-import contextlib
 import os
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.common import atomic_torch_save
+from models.common import atomic_torch_save, one_thread
 
 SHIPPED_AUTOENCODERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
@@ -80,18 +79,6 @@ def reconstruction_mse(encoder, decoder, images_uint8, batch_size=500):
     return total / int(np.prod(images_uint8.shape))  # a Python float: torch.load(weights_only=True) reads it back
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run a block with one intra-op thread (then restore the count): the same float rounding, so
-    the same weights, whatever the machine's core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train_autoencoder(train_x, test_x, epochs=4, min_steps=150, batch_size=128, lr=2e-3, feature_dim=128, seed=0, log=print):
     """train_x / test_x: uint8 (N, H, W, C). Minimises the pixel MSE of the reconstructions (Adam,
     lr decayed by cosine to 0) for `epochs` epochs, on one thread and with a fixed seed:
@@ -101,7 +88,7 @@ def train_autoencoder(train_x, test_x, epochs=4, min_steps=150, batch_size=128, 
     steps_per_epoch = -(-len(train_x) // batch_size)
     epochs = max(epochs, -(-min_steps // steps_per_epoch))
     total = epochs * steps_per_epoch
-    with single_thread():
+    with one_thread():
         torch.manual_seed(seed)
         encoder, decoder = Encoder(train_x.shape[-1], feature_dim), Decoder(train_x.shape[-1], feature_dim)
         params = [*encoder.parameters(), *decoder.parameters()]

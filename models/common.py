@@ -1,5 +1,6 @@
 """Small helpers shared by the stage scripts: atomic writes, the one-line error convention, the
 torchrun process group, the GPU's measured matmul rate and per-image sampling noise."""
+import contextlib
 import json
 import math
 import os
@@ -154,6 +155,19 @@ def setup_distributed(device_flag):
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None, **restart_safe_store(rank, world))
     return rank, world, device
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run a block with one intra-op thread, then restore the count: tiny linear algebra does not
+    spin threaded BLAS on shared CPUs, and the float rounding (so trained weights) is the same
+    whatever the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def end_distributed(barrier=False):

@@ -64,7 +64,6 @@ P̃_k = Σ_j π_kj N(μ_j, I), π_kk ∝ (1−η)w_k, π_kj ∝ η w_j w_k/(1 �
   two data sets are noisier (retraining moves W2² by 0.03): −0.009…+0.008 for η ≤ 0.1, +0.43 at 0.5.
 """
 import argparse
-import contextlib
 import math
 import os
 import time
@@ -76,6 +75,7 @@ import torch.nn.functional as F
 from scipy import stats
 from scipy.special import logsumexp
 
+from models.common import one_thread
 from models.corruption import corrupt_count, corrupt_labels
 from models.diffusion import GaussianDiffusion, Sampler
 
@@ -83,17 +83,6 @@ ETAS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 
 
 # ----------------------------------------------------------------------------------------- Gaussians
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny batched linear algebra / MLP: one thread; shared CPUs make threaded BLAS spin (10-100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def _t(a):
     return torch.as_tensor(np.asarray(a, dtype=np.float64))
