@@ -318,19 +318,24 @@ def sync_run_files(args, runs, dest):
 
 
 def run_seconds(run_dir):
-    """Wall seconds of a run: training from its log (the steps' time), sampling and evaluation from
-    study_times.json (what study.py ran of them)."""
-    from models.report import training_time
+    """Wall seconds of a run on an idle machine: training at the 90th percentile of its logged speed
+    (the pilot shared the cores with other work at times, which the median would charge to every
+    run), each sample set and evaluation at the median of its stages in study_times.json."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        speed = np.percentile([json.loads(line)["img_per_s"] for line in f if line.strip()], 90)
     times = {}
     if os.path.exists(os.path.join(run_dir, "study_times.json")):
         with open(os.path.join(run_dir, "study_times.json")) as f:
             times = json.load(f)
-    return 60 * training_time(run_dir)[0] + sum(v for k, v in times.items() if k != "train")
+    stages = [[v for k, v in times.items() if k.startswith(kind)] for kind in ("sample ", "evaluate ")]
+    return cfg["max_steps"] * cfg["global_batch_size"] / speed + sum(len(v) * np.median(v) for v in stages if v)
 
 
 def plan(args):
     """The seed count of a grid from its pilot (the reference's finished runs): their std of FID at the
-    best scale, σ_ref; the std of per-seed differences it implies, σ_Δ = σ_ref · (σ_Δ / σ_ref of the
+    best scale, or the std over the sampling seeds of its seed 0 if that is larger, σ_ref; the std of per-seed differences it implies, σ_Δ = σ_ref · (σ_Δ / σ_ref of the
     1,000-step grid's primary comparisons, the only measured ratio), and √2 · σ_ref (unpaired
     seeds: the upper bound); the seeds each needs for power 0.8 against a 10 % change; the wall time
     of a run; and how many seeds of every core setting fit --hours."""
@@ -348,15 +353,23 @@ def plan(args):
     short_ref = next(g for g in short_best if g["setting"] == REFERENCE)
     ratio = pooled_sd([c["stats"][fid] for c in paired_comparisons(short, short_best, [fid], REFERENCE, PRIMARY, fid)
                        if c["setting"] in PRIMARY])[0] / short_ref["std"][fid]
+    # the std over training seeds (one sample set each) includes the sampling noise, so it cannot be
+    # below the std over sampling seeds of one model; from 2-3 sets each, take the larger
+    noise = [r["metrics"][fid] for r in read_rows(args.out_dir, {f"{REFERENCE}_seed0"}) if r["step"] == args.max_steps
+             and r["cfg"] == args.fixed_cfg and r["sampler"] == f"dpm-solver++-{args.sample_steps}"]
+    sigma = max(ref["std"][fid], np.std(noise, ddof=1) if len(noise) > 1 else 0.0)
     run_hours = np.mean([run_seconds(os.path.join(args.out_dir, r)) for r in {r["run"] for r in pilot}]) / 3600
     effect, core = 0.1 * ref["mean"][fid], len(GRIDS[args.grid]["runs"])
     fit = int(args.hours // (core * run_hours))
     print(f"pilot: {REFERENCE} seeds {ref['seeds']}, {fid} at the best scale {ref['cfg']:g}: {ref['mean'][fid]:.3f} ± {ref['std'][fid]:.3f}; "
           f"a 10 % change is {effect:.3f}")
-    for what, sd in ((f"paired (σ_Δ / σ_ref = {ratio:.2f}, the 1,000-step grid's)", ratio * ref["std"][fid]),
-                     ("unpaired bound (√2 σ_ref)", np.sqrt(2) * ref["std"][fid])):
+    if len(noise) > 1:
+        print(f"std over {len(noise)} sampling seeds of {REFERENCE}_seed0 at guidance {args.fixed_cfg:g}: {np.std(noise, ddof=1):.3f}; "
+              f"σ_ref = {sigma:.3f}, the larger of the two")
+    for what, sd in ((f"paired (σ_Δ / σ_ref = {ratio:.2f}, the 1,000-step grid's)", ratio * sigma),
+                     ("unpaired bound (√2 σ_ref)", np.sqrt(2) * sigma)):
         print(f"σ_Δ {sd:.3f} {what}: {seeds_for_power(effect, sd)} seeds for power 0.8")
-    print(f"one run (train, sample, evaluate): {run_hours:.2f} h; {core} core settings: {fit} seeds fit {args.hours:g} h")
+    print(f"one run (train, sample, evaluate) at idle speed: {run_hours:.2f} h; {core} core settings: {fit} seeds fit {args.hours:g} h")
 
 
 def main():

@@ -264,14 +264,17 @@ def claims_table(comparisons, names, power_of):
 
 
 def stage_times(runs_dir, runs):
-    """Mean wall time per run of training, of one sample set and of one evaluation (seconds): (mean, total, count)."""
+    """Mean wall time per run of training, of one sample set and of one evaluation (seconds): (mean, total, count).
+    Training's from the run's log (a run stopped and resumed by study.py only records its last piece
+    in study_times.json), sampling and evaluation from study_times.json."""
     times = {"train": [], "sample set": [], "evaluation": []}
     for run in runs:
+        minutes = training_time(os.path.join(runs_dir, run))[0]
+        times["train"] += [] if np.isnan(minutes) else [60 * minutes]
         path = os.path.join(runs_dir, run, "study_times.json")
         if os.path.exists(path):
             with open(path) as f:
                 t = json.load(f)
-            times["train"] += [t["train"]] if "train" in t else []
             times["sample set"] += [v for k, v in t.items() if k.startswith("sample ")]
             times["evaluation"] += [v for k, v in t.items() if k.startswith("evaluate ")]
     return {k: (float(np.mean(v)) if v else float("nan"), float(np.sum(v)), len(v)) for k, v in times.items()}
@@ -392,7 +395,7 @@ def write_study_report(args, run_names, reference, primary):
             f"Seed k of every setting starts from the same weights and sees the same data order, so each setting is compared with {reference} "
             f"only on the seeds both have: Δ_k = setting − {reference} on seed k, each at its own best scale. A cell is the mean Δ and its "
             "95 % CI (Student t, n − 1 degrees of freedom); **better** / worse only where the CI excludes 0, ≈ where it does not. "
-            f"The primary comparisons ({', '.join(p for p in primary if p in settings)} against {reference} on {fid}) are one family, "
+            f"The primary comparisons ({', '.join(primary)} against {reference} on {fid}) are one family, "
             "Holm-corrected: there a CI that excludes 0 counts only if the Holm-adjusted p is below 0.05.\n",
             markdown_table(["setting", "cfg", "seeds"] + paired, [[c["setting"], f"{c['cfg']:g}", ",".join(map(str, c["seeds"]))]
                                                                   + [delta_cell(c["stats"][n], n) for n in paired] for c in comparisons]),

@@ -162,9 +162,22 @@ def test_study_runs_resumes_and_reports(tmp_path):
     planned = run_script("study.py", flags + ["--plan"]).stdout
     assert f"{np.mean(fids):.3f} ± {np.std(fids, ddof=1):.3f}; a 10 % change is {0.1 * np.mean(fids):.3f}" in planned
     from models.stats import seeds_for_power
-    bound = np.sqrt(2) * np.std(fids, ddof=1)
+    # σ_ref: the larger of the std over training seeds and the std over clean_seed0's sampling seeds
+    noise = [json.loads((out / "clean_seed0" / "samples" / tag / "metrics.json").read_text())["metrics"]["fid_fmnist"]
+             for tag in ("dpm3_cfg2", "dpm3_cfg2_seed1", "dpm3_cfg2_seed2")]
+    sigma = max(np.std(fids, ddof=1), np.std(noise, ddof=1))
+    assert f"std over 3 sampling seeds of clean_seed0 at guidance 2: {np.std(noise, ddof=1):.3f}; σ_ref = {sigma:.3f}" in planned
+    bound = np.sqrt(2) * sigma
     assert f"σ_Δ {bound:.3f} unpaired bound (√2 σ_ref): {seeds_for_power(0.1 * np.mean(fids), bound)} seeds" in planned
     assert re.search(r"5 core settings: \d+ seeds fit 15 h", planned)
+    # the hours of a run at idle speed: training at the 90th percentile of the logged img/s, each
+    # sample set and evaluation at the median of its kind
+    from study import run_seconds
+    logged = [json.loads(ln)["img_per_s"] for ln in (out / "clean_seed1" / "log.jsonl").read_text().splitlines()]
+    times = json.loads((out / "clean_seed1" / "study_times.json").read_text())
+    expect = 4 * 8 / np.percentile(logged, 90) + sum(len(v) * np.median(v) for v in
+                                                     ([v for k, v in times.items() if k.startswith(w)] for w in ("sample ", "evaluate ")))
+    assert run_seconds(str(out / "clean_seed1")) == pytest.approx(expect)
     for name in ("eta.png", "eta_best.png", "fid_is.png", "cep.png", "curve.png", "runs/clean_seed0/samples/dpm3_cfg2/grid.png",
                  "runs/eta5_seed0/samples/dpm3_cfg2/grid.png", "runs/eta5_seed0/samples/step1_dpm3_cfg2/metrics.json",
                  "runs/eta5_seed0/config.json", "runs/eta5_seed0/study_times.json"):
