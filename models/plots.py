@@ -108,7 +108,8 @@ def plot_curve(best, curve, fid, reference, path):
     left.set(xlabel="training step", ylabel=f"{fid} at the best scale", yscale="log")
     right.set(xlabel="training step", ylabel=f"Δ {fid} vs {reference} (95 % CI)")
     left.legend(fontsize=7)
-    right.legend(fontsize=7)
+    if right.get_legend_handles_labels()[0]:  # no comparison yet: only the reference has runs
+        right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
