@@ -336,10 +336,11 @@ def run_seconds(run_dir):
 
 def plan(args):
     """The seed count of a grid from its pilot (the reference's finished runs): their std of FID at the
-    best scale, or the std over the sampling seeds of its seed 0 if that is larger, σ_ref; the std of per-seed differences it implies, σ_Δ = σ_ref · (σ_Δ / σ_ref of the
-    1,000-step grid's primary comparisons, the only measured ratio), and √2 · σ_ref (unpaired
-    seeds: the upper bound); the seeds each needs for power 0.8 against a 10 % change; the wall time
-    of a run; and how many seeds of every core setting fit --hours."""
+    best scale, or the std over the sampling seeds of its seed 0 if that is larger, σ_ref; the std of
+    per-seed differences it implies, σ_Δ = σ_ref · (σ_Δ / σ_ref of the 1,000-step grid's primary
+    comparisons, the only measured ratio), and √2 · σ_ref (unpaired seeds: the upper bound); the
+    seeds each needs for power 0.8 against a 10 % change; the wall time of a run; and how many seeds
+    of every core setting fit --hours."""
     from models.report import aggregate, main_metric, read_rows
     from models.stats import best_scale_groups, paired_comparisons, pooled_sd, seeds_for_power
     pilot = [r for r in read_rows(args.out_dir, {r[0] for r in grid_runs(args, only=False) if r[1] == REFERENCE})
