@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from tests.helpers import REPO, make_fake_fmnist, run_script
+from tests.helpers import REPO, run_script
 
 sys.path.insert(0, str(REPO))
 import study  # noqa: E402
@@ -122,12 +122,12 @@ def test_paired_comparisons_pair_runs_by_seed_at_each_best_scale():
     assert "| slight corruption lowers FID | η 2.5 % | fid_fmnist | 3 |" in claims and "inconclusive at this power" in claims
 
 
-def test_study_runs_resumes_and_reports(tmp_path):
+def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
     """A tiny converged grid (2 settings x 2 seeds, 4 steps, learning curve at steps 1 and 2): an
     interrupted run is resumed, every stage's files are written, the report pairs the settings by
-    seed, a rerun does nothing."""
-    data, out, res = tmp_path / "data", tmp_path / "study", tmp_path / "results"
-    make_fake_fmnist(data, n=200)
+    seed, a rerun does nothing. On the session's fake dataset, whose feature classifier and
+    autoencoder evaluate.py has already trained and cached."""
+    data, out, res = fake_fmnist, tmp_path / "study", tmp_path / "results"
     # an interrupted run: 2 of its 4 steps done
     run_script("train.py", ["--data-path", data, "--out-dir", out, "--run-name", "clean_seed0", "--max-steps", "2",
                             "--global-batch-size", "8", "--log-every", "1", "--ckpt-every", "1"])
