@@ -50,7 +50,9 @@ def paired_power(effect, sd, n, alpha=0.05):
         return math.nan
     df, nc = n - 1, abs(effect) * math.sqrt(n) / sd
     t_crit = scipy.stats.t.ppf(1 - alpha / 2, df)
-    return float(scipy.stats.nct.sf(t_crit, df, nc) + scipy.stats.nct.cdf(-t_crit, df, nc))
+    # P(T > t_crit) + P(T < −t_crit), the lower tail as P(T' > t_crit) with T' of noncentrality −nc:
+    # scipy's nct.cdf returns nan far out in that tail (e.g. df 1, nc 15–30), its sf does not.
+    return float(scipy.stats.nct.sf(t_crit, df, nc) + scipy.stats.nct.sf(t_crit, df, -nc))
 
 
 def seeds_for_power(effect, sd, power=0.8, alpha=0.05, most=1000):
