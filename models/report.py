@@ -280,10 +280,16 @@ def stage_times(runs_dir, runs):
     return {k: (float(np.mean(v)) if v else float("nan"), float(np.sum(v)), len(v)) for k, v in times.items()}
 
 
+def reference_sets(rows, fixed_cfg, max_steps, reference):
+    """The sample sets of the reference's seed 0 at the fixed scale and the full budget: every sampler
+    and sampling seed, the sets that measure the noise of one model."""
+    return [r for r in rows if r["setting"] == reference and r["seed"] == 0 and r["cfg"] == fixed_cfg and r["step"] == max_steps]
+
+
 def sampling_checks(rows, groups, quality, fixed_cfg, max_steps, sampler, reference):
     """On the reference's seed 0 at the fixed scale: the metrics at 50 sampler steps, and the std over
     sampling seeds of one model against the std over training seeds. Markdown lines."""
-    ref_rows = [r for r in rows if r["setting"] == reference and r["seed"] == 0 and r["cfg"] == fixed_cfg and r["step"] == max_steps]
+    ref_rows = reference_sets(rows, fixed_cfg, max_steps, reference)
     samplers = sorted({r["sampler"] for r in ref_rows if r["sample_seed"] == 0})
     checks = []
     if len(samplers) > 1:
@@ -299,6 +305,32 @@ def sampling_checks(rows, groups, quality, fixed_cfg, max_steps, sampler, refere
                    "images per set): the std over sampling seeds of one model, and the std over training seeds (one sample set each):\n",
                    markdown_table(["metric", "std over sampling seeds", "sets", "std over training seeds", "runs"], lines)]
     return checks
+
+
+def reproduction_check(res, rows, fid, fixed_cfg, max_steps, sampler, reference):
+    """Runs rerun from a fresh clone (their small files in <res>/reproduction/<run>/) against the
+    committed run, sample set by sample set: the FID of each, its Δ, and whether |Δ| is within twice
+    the std over sampling seeds of one model (the noise of one sample set). Markdown lines."""
+    redo = read_rows(os.path.join(res, "reproduction"))
+    if not redo:
+        return []
+    noise = [r["metrics"][fid] for r in reference_sets(rows, fixed_cfg, max_steps, reference) if r["sampler"] == sampler and fid in r["metrics"]]
+    sd = float(np.std(noise, ddof=1)) if len(noise) > 1 else float("nan")
+    committed = {(r["run"], r["tag"]): r for r in rows}
+    lines = []
+    for r in sorted(redo, key=lambda r: (r["run"], -(r["step"] or 0), r["tag"])):
+        c = committed.get((r["run"], r["tag"]))
+        if c is None or fid not in r["metrics"] or fid not in c["metrics"]:
+            continue
+        d = r["metrics"][fid] - c["metrics"][fid]
+        same = sum(r["metrics"][m] == v for m, v in c["metrics"].items() if m in r["metrics"])
+        lines.append([r["run"], r["tag"], fmt(c["metrics"][fid]), fmt(r["metrics"][fid]), f"{d:+.3g}",
+                      "yes" if abs(d) <= 2 * sd else ("no" if np.isfinite(sd) else "?"), f"{same} / {len(c['metrics'])}"])
+    return [f"\n**Reproduction from a fresh clone** (the small files of the rerun in `reproduction/<run>/`, from `python study.py "
+            f"--only <run>` in a new clone of main, copied from its `runs/<run>/`): each sample set's {fid} against the committed "
+            f"run's, and whether |Δ| is within 2 × {fmt(sd)}, the std over sampling seeds of one model ({reference} seed 0, guidance "
+            f"{fixed_cfg:g}); the last column counts the metrics of the set that came out identical.\n",
+            markdown_table(["run", "sample set", f"{fid} committed", "reproduced", "Δ", "within 2 × noise", "metrics identical"], lines)]
 
 
 def write_study_report(args, run_names, reference, primary):
@@ -423,6 +455,7 @@ def write_study_report(args, run_names, reference, primary):
                                              for step in steps] for s in settings if s != reference]),
                 "\n![learning curve](curve.png)\n"]
     doc += ["\n## Checks\n", *sampling_checks(rows, groups, quality, args.fixed_cfg, args.max_steps, sampler, reference),
+            *reproduction_check(res, rows, fid, args.fixed_cfg, args.max_steps, sampler, reference),
             "\n## Plots\n", f"![metric vs η](eta.png)\n\n![metric vs η, best scale](eta_best.png)\n\n![FID vs IS](fid_is.png)\n\n"
             f"![clean, CEP, IP at guidance {args.fixed_cfg:g}](cep.png)\n",
             "\n## Sample grids (one class per column)\n", "| setting | samples |", "|---|---|", *grid_lines]

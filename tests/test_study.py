@@ -216,6 +216,20 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
     listing = run_script("study.py", flags + ["--list"]).stdout
     assert re.search(r"clean_seed0\s+done\s+6/6", listing) and re.search(r"eta5_seed1\s+done\s+3/3", listing)
+    # a run rerun from a fresh clone, its small files copied to reproduction/: each set against the committed one
+    from models.report import fmt
+    shutil.copytree(res / "runs" / "clean_seed1", res / "reproduction" / "clean_seed1")
+    m = res / "reproduction" / "clean_seed1" / "samples" / "dpm3_cfg2" / "metrics.json"
+    doc = json.loads(m.read_text())
+    committed, n = doc["metrics"]["fid_fmnist"], len(doc["metrics"])
+    doc["metrics"]["fid_fmnist"] += 0.5
+    m.write_text(json.dumps(doc))
+    run_script("study.py", flags + ["--report-only"])
+    section = (res / "README.md").read_text().split("**Reproduction from a fresh clone**")[1].split("\n## ")[0]
+    assert f"within 2 × {fmt(np.std(noise, ddof=1))}" in section
+    assert (f"| clean_seed1 | dpm3_cfg2 | {fmt(committed)} | {fmt(committed + 0.5)} | +0.5 | "
+            f"{'yes' if 0.5 <= 2 * np.std(noise, ddof=1) else 'no'} | {n - 1} / {n} |") in section
+    assert re.search(rf"\| clean_seed1 \| step1_dpm3_cfg2 \| [^|]+ \| [^|]+ \| \+0 \| yes \| {n} / {n} \|", section)
 
 
 def test_study_refuses_bad_input(tmp_path):
