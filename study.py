@@ -2,7 +2,7 @@
 The paper's central experiment in one command: pre-train every setting of a grid (the η sweep,
 CEP-U / CEP-G, input perturbation, the γ ablation, asymmetric corruption) over seeds, sample each
 run over a guidance sweep, evaluate every sample set, then write the tables, plots and sample grids
-(models/report.py), every setting read against clean training paired by seed.
+(models/study_report.py), every setting read against clean training paired by seed.
 
     python study.py                                  # the 1,000-step Fashion-MNIST grid: runs in out/study, report in results/fashion-mnist
     python study.py --grid converged                 # the converged grid (10,000 steps): out/converged, results/fashion-mnist/converged
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from models.common import UsageError, atomic_write_json, run_main
-from models.report import write_study_report
+from models.study_report import write_study_report
 
 # train.py flags of every setting
 SETTINGS = {

@@ -1,4 +1,4 @@
-"""study.py and models/report.py: the grid runs resumably end to end on a tiny budget, and the
+"""study.py, models/report.py and models/study_report.py: the grid runs resumably end to end on a tiny budget, and the
 tables' mean ± std and verdicts agree with an independent computation (numpy / statistics)."""
 import json
 import re
@@ -87,7 +87,8 @@ def test_paired_comparisons_pair_runs_by_seed_at_each_best_scale():
     """Δ_k = setting − clean on the same seed, each at its own best scale (lowest mean FID); a seed only
     one side has is left out; the CI and p match scipy's on those differences; the primary family's
     FID p-values are Holm-adjusted together; verdicts need the CI to exclude 0 (and Holm there)."""
-    from models.report import aggregate, claims_table, verdict
+    from models.report import aggregate
+    from models.study_report import claims_table, verdict
     from models.stats import best_scale_groups, holm, paired_comparisons
     rng = np.random.default_rng(1)
     rows, table = [], {}
