@@ -7,7 +7,7 @@ through two means over different seeds.
 - holm: Holm's step-down adjustment of a family of p-values (controls the family-wise error).
 - paired_power / seeds_for_power: the power of that test for a true mean difference δ when the
   d_k have std σ: P(|T| > t_crit) with T noncentral t (df n − 1, noncentrality δ√n / σ).
-- best_scale_groups / paired_comparisons: the study's rows (models/study_report.py) paired by seed.
+- best_scale_groups / paired_comparisons: the study's rows (models/report.py) paired by seed in its report (models/study_report.py).
 """
 import math
 

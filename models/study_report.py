@@ -285,4 +285,3 @@ def write_study_report(args, run_names, reference, primary):
             f"python study.py{grid} --report-only   # this page from the files on disk", "```"]
     atomic_write_text(os.path.join(res, "README.md"), "\n".join(doc) + "\n")
     print(f"-> {os.path.join(res, 'README.md')} ({len(rows)} sample sets of {len({r['run'] for r in rows})} runs)")
-
