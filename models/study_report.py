@@ -114,6 +114,28 @@ def sampling_checks(rows, groups, quality, fixed_cfg, max_steps, sampler, refere
     return checks
 
 
+def training_order_check(rows, metrics, fixed_cfg, steps):
+    """Does each feature space rank a run's own checkpoints in training order? For the runs with a set
+    at every evaluated step at the fixed scale: the mean of each metric per step, and how many runs'
+    value falls at every step (lower is better for these FIDs). Markdown lines."""
+    by_run = {}
+    for r in rows:
+        if r["cfg"] == fixed_cfg and r["step"] in steps:
+            by_run.setdefault(r["run"], {})[r["step"]] = r["metrics"]
+    full = [by_run[run] for run in sorted(by_run) if len(by_run[run]) == len(steps)]
+    lines = []
+    for m in metrics:
+        values = [[sets[step][m] for step in steps] for sets in full if all(m in sets[step] for step in steps)]
+        if len(steps) > 1 and values:
+            in_order = sum(all(a > b for a, b in zip(v, v[1:])) for v in values)
+            lines.append([m] + [fmt(np.mean([v[i] for v in values])) for i in range(len(steps))] + [f"{in_order} / {len(values)}"])
+    if not lines:
+        return []
+    return [f"\n**Training order** (guidance {fixed_cfg:g}): a feature space that measures sample quality scores a run's later "
+            "checkpoints better. The mean over runs at every evaluated step, and how many runs' value falls at every step:\n",
+            markdown_table(["metric"] + [f"step {s:,}" for s in steps] + ["runs in training order"], lines)]
+
+
 def reproduction_check(res, rows, fid, fixed_cfg, max_steps, sampler, reference, command):
     """Runs rerun from a fresh clone (their small files in <res>/reproduction/<run>/) against the
     committed run, sample set by sample set: the FID of each, its Δ, and whether |Δ| is within twice
@@ -271,6 +293,7 @@ def write_study_report(args, run_names, reference, primary):
                                              for step in steps] for s in settings if s != reference]),
                 "\n![learning curve](curve.png)\n"]
     doc += ["\n## Checks\n", *sampling_checks(rows, groups, quality, args.fixed_cfg, args.max_steps, sampler, reference),
+            *training_order_check(main_rows, [m for m in (fid, "fid_ae") if m in names], args.fixed_cfg, steps),
             *reproduction_check(res, rows, fid, args.fixed_cfg, args.max_steps, sampler, reference,
                                 f"python study.py{grid} --only <run>"),
             "\n## Plots\n", f"![metric vs η](eta.png)\n\n![metric vs η, best scale](eta_best.png)\n\n![FID vs IS](fid_is.png)\n\n"

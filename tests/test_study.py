@@ -123,6 +123,23 @@ def test_paired_comparisons_pair_runs_by_seed_at_each_best_scale():
     assert "| slight corruption lowers FID | η 2.5 % | fid_fmnist | 3 |" in claims and "inconclusive at this power" in claims
 
 
+def test_training_order_counts_runs_whose_fid_falls_at_every_step():
+    """A run counts only if its value falls at every evaluated step at the fixed scale; a run missing a
+    step, a set at another scale, and a metric a run lacks are left out; one step gives no check."""
+    from models.study_report import training_order_check
+    steps = [10, 20, 40]
+    fids = {"a_seed0": (9, 5, 2), "b_seed0": (9, 2, 5), "c_seed0": (3, 3, 1), "d_seed0": (8, 4, 1)}
+    rows = [{"run": run, "cfg": 1.5, "step": st, "metrics": {"fid": v, **({"fid_ae": v} if run != "d_seed0" else {})}}
+            for run, vs in fids.items() for st, v in zip(steps, vs)]
+    rows += [{"run": "e_seed0", "cfg": 1.5, "step": 10, "metrics": {"fid": 9}},  # no later checkpoints
+             {"run": "b_seed0", "cfg": 2.0, "step": 10, "metrics": {"fid": 0}}]  # another scale
+    lines = training_order_check(rows, ["fid", "fid_ae"], 1.5, steps)
+    table = {ln.split(" | ")[0].strip("| "): ln.split(" | ") for ln in lines[1].splitlines()[2:]}
+    assert table["fid"][-1].strip(" |") == "2 / 4" and table["fid_ae"][-1].strip(" |") == "1 / 3"
+    assert float(table["fid"][1]) == pytest.approx(np.mean([9, 9, 3, 8]), abs=0.05)
+    assert training_order_check(rows, ["fid"], 1.5, [40]) == []
+
+
 def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
     """A tiny converged grid (2 settings x 2 seeds, 4 steps, learning curve at steps 1 and 2): an
     interrupted run is resumed, every stage's files are written, the report pairs the settings by
@@ -150,7 +167,7 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
         assert times["train"] > 0 and len([k for k in times if k.startswith("sample ")]) == len(tags)
     assert json.loads((out / "eta5_seed1" / "config.json").read_text())["corrupt"] == 0.05
     readme = (res / "README.md").read_text()
-    assert "| clean | " in readme and "| η 5 % | " in readme and "Sampling noise" in readme and "Sampler steps" in readme
+    assert "| clean | " in readme and "| η 5 % | " in readme and "Sampling noise" in readme and "Sampler steps" in readme and "Training order" in readme
     # the paired analysis: η 5 % against clean on seeds 0 and 1, with a CI, a verdict, the power, the claim, the learning curve
     line = next(ln for ln in readme.splitlines() if ln.startswith("| η 5 % | 2 | 0,1 | "))
     d = [json.loads((out / f"eta5_seed{k}" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]["fid_fmnist"]
