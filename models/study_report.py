@@ -118,6 +118,8 @@ def training_order_check(rows, metrics, fixed_cfg, steps):
     """Does each feature space rank a run's own checkpoints in training order? For the runs with a set
     at every evaluated step at the fixed scale: the mean of each metric per step, and how many runs'
     value falls at every step (lower is better for these FIDs). Markdown lines."""
+    if len(steps) < 2:
+        return []
     by_run = {}
     for r in rows:
         if r["cfg"] == fixed_cfg and r["step"] in steps:
@@ -126,7 +128,7 @@ def training_order_check(rows, metrics, fixed_cfg, steps):
     lines = []
     for m in metrics:
         values = [[sets[step][m] for step in steps] for sets in full if all(m in sets[step] for step in steps)]
-        if len(steps) > 1 and values:
+        if values:
             in_order = sum(all(a > b for a, b in zip(v, v[1:])) for v in values)
             lines.append([m] + [fmt(np.mean([v[i] for v in values])) for i in range(len(steps))] + [f"{in_order} / {len(values)}"])
     if not lines:
