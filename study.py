@@ -7,6 +7,7 @@ run over a guidance sweep, evaluate every sample set, then write the tables, plo
     python study.py                                  # the 1,000-step Fashion-MNIST grid: runs in out/study, report in results/fashion-mnist
     python study.py --grid converged                 # the converged grid (10,000 steps): out/converged, results/fashion-mnist/converged
     python study.py --grid converged --only clean_seed1   # one setting and seed (comma-separated shell patterns)
+    python study.py --grid converged --only eta15_seed5 --rerun reproduction   # a run again, beside the committed one
     python study.py --list                           # the grid, and what is done
     python study.py --only 'clean_*,cep-u_*'         # a part of the grid, e.g. for another session or machine
     python study.py --report-only                    # tables and plots from the files on disk
@@ -15,7 +16,8 @@ run over a guidance sweep, evaluate every sample set, then write the tables, plo
         --nproc-per-node 8 --eval-args "--ref VIRTUAL_imagenet256_labeled.npz --features inception"   # the paper's grid
 
 It only runs train.py, sample.py and evaluate.py, as a user would, so every run of the study is an
-ordinary run. Resumable: a finished run, sample set or metrics file is skipped, and an interrupted
+ordinary run. The converged grid runs them from a git worktree of the commit its protocol pinned
+(.pinned/<commit>), so that no later change of the repo enters its pairs. Resumable: a finished run, sample set or metrics file is skipped, and an interrupted
 run continues with train.py --resume. Only the one factor of a setting changes between settings:
 steps, batch and recipe are the same for all, and seed k of every setting starts from the same
 weights and data order. The wall time of every stage is kept in <run>/study_times.json.
@@ -25,6 +27,7 @@ import fnmatch
 import glob
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -67,12 +70,16 @@ SHORT = dict(runs=[(name, 3 if name in ("clean", "eta2.5", "eta5", "cep-u", "cep
 # fid_fmnist <= 5x its floor at its best scale (10,000 steps: the 8,000-step pilot scored 8.91, over
 # the 8.62 target); the guidance sweep around that budget's best scale
 # (1.5); a learning curve at 1/4 and 1/2 of the budget over the scales that are best earlier in
-# training. The core settings first, seed by seed (so every finished seed is a complete pair), then
-# η 10 % and IP if time remains.
-CONVERGED_SEEDS = 3
-CONVERGED = dict(runs=[(name, CONVERGED_SEEDS) for name in ("clean", "eta2.5", "eta5", "cep-u", "cep-g")], extra=["eta10", "ip0.1"],
+# training. Seed by seed, so every finished seed is a complete set of pairs. Its seeds 0-2 ran first
+# (the protocol); its amendment (amendment.md, fixed before any of its runs) adds seeds 3-7 of the
+# core settings and η 15 % on seeds 0-7 as a positive control, sampled only where the analysis reads
+# them (`extension`). Every run executes the code that made seeds 0-2, the commit `pinned`.
+CONVERGED_SEEDS = 8
+CONVERGED = dict(runs=[(name, CONVERGED_SEEDS) for name in ("clean", "eta2.5", "eta5", "cep-u", "cep-g")], control=["eta15"],
                  max_steps=10000, num_samples=1000, sample_steps=20, cfg_scales="1,1.5,2", fixed_cfg=1.5, sample_batch_size=64,
-                 curve_scales="1.5,2,3", out_dir="out/converged", results="results/{dataset}/converged", seed_major=True)
+                 curve_scales="1.5,2,3", out_dir="out/converged", results="results/{dataset}/converged", seed_major=True,
+                 pinned="5f44ce3cc1a9eef0047e1e94152e32022fe48b9c",
+                 extension=dict(first_seed=3))
 # another dataset: train.py's recipe for the model and the paper's sampling (50 K images, 50 steps)
 PAPER = dict(max_steps=None, num_samples=50_000, sample_steps=50, cfg_scales="1,1.5,1.75,2,3,4", fixed_cfg=1.75, sample_batch_size=None)
 GRIDS = {"short": SHORT, "converged": CONVERGED}
@@ -92,7 +99,14 @@ def get_parser():
     a("--plan", action="store_true", help="from the reference's finished runs (the pilot): the seeds a setting needs for power 0.8 "
       "against a 10 %% change of the primary metric, and how many fit --hours")
     a("--hours", type=float, default=15.0, help="--plan: the time the core settings of the grid may take on this machine")
-    a("--no-report", action="store_true", help="run the grid but do not write the report (e.g. on a helper machine)")
+    a("--no-report", action="store_true", help="run the grid and copy the finished runs' small files to <results>, but do not write "
+      "the report")
+    a("--code", default="pinned", choices=("pinned", "checkout"), help="pinned: run the grid's train.py / sample.py / evaluate.py "
+      "from a git worktree of the commit its protocol pinned (the converged grid: 5f44ce3), as its committed runs were made; "
+      "checkout: this checkout's (another dataset, or changed code: then its runs do not pair with the committed ones)")
+    a("--rerun", default=None, metavar="NAME", help="run the --only runs again in <out-dir>_NAME and copy their small files to "
+      "<results>/NAME/, where the report compares them with the committed runs (e.g. 'reproduction' from a fresh clone, "
+      "'machine' on another CPU)")
     # what every run shares
     a("--dataset", default="fashion-mnist")
     a("--data-path", default=None)
@@ -147,6 +161,12 @@ def check_args(args):
         raise UsageError(f"the learning curve samples steps max_steps/4 and /2: --max-steps {args.max_steps} is not a multiple of 4")
     args.out_dir = args.out_dir or grid["out_dir"]
     args.results = args.results or grid["results"].format(dataset=args.dataset)
+    if args.rerun is not None:
+        if not args.rerun.isidentifier() or args.rerun == "runs":
+            raise UsageError(f"--rerun takes a plain folder name other than 'runs' (letters, digits, _), got {args.rerun!r}")
+        if not args.only:
+            raise UsageError("--rerun needs --only: the runs to do again")
+        args.out_dir = f"{args.out_dir.rstrip(os.sep)}_{args.rerun}"
 
 
 def grid_runs(args, only=True):
@@ -158,10 +178,12 @@ def grid_runs(args, only=True):
     def runs_of(settings):
         per_setting = [[(f"{name}_seed{seed}", name, SETTINGS[name], seed) for seed in range(args.seeds or seeds)] for name, seeds in settings]
         if grid.get("seed_major"):
-            return [r for k in range(max(map(len, per_setting))) for runs in per_setting for r in runs[k:k + 1]]
+            return [r for k in range(max(map(len, per_setting), default=0)) for runs in per_setting for r in runs[k:k + 1]]
         return [r for runs in per_setting for r in runs]
-    # the extra settings (if time remains) come after the core, with as many seeds
-    runs = runs_of(grid["runs"]) + runs_of([(name, grid["runs"][0][1]) for name in grid.get("extra", [])])
+    # a positive control is one more setting of each seed; the extra settings (if time remains) come after
+    # the core, with as many seeds
+    seeds = grid["runs"][0][1]
+    runs = runs_of(grid["runs"] + [(name, seeds) for name in grid.get("control", [])]) + runs_of([(name, seeds) for name in grid.get("extra", [])])
     if only and args.only:
         patterns = [s.strip() for s in args.only.split(",") if s.strip()]
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r[0], pat) for pat in patterns)]
@@ -177,23 +199,41 @@ def curve_steps(args):
     return [args.max_steps // 4, args.max_steps // 2] if args.curve else []
 
 
+def run_seed(run):
+    """('eta5', 3) of 'eta5_seed3'."""
+    name, seed = run.rsplit("_seed", 1)
+    return name, int(seed)
+
+
+def extension_run(args, run):
+    """Is this run one of the converged grid's amendment (a seed from its first_seed on, a positive
+    control, or any run done again with --rerun)? Those sample only the sets its analysis reads."""
+    grid = GRIDS[args.grid]
+    name, seed = run_seed(run)
+    return "extension" in grid and (seed >= grid["extension"]["first_seed"] or name in grid.get("control", []) or args.rerun is not None)
+
+
 def sample_sets(args, run):
     """(tag, sample.py flags, training step) of every sample set of a run: the guidance sweep of the
     final weights, the learning curve's sweeps of the numbered checkpoints at 1/4 and 1/2 of the
     budget, and on the reference run's first seed two checks: the fixed scale at 50 steps, and two
-    more sampling seeds (the sampling noise that the seed-to-seed spread is read against)."""
+    more sampling seeds (the sampling noise that the seed-to-seed spread is read against). A run of
+    the converged grid's amendment has the fixed scale only (final weights and learning curve), and
+    on the reference the two more sampling seeds (the offset of sampling seed 0)."""
     base = ["--sampler", "dpm-solver++", "--num-samples", str(args.num_samples)]
     base += ["--batch-size", str(args.sample_batch_size)] if args.sample_batch_size else []
     steps = ["--steps", str(args.sample_steps)]
     base = ["--run-dir", os.path.join(args.out_dir, run)] + base
-    sets = [(f"dpm{args.sample_steps}_cfg{s:g}", base + steps + ["--cfg-scale", f"{s:g}"], args.max_steps) for s in args.scales]
+    extension = extension_run(args, run)
+    scales, curve = ([args.fixed_cfg], [args.fixed_cfg] if args.curve else []) if extension else (args.scales, args.curve)
+    sets = [(f"dpm{args.sample_steps}_cfg{s:g}", base + steps + ["--cfg-scale", f"{s:g}"], args.max_steps) for s in scales]
     for step in curve_steps(args):  # a numbered checkpoint instead of the run's last
         ckpt = ["--ckpt", os.path.join(args.out_dir, run, "ckpt", f"{step:07d}.pt")] + base[2:]
-        sets += [(f"step{step}_dpm{args.sample_steps}_cfg{s:g}", ckpt + steps + ["--cfg-scale", f"{s:g}"], step) for s in args.curve]
-    if run == f"{REFERENCE}_seed0":
-        fixed = ["--cfg-scale", f"{args.fixed_cfg:g}"]
-        if args.sample_steps != 50:
-            sets.append((f"dpm50_cfg{args.fixed_cfg:g}", base + ["--steps", "50"] + fixed, args.max_steps))
+        sets += [(f"step{step}_dpm{args.sample_steps}_cfg{s:g}", ckpt + steps + ["--cfg-scale", f"{s:g}"], step) for s in curve]
+    fixed = ["--cfg-scale", f"{args.fixed_cfg:g}"]
+    if run == f"{REFERENCE}_seed0" and not extension and args.sample_steps != 50:
+        sets.append((f"dpm50_cfg{args.fixed_cfg:g}", base + ["--steps", "50"] + fixed, args.max_steps))
+    if run_seed(run)[0] == REFERENCE and (extension or run_seed(run)[1] == 0):
         sets += [(f"dpm{args.sample_steps}_cfg{args.fixed_cfg:g}_seed{s}", base + steps + ["--seed", str(s)] + fixed, args.max_steps)
                  for s in (1, 2)]
     return sets
@@ -205,10 +245,10 @@ def launch(script, flags, nproc):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *flags]
 
 
-def call(cmd, what):
-    """Run one stage; a failure stops the study with one line naming the command."""
-    print("$ " + shlex.join(cmd), flush=True)
-    if subprocess.call(cmd) != 0:
+def call(cmd, what, cwd=None, env=None):
+    """Run one stage (in the folder `cwd`, if given); a failure stops the study with one line naming the command."""
+    print("$ " + (f"(cd {shlex.quote(cwd)} && {shlex.join(cmd)})" if cwd else shlex.join(cmd)), flush=True)
+    if subprocess.call(cmd, cwd=cwd, env=env) != 0:
         raise UsageError(f"{what} failed; rerun the command above to see why, then rerun study.py (it resumes)")
 
 
@@ -230,14 +270,21 @@ def trained_steps(run_dir):
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
-def state(args, run):
-    """'done', 'partial' or 'todo' of a run, and the number of sample sets evaluated."""
-    run_dir = os.path.join(args.out_dir, run)
+def state(args, run, committed=True):
+    """'done', 'partial' or 'todo' of a run in args.out_dir, and the number of sample sets evaluated;
+    'committed' where the run is not complete there but its small files in the report's runs/ hold
+    every set (a run of the grid made on another machine: study.py does not do it again, --rerun does)."""
     sets = sample_sets(args, run)
-    scored = sum(os.path.exists(os.path.join(run_dir, "samples", tag, "metrics.json")) for tag, _, _ in sets)
-    if scored == len(sets):
-        return "done", scored, len(sets)
-    return ("partial" if os.path.exists(os.path.join(run_dir, "config.json")) else "todo"), scored, len(sets)
+
+    def scored(run_dir):
+        return sum(os.path.exists(os.path.join(run_dir, "samples", tag, "metrics.json")) for tag, _, _ in sets)
+    run_dir = os.path.join(args.out_dir, run)
+    here = scored(run_dir)
+    if here == len(sets):
+        return "done", here, len(sets)
+    if committed and args.rerun is None and scored(os.path.join(args.results, "runs", run)) == len(sets):
+        return "committed", len(sets), len(sets)
+    return ("partial" if os.path.exists(os.path.join(run_dir, "config.json")) else "todo"), here, len(sets)
 
 
 def train_flags(args, run, flags, seed):
@@ -251,7 +298,104 @@ def train_flags(args, run, flags, seed):
     return common + flags + shlex.split(args.train_args)
 
 
+def pinned_worktree(commit, root=None):
+    """The git worktree of `commit` at <root>/<commit[:7]> (root: <repo>/.pinned), made on first use;
+    refused if its checkout is at another commit or has changes."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(root or os.path.join(repo, ".pinned"), commit[:7])
+
+    def git(*cmd, cwd=repo):
+        return subprocess.run(["git", "-C", cwd, *cmd], capture_output=True, text=True)
+    if not os.path.isdir(path):
+        git("worktree", "prune")
+        made = git("worktree", "add", "--detach", path, commit)
+        if made.returncode != 0:
+            raise UsageError(f"cannot make a git worktree of the pinned commit {commit[:7]} at {path} ({made.stderr.strip().splitlines()[-1:]}): "
+                             "the converged grid runs its pinned code, which needs a git clone of the repository with its history")
+    head, changes = git("rev-parse", "HEAD", cwd=path).stdout.strip(), git("status", "--porcelain", "--untracked-files=no", cwd=path).stdout
+    if head != commit or changes.strip():
+        raise UsageError(f"{path} is not a clean checkout of {commit[:7]} (HEAD {head[:7] or '?'}{', changed files' if changes.strip() else ''}): "
+                         "remove it (git worktree remove --force) and rerun, study.py makes it again")
+    return path
+
+
+def machine():
+    """The CPU and builds a run segment executed on: float results are bit-identical only on the same."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
+    return {"cpu": cpu, "avx512": "avx512f" in flags, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def record_provenance(args, run, commit, what):
+    """Append one segment (what ran, from which training step, on which machine) to the run's
+    provenance file, <out-dir>/<run>.provenance.json beside the run's folder (train.py owns the folder);
+    copied with the run's small files as provenance.json."""
+    path = os.path.join(args.out_dir, f"{run}.provenance.json")
+    prov = {"commit": commit, "segments": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            prov = json.load(f)
+    prov["segments"].append({"what": what, "from_step": trained_steps(os.path.join(args.out_dir, run)), **machine(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    os.makedirs(args.out_dir, exist_ok=True)
+    atomic_write_json(path, prov)
+
+
+def pinned_command(args, run, name, seed):
+    """The pinned commit's study.py command that does one run (train.py, then its sample sets) with
+    the sizes and sample sets this study.py gives it."""
+    grid = GRIDS[args.grid]
+    extension = extension_run(args, run)
+    scales = [args.fixed_cfg] if extension else args.scales
+    curve = ([args.fixed_cfg] if args.curve else []) if extension else args.curve
+    # the pinned converged grid holds the core settings only; its short grid holds every setting, and
+    # with the same sizes passed here it trains and samples a run the same way
+    cmd = [sys.executable, "study.py", "--grid", "converged" if name in dict(grid["runs"]) else "short", "--seeds", str(seed + 1),
+           "--only", run, "--out-dir", args.out_dir, "--no-report", "--dataset", args.dataset, "--model", args.model,
+           "--max-steps", str(args.max_steps), "--nproc-per-node", str(args.nproc_per_node), "--num-samples", str(args.num_samples),
+           "--sample-steps", str(args.sample_steps), "--cfg-scales", ",".join(f"{s:g}" for s in scales), "--fixed-cfg", f"{args.fixed_cfg:g}",
+           "--curve-scales", ",".join(f"{s:g}" for s in curve) or "none"]
+    cmd += ["--sample-batch-size", str(args.sample_batch_size)] if args.sample_batch_size else []
+    for flag, value in (("--data-path", args.data_path), ("--train-args", args.train_args), ("--sample-args", args.sample_args),
+                        ("--eval-args", args.eval_args)):
+        cmd += [flag, value] if value else []
+    return cmd
+
+
+def do_pinned_run(args, run, name, seed):
+    """One run of a grid whose code is pinned: the pinned commit's study.py does the run in its git
+    worktree (pinned_command); then the sets it does not know (the amendment's extra sampling seeds)
+    from the same worktree's sample.py and evaluate.py. Paths are absolute, the feature cache is the
+    worktree's own."""
+    commit = GRIDS[args.grid]["pinned"]
+    path = pinned_worktree(commit)
+    args = argparse.Namespace(**{**vars(args), "out_dir": os.path.abspath(args.out_dir)})
+    env = {**os.environ, "SLIGHT_CORRUPTION_CACHE": os.path.join(path, ".cache")}
+    cmd = pinned_command(args, run, name, seed)
+    record_provenance(args, run, commit, "study.py --only " + run)
+    call(cmd, f"{run} (pinned code {commit[:7]})", cwd=path, env=env)
+    run_dir = os.path.join(args.out_dir, run)
+    for tag, flags_s, step in sample_sets(args, run):
+        folder = os.path.join(run_dir, "samples", tag)
+        if not os.path.exists(os.path.join(folder, "samples.npz")):
+            record_provenance(args, run, commit, f"sample.py --tag {tag}")
+            t0 = time.time()
+            call(launch("sample.py", ["--tag", tag, *flags_s, *shlex.split(args.sample_args)], args.nproc_per_node),
+                 f"sampling {run}/{tag}", cwd=path, env=env)
+            add_time(run_dir, f"sample {tag}", time.time() - t0)
+        if not os.path.exists(os.path.join(folder, "metrics.json")):
+            t0 = time.time()
+            call([sys.executable, "evaluate.py", "--samples", folder, *shlex.split(args.eval_args)], f"evaluating {run}/{tag}", cwd=path, env=env)
+            add_time(run_dir, f"evaluate {tag}", time.time() - t0)
+
+
 def do_run(args, run, flags, seed):
+    if GRIDS[args.grid].get("pinned") and args.code == "pinned":
+        return do_pinned_run(args, run, run_seed(run)[0], seed)
     run_dir = os.path.join(args.out_dir, run)
     train_cmd = train_flags(args, run, flags, seed)
     config_path, saved = os.path.join(run_dir, "config.json"), None
@@ -282,7 +426,7 @@ def do_run(args, run, flags, seed):
             add_time(run_dir, f"evaluate {tag}", time.time() - t0)
 
 
-RUN_FILES = ("config.json", "log.jsonl", "study_times.json")
+RUN_FILES = ("config.json", "log.jsonl", "study_times.json", "provenance.json")
 SAMPLE_FILES = ("metrics.json", "sample_config.json")
 
 
@@ -295,14 +439,15 @@ def sync_run_files(args, runs, dest):
     out_dir, fixed_cfg = args.out_dir, args.fixed_cfg
     for run in runs:
         src = os.path.join(out_dir, run)
-        if state(args, run)[0] != "done":
+        if state(args, run, committed=False)[0] != "done":  # only a run complete in out_dir replaces its copy
             continue
         if os.path.isdir(os.path.join(dest, run, "samples")):
             shutil.rmtree(os.path.join(dest, run, "samples"))
         for name in RUN_FILES:
-            if os.path.exists(os.path.join(src, name)):
+            path = os.path.join(src, name) if name != "provenance.json" else os.path.join(out_dir, f"{run}.provenance.json")
+            if os.path.exists(path):
                 os.makedirs(os.path.join(dest, run), exist_ok=True)
-                shutil.copyfile(os.path.join(src, name), os.path.join(dest, run, name))
+                shutil.copyfile(path, os.path.join(dest, run, name))
         grid_tags = {tag for tag, _, _ in sample_sets(args, run)}  # other sample sets of the run (explorations) stay out
         for folder in sorted(glob.glob(os.path.join(src, "samples", "*"))):
             if os.path.basename(folder) not in grid_tags or not os.path.exists(os.path.join(folder, "metrics.json")):
@@ -372,6 +517,31 @@ def plan(args):
                      ("unpaired bound (√2 σ_ref)", np.sqrt(2) * sigma)):
         print(f"σ_Δ {sd:.3f} {what}: {seeds_for_power(effect, sd)} seeds for power 0.8")
     print(f"one run (train, sample, evaluate) at idle speed: {run_hours:.2f} h; {core} core settings: {fit} seeds fit {args.hours:g} h")
+    plan_from_pairs(args, fid, effect)
+
+
+def plan_from_pairs(args, fid, effect):
+    """Where --out-dir holds paired runs of the primary settings: the std of their per-seed Δ at the
+    fixed scale, pooled over the primary family, with its 95 % CI, and at each end of it the power for
+    `effect`, the change detectable with power 0.8 and the seeds that power needs, under Holm over the
+    family (unadjusted beside, labelled)."""
+    from models.report import aggregate, read_rows
+    from models.stats import detectable_effect, paired_comparisons, paired_power, pooled_sd, sd_interval, seeds_for_power
+    rows = [r for r in read_rows(args.out_dir, {r[0] for r in grid_runs(args, only=False)}) if r["step"] == args.max_steps
+            and r["sample_seed"] == 0 and r["sampler"] == f"dpm-solver++-{args.sample_steps}" and r["cfg"] == args.fixed_cfg]
+    family = [c for c in paired_comparisons(rows, aggregate(rows), [fid], REFERENCE, PRIMARY, fid) if c["setting"] in PRIMARY]
+    sd, df = pooled_sd([c["stats"][fid] for c in family])
+    if not df:
+        return
+    m, seeds = len(family), max(len(c["seeds"]) for c in family)
+    lo, hi = sd_interval(sd, df)
+    print(f"paired: σ_Δ of {fid} at guidance {args.fixed_cfg:g}, pooled over {m} primary comparisons of {seeds} seeds: {sd:.3f} "
+          f"({df} df, 95 % CI [{lo:.3f}, {hi:.3f}]); a 10 % change is {effect:.3f}")
+    for n in (args.seeds or GRIDS[args.grid]["runs"][0][1], 5):  # the grid's seeds, and seeds 3-7 alone
+        for label, s_ in (("CI low", lo), ("measured", sd), ("CI high", hi)):
+            print(f"  {n} seeds, σ_Δ {s_:.3f} ({label}): Holm over {m}: power {paired_power(effect, s_, n, family=m):.3f}, detectable "
+                  f"{detectable_effect(s_, n, family=m):.2f}, seeds for power 0.8 {seeds_for_power(effect, s_, family=m)}; unadjusted: "
+                  f"power {paired_power(effect, s_, n):.3f}, detectable {detectable_effect(s_, n):.2f}, seeds {seeds_for_power(effect, s_)}")
 
 
 def main():
@@ -387,13 +557,13 @@ def main():
         return
     if not args.report_only:
         for k, (run, name, flags, seed) in enumerate(runs):
-            if state(args, run)[0] != "done":
+            if state(args, run)[0] not in ("done", "committed"):
                 print(f"== [{k + 1}/{len(runs)}] {run}", flush=True)
                 do_run(args, run, flags, seed)
+    every_run = [r[0] for r in grid_runs(args, only=False)]
+    if os.path.isdir(args.out_dir):  # the report reads the runs' small files, copied next to it
+        sync_run_files(args, every_run, os.path.join(args.results, args.rerun or "runs"))
     if not args.no_report:
-        every_run = [r[0] for r in grid_runs(args, only=False)]
-        if os.path.isdir(args.out_dir):  # the report reads the runs' small files, copied next to it
-            sync_run_files(args, every_run, os.path.join(args.results, "runs"))
         write_study_report(args, every_run, REFERENCE, PRIMARY)
 
 

@@ -4,9 +4,15 @@ through two means over different seeds.
 
 - paired_stats: mean of the d_k, their 95 % CI (Student t with n − 1 degrees of freedom) and the
   two-sided paired t-test p (t = mean / (sd / √n)).
-- holm: Holm's step-down adjustment of a family of p-values (controls the family-wise error).
-- paired_power / seeds_for_power: the power of that test for a true mean difference δ when the
-  d_k have std σ: P(|T| > t_crit) with T noncentral t (df n − 1, noncentrality δ√n / σ).
+- holm: Holm's step-down adjustment of a family of p-values (controls the family-wise error);
+  benjamini_hochberg: the step-up adjustment that controls the false discovery rate instead.
+- paired_power / seeds_for_power / detectable_effect: the power of that test for a true mean
+  difference δ when the d_k have std σ: P(|T| > t_crit) with T noncentral t (df n − 1,
+  noncentrality δ√n / σ). With `family` m > 1 they give the power under Holm over m comparisons:
+  the test at level α / m, Holm's first step. That is what a comparison needs when the others have no
+  effect (Holm's later steps add < 0.01 there, tests/test_study.py simulates it), and a lower bound
+  otherwise.
+- sd_interval: the 95 % CI of a std from its degrees of freedom (chi-square).
 - best_scale_groups / paired_comparisons: the study's rows (models/report.py) paired by seed in its report (models/study_report.py).
 """
 import math
@@ -43,34 +49,58 @@ def holm(pvalues):
     return adjusted
 
 
-def paired_power(effect, sd, n, alpha=0.05):
+def benjamini_hochberg(pvalues):
+    """Benjamini-Hochberg adjusted p-values (q-values), in the input order: the i-th smallest p times
+    m / i, made non-decreasing from the largest down, capped at 1. NaN entries stay NaN and are not
+    counted in m."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    adjusted = np.full(len(p), math.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    running = 1.0
+    order = valid[np.argsort(p[valid], kind="stable")]
+    for rank in range(len(order) - 1, -1, -1):
+        running = min(running, len(order) * p[order[rank]] / (rank + 1))
+        adjusted[order[rank]] = running
+    return adjusted
+
+
+def paired_power(effect, sd, n, alpha=0.05, family=1):
     """Power of the two-sided paired t-test at level alpha with n pairs to detect a mean difference
-    `effect` when the differences have std `sd`."""
+    `effect` when the differences have std `sd`; under Holm over `family` comparisons, at alpha / family."""
     if n < 2 or not sd > 0:
         return math.nan
     df, nc = n - 1, abs(effect) * math.sqrt(n) / sd
-    t_crit = scipy.stats.t.ppf(1 - alpha / 2, df)
+    t_crit = scipy.stats.t.ppf(1 - alpha / family / 2, df)
     # P(T > t_crit) + P(T < −t_crit), the lower tail as P(T' > t_crit) with T' of noncentrality −nc:
     # scipy's nct.cdf returns nan far out in that tail (e.g. df 1, nc 15–30), its sf does not.
     return float(scipy.stats.nct.sf(t_crit, df, nc) + scipy.stats.nct.sf(t_crit, df, -nc))
 
 
-def seeds_for_power(effect, sd, power=0.8, alpha=0.05, most=1000):
+def seeds_for_power(effect, sd, power=0.8, alpha=0.05, most=1000, family=1):
     """The smallest number of pairs whose paired_power reaches `power` (None beyond `most`)."""
-    return next((n for n in range(2, most + 1) if paired_power(effect, sd, n, alpha) >= power), None)
+    return next((n for n in range(2, most + 1) if paired_power(effect, sd, n, alpha, family) >= power), None)
 
 
-def detectable_effect(sd, n, power=0.8, alpha=0.05):
+def detectable_effect(sd, n, power=0.8, alpha=0.05, family=1):
     """The smallest mean difference that n pairs detect with `power` (bisection on paired_power)."""
     if n < 2 or not sd > 0:
         return math.nan
     lo, hi = 0.0, sd
-    while paired_power(hi, sd, n, alpha) < power:
+    while paired_power(hi, sd, n, alpha, family) < power:
         hi *= 2
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if paired_power(mid, sd, n, alpha) < power else (lo, mid)
+        lo, hi = (mid, hi) if paired_power(mid, sd, n, alpha, family) < power else (lo, mid)
     return hi
+
+
+def sd_interval(sd, df, level=0.95):
+    """(lo, hi): the CI of a normal std estimated as `sd` with `df` degrees of freedom, from
+    df · s² / σ² ~ χ²(df)."""
+    if not df or not np.isfinite(sd):
+        return math.nan, math.nan
+    tail = (1 - level) / 2
+    return (sd * math.sqrt(df / scipy.stats.chi2.ppf(1 - tail, df)), sd * math.sqrt(df / scipy.stats.chi2.ppf(tail, df)))
 
 
 def pooled_sd(stats):

@@ -2,7 +2,9 @@
 tables' mean ± std and verdicts agree with an independent computation (numpy / statistics)."""
 import json
 import re
+import shlex
 import shutil
+import subprocess
 import statistics
 import sys
 
@@ -83,6 +85,45 @@ def test_paired_stats_holm_and_power_against_independent_references():
     assert df == 3 and sd == pytest.approx(np.sqrt((2 * np.var([1, 2, 4], ddof=1) + np.var([0, 3], ddof=1)) / 3))
 
 
+def test_power_under_holm_against_a_simulation_of_the_design():
+    """The power under Holm over 4 comparisons (paired_power with family 4) against a Monte-Carlo
+    simulation of the study's design: every setting paired with one shared clean run per seed (so
+    the four Δ share clean's noise), one setting with a true effect and three without, paired
+    t-tests, Holm at 0.05: the effect's rejection rate agrees within 0.02. With all four effects
+    real, Holm rejects more often, so the formula is a lower bound there. Also: the seed count and
+    the detectable change under Holm, the std's chi-square CI against a simulation, and
+    Benjamini-Hochberg against scipy's false_discovery_control."""
+    from models.stats import benjamini_hochberg, detectable_effect, holm, paired_power, sd_interval, seeds_for_power
+    rng = np.random.default_rng(11)
+    sims = 20000
+    for effect, sd_delta, n in ((0.782, 0.478, 8), (0.782, 0.478, 3), (0.5, 0.4, 6)):
+        unit = sd_delta / np.sqrt(2)  # one run's std: Δ = setting − clean has std √2 · unit
+        clean = rng.normal(0, unit, (sims, 1, n))
+        settings = rng.normal(0, unit, (sims, 4, n)) + np.array([effect, 0, 0, 0])[None, :, None]
+        for effects in ("one", "all"):
+            d = settings - clean + (np.array([0, effect, effect, effect])[None, :, None] if effects == "all" else 0)
+            t = d.mean(2) / (d.std(2, ddof=1) / np.sqrt(n))
+            p = 2 * scipy.stats.t.sf(np.abs(t), n - 1)
+            rejected = np.mean([holm(row)[0] < 0.05 for row in p])
+            formula = paired_power(effect, sd_delta, n, family=4)
+            if effects == "one":
+                assert formula == pytest.approx(rejected, abs=0.02), (effect, sd_delta, n)
+            else:
+                assert formula <= rejected + 0.01
+        assert paired_power(effect, sd_delta, n, family=4) < paired_power(effect, sd_delta, n)
+    n = seeds_for_power(0.782, 0.478, family=4)
+    assert paired_power(0.782, 0.478, n, family=4) >= 0.8 > paired_power(0.782, 0.478, n - 1, family=4)
+    assert paired_power(detectable_effect(0.478, 8, family=4), 0.478, 8, family=4) == pytest.approx(0.8, abs=1e-6)
+    # the CI of a std: it covers the true σ in 95 % of simulated samples of 9 values (8 df)
+    draws = rng.normal(0, 1.0, (4000, 9)).std(1, ddof=1)
+    cover = np.mean([lo <= 1.0 <= hi for lo, hi in (sd_interval(s, 8) for s in draws)])
+    assert cover == pytest.approx(0.95, abs=0.012)
+    p = np.array([0.001, 0.04, 0.03, 0.2, 0.012, np.nan, 0.5, 0.012])
+    valid = ~np.isnan(p)
+    assert benjamini_hochberg(p)[valid] == pytest.approx(scipy.stats.false_discovery_control(p[valid], method="bh"), rel=1e-12)
+    assert np.isnan(benjamini_hochberg(p)[5])
+
+
 def test_paired_comparisons_pair_runs_by_seed_at_each_best_scale():
     """Δ_k = setting − clean on the same seed, each at its own best scale (lowest mean FID); a seed only
     one side has is left out; the CI and p match scipy's on those differences; the primary family's
@@ -151,7 +192,8 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
                             "--global-batch-size", "8", "--log-every", "1", "--ckpt-every", "1"])
     flags = ["--grid", "converged", "--seeds", "2", "--only", "clean_*,eta5_*", "--data-path", data, "--out-dir", out, "--results", res,
              "--max-steps", "4", "--train-args", "--global-batch-size 8 --log-every 2", "--num-samples", "20", "--sample-steps", "3",
-             "--cfg-scales", "2", "--curve-scales", "2", "--fixed-cfg", "2", "--nproc-per-node", "1", "--sample-args", "--batch-size 10"]
+             "--cfg-scales", "2", "--curve-scales", "2", "--fixed-cfg", "2", "--nproc-per-node", "1", "--sample-args", "--batch-size 10",
+             "--code", "checkout"]
     proc = run_script("study.py", flags)
     assert "resuming at step 2" in proc.stdout
     assert re.findall(r"^== \[\d/4\] (\S+)", proc.stdout, re.M) == ["clean_seed0", "eta5_seed0", "clean_seed1", "eta5_seed1"]  # seed-major
@@ -305,3 +347,27 @@ def test_settings_are_ordered_by_kind_then_eta():
     labels = ["η 10 % asym", "CEP-U γ 1", "η 10 %", "η 5 % asym", "clean", "η 7.5 %", "IP λ 0.1", "η 2.5 %"]
     assert sorted(labels, key=setting_order) == ["clean", "η 2.5 %", "η 7.5 %", "η 10 %", "CEP-U γ 1", "IP λ 0.1",
                                                  "η 5 % asym", "η 10 % asym"]
+
+
+def test_pinned_code_runs_what_this_study_asks(tmp_path):
+    """The converged grid runs its pinned commit's study.py: that code accepts the command this
+    study.py builds and lists exactly the run asked for with the sets it will make (the amendment's
+    fixed scale for a new seed or the positive control, the protocol's sweep for seeds 0-2; the extra
+    sampling seeds are this study.py's). A worktree that is not a clean checkout of the commit is
+    refused."""
+    commit = study.GRIDS["converged"]["pinned"]
+    path = study.pinned_worktree(commit, root=tmp_path / "pinned")
+    args = study.get_parser().parse_args(["--grid", "converged", "--out-dir", str(tmp_path / "out"), "--results", str(tmp_path / "res")])
+    study.check_args(args)
+    for run, pinned_sets, ours in (("eta15_seed0", 3, 3), ("clean_seed3", 3, 5), ("eta5_seed1", 9, 9)):
+        name, seed = study.run_seed(run)
+        assert len(study.sample_sets(args, run)) == ours
+        cmd = study.pinned_command(args, run, name, seed)
+        assert cmd[1] == "study.py" and cmd[cmd.index("--only") + 1] == run
+        listing = subprocess.run(cmd + ["--list"], cwd=path, capture_output=True, text=True, timeout=300)
+        assert listing.returncode == 0, listing.stderr
+        assert re.fullmatch(rf"{re.escape(run)}\s+todo\s+0/{pinned_sets} sample sets evaluated\s+train.py {re.escape(shlex.join(study.SETTINGS[name]) or '(clean)')}\n",
+                            listing.stdout), listing.stdout
+    (tmp_path / "pinned" / commit[:7] / "train.py").write_text("# changed\n")
+    with pytest.raises(study.UsageError, match="not a clean checkout"):
+        study.pinned_worktree(commit, root=tmp_path / "pinned")
