@@ -56,6 +56,7 @@ REFERENCE = "clean"  # every setting is read against it
 # the paper's claims tested with a family-wise error rate (Holm) on the primary metric, FID; every
 # other comparison is reported with its own CI
 PRIMARY = ("η 2.5 %", "η 5 %", "CEP-U γ 1", "CEP-G γ 1")  # the report's labels of eta2.5, eta5, cep-u, cep-g
+CONTROL = ("η 15 %",)  # a positive control's label (eta15), where a grid has one: its own test, outside the primary family
 
 # The 1,000-step grid (results/fashion-mnist), planned from the tiny recipe's speed on 2 idle cores
 # (~190 img/s of training at batch 64; ~90 s per 1,000 guided DPM-Solver++ samples at 20 steps; ~20 s
@@ -78,7 +79,7 @@ CONVERGED_SEEDS = 8
 CONVERGED = dict(runs=[(name, CONVERGED_SEEDS) for name in ("clean", "eta2.5", "eta5", "cep-u", "cep-g")], control=["eta15"],
                  max_steps=10000, num_samples=1000, sample_steps=20, cfg_scales="1,1.5,2", fixed_cfg=1.5, sample_batch_size=64,
                  curve_scales="1.5,2,3", out_dir="out/converged", results="results/{dataset}/converged", seed_major=True,
-                 pinned="5f44ce3cc1a9eef0047e1e94152e32022fe48b9c",
+                 pinned="5f44ce3cc1a9eef0047e1e94152e32022fe48b9c", scale="fixed",
                  extension=dict(first_seed=3))
 # another dataset: train.py's recipe for the model and the paper's sampling (50 K images, 50 steps)
 PAPER = dict(max_steps=None, num_samples=50_000, sample_steps=50, cfg_scales="1,1.5,1.75,2,3,4", fixed_cfg=1.75, sample_batch_size=None)
@@ -161,6 +162,7 @@ def check_args(args):
         raise UsageError(f"the learning curve samples steps max_steps/4 and /2: --max-steps {args.max_steps} is not a multiple of 4")
     args.out_dir = args.out_dir or grid["out_dir"]
     args.results = args.results or grid["results"].format(dataset=args.dataset)
+    args.scale = grid.get("scale", "best")  # the report reads each setting's best guidance scale, or the fixed one
     if args.rerun is not None:
         if not args.rerun.isidentifier() or args.rerun == "runs":
             raise UsageError(f"--rerun takes a plain folder name other than 'runs' (letters, digits, _), got {args.rerun!r}")
@@ -564,7 +566,13 @@ def main():
     if os.path.isdir(args.out_dir):  # the report reads the runs' small files, copied next to it
         sync_run_files(args, every_run, os.path.join(args.results, args.rerun or "runs"))
     if not args.no_report:
-        write_study_report(args, every_run, REFERENCE, PRIMARY)
+        grid = GRIDS[args.grid]
+        control = [label for name, label in zip(grid.get("control", []), CONTROL)]
+        amendment = None
+        if "extension" in grid:
+            plain = argparse.Namespace(**{**vars(args), "rerun": None})  # the grid's own runs, whatever --rerun is doing
+            amendment = {"runs": {r for r in every_run if extension_run(plain, r)}, "first_seed": grid["extension"]["first_seed"]}
+        write_study_report(args, every_run, REFERENCE, PRIMARY, control, amendment)
 
 
 if __name__ == "__main__":

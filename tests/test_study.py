@@ -154,20 +154,30 @@ def test_paired_comparisons_pair_runs_by_seed_at_each_best_scale():
     family = [comps[s]["stats"]["fid_fmnist"]["p"] for s in ("CEP-U γ 1", "η 2.5 %")]
     assert [comps[s]["stats"]["fid_fmnist"]["holm"] for s in ("CEP-U γ 1", "η 2.5 %")] == pytest.approx(list(holm(family)))
     assert comps["IP λ 0.1"]["stats"]["fid_fmnist"]["holm"] is None  # not primary
-    # −5 with a spread of ~0.4 in Δ: better; IP +9: worse; η 2.5 %'s +0.3: within the CI
+    # −5 with a spread of ~0.4 in Δ: better; IP +9 is in no family (not primary, not a control): a lead;
+    # η 2.5 %'s +0.3: within the CI
+    from models.study_report import analyse
+    a = analyse(rows, False, 3.0, 100, "s", "fid_fmnist", names, "clean", ("CEP-U γ 1", "η 2.5 %"), ())
+    comps = {c["setting"]: c for c in a["comparisons"]}
+    cep = comps["CEP-U γ 1"]
     assert verdict(cep["stats"]["fid_fmnist"], "fid_fmnist") == "**better**"
-    assert verdict(comps["IP λ 0.1"]["stats"]["fid_fmnist"], "fid_fmnist") == "worse"
+    assert verdict(comps["IP λ 0.1"]["stats"]["fid_fmnist"], "fid_fmnist") == "lead: worse (uncorrected)"
     assert verdict(comps["η 2.5 %"]["stats"]["fid_fmnist"], "fid_fmnist").startswith("≈")
-    assert verdict(cep["stats"]["rmd_top1_fmnist"], "rmd_top1_fmnist") in ("↑", "↓", "≈")  # no better side
-    claims = claims_table(list(comps.values()), names, lambda m, st: "")
+    assert verdict(cep["stats"]["rmd_top1_fmnist"], "rmd_top1_fmnist") in ("↑", "↓", "≈", "lead: ↑ (not after BH)", "lead: ↓ (not after BH)")
+    # the secondary family: every other metric of the primary settings, Benjamini-Hochberg as one
+    tests = [t[3] for t in a["secondary"]]
+    assert len(tests) == 4 and {t[2] for t in a["secondary"]} == {"accuracy", "rmd_top1_fmnist"}
+    assert [t["q"] for t in tests] == pytest.approx(list(scipy.stats.false_discovery_control([t["p"] for t in tests])))
+    claims = claims_table(a, names)
     assert "| CEP-U lowers FID | CEP-U γ 1 | fid_fmnist | 3 |" in claims and "| supported |" in claims
     assert "| slight corruption lowers FID | η 2.5 % | fid_fmnist | 3 |" in claims and "inconclusive at this power" in claims
+    assert "(Holm over 2)" in claims  # the power is the family's
 
 
 def test_training_order_counts_runs_whose_fid_falls_at_every_step():
     """A run counts only if its value falls at every evaluated step at the fixed scale; a run missing a
     step, a set at another scale, and a metric a run lacks are left out; one step gives no check."""
-    from models.study_report import training_order_check
+    from models.study_checks import training_order_check
     steps = [10, 20, 40]
     fids = {"a_seed0": (9, 5, 2), "b_seed0": (9, 2, 5), "c_seed0": (3, 3, 1), "d_seed0": (8, 4, 1)}
     rows = [{"run": run, "cfg": 1.5, "step": st, "metrics": {"fid": v, **({"fid_ae": v} if run != "d_seed0" else {})}}
@@ -371,3 +381,53 @@ def test_pinned_code_runs_what_this_study_asks(tmp_path):
     (tmp_path / "pinned" / commit[:7] / "train.py").write_text("# changed\n")
     with pytest.raises(study.UsageError, match="not a clean checkout"):
         study.pinned_worktree(commit, root=tmp_path / "pinned")
+
+
+def test_report_reads_the_amendment_only_when_complete_and_checks_its_positive_control(tmp_path):
+    """Hand-made runs of a grid with an amendment (seeds 3-4 and a positive control η 15 %): while any
+    of the amendment's runs is missing, the report reads seeds 0-2 only and lists what is done (a fixed
+    n); once all are done it reads every seed, with the sensitivity analyses, and its positive-control
+    check finds an effect that is there (+3 FID on every seed) and says the design fails its check when
+    the control has none. The secondary family is corrected together (Benjamini-Hochberg over 2 metrics
+    x 4 settings)."""
+    import argparse
+    from models.study_report import write_study_report
+    settings = {"clean": {}, "eta2.5": {"corrupt": 0.025}, "eta5": {"corrupt": 0.05}, "cep-u": {"cep": True, "cep_type": "uniform"},
+                "cep-g": {"cep": True, "cep_type": "gaussian"}, "eta15": {"corrupt": 0.15}}
+    runs = [f"{name}_seed{k}" for k in range(5) for name in settings]
+    amendment = {"runs": {r for r in runs if int(r[-1]) >= 3 or r.startswith("eta15")}, "first_seed": 3}
+
+    def grid(root, control_effect, only=None):
+        rng = np.random.default_rng(5)
+        for run in runs:
+            name, seed = study.run_seed(run)
+            fid = 8 + [0.0, 0.7, -0.4, 1.1, -0.9][seed] + (control_effect if name == "eta15" else 0) + rng.normal(0, 0.05)
+            if only is None or run in only:
+                fake_metrics(root / "runs", run, "dpm20_cfg1.5", {**settings[name], "seed": seed, "max_steps": 100},
+                             {"fid_fmnist": fid, "accuracy": 0.87 - (0.05 if name == "eta15" else 0) + rng.normal(0, 0.002),
+                              "recall_fmnist": 0.78 + rng.normal(0, 0.01)}, cfg=1.5)
+
+    def report(root):
+        args = argparse.Namespace(results=str(root), out_dir=str(root / "out"), sample_steps=20, fixed_cfg=1.5, max_steps=100,
+                                  scale="fixed", grid="converged", only=None)
+        write_study_report(args, runs, "clean", study.PRIMARY, ["η 15 %"], amendment)
+        return (root / "README.md").read_text()
+
+    partial = tmp_path / "partial"
+    grid(partial, 3.0, only={r for r in runs if r not in amendment["runs"]} | {"eta15_seed0", "eta15_seed1", "clean_seed3"})
+    text = report(partial)
+    assert "**3 of 15 done**" in text and "Done: eta15_seed0, eta15_seed1, clean_seed3." in text
+    assert "| η 5 % | 3 | " in text and "| η 5 % | 5 | " not in text  # seeds 0-2 only
+    assert "- η 15 %: no finished runs in this analysis." in text and "## Sensitivity" not in text
+    assert "Benjamini-Hochberg over 8" in text
+    full = tmp_path / "full"
+    grid(full, 3.0)
+    text = report(full)
+    assert "**complete**" in text and "| η 5 % | 5 | " in text and "## Sensitivity" in text
+    control = next(ln for ln in text.splitlines() if ln.startswith("- η 15 % against the reference, 5 seeds"))
+    assert "**the design detects it**" in control and "accuracy" in control
+    assert "Seeds 3 to 4 alone" in text and "Seeds 0 to 2 alone" in text and "Verdicts that differ" in text
+    null = tmp_path / "null"
+    grid(null, 0.0)
+    control = next(ln for ln in report(null).splitlines() if ln.startswith("- η 15 % against the reference, 5 seeds"))
+    assert "**the design fails its own check**" in control
