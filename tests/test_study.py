@@ -431,3 +431,28 @@ def test_report_reads_the_amendment_only_when_complete_and_checks_its_positive_c
     grid(null, 0.0)
     control = next(ln for ln in report(null).splitlines() if ln.startswith("- η 15 % against the reference, 5 seeds"))
     assert "**the design fails its own check**" in control
+
+
+@pytest.mark.slow
+def test_pinned_run_end_to_end(tmp_path, fake_fmnist):
+    """One tiny run of the converged grid through its pinned code (the default, --code pinned): the
+    pinned commit's train.py, sample.py and evaluate.py make it in .pinned/<commit>, the amendment's
+    extra sampling seeds on clean come from the same worktree, and the run's small files, with its
+    provenance (commit, CPU), reach the results."""
+    out, res = tmp_path / "out", tmp_path / "res"
+    flags = ["--grid", "converged", "--seeds", "4", "--only", "clean_seed3", "--data-path", fake_fmnist, "--out-dir", out, "--results", res,
+             "--max-steps", "4", "--train-args", "--global-batch-size 8 --log-every 2", "--num-samples", "20", "--sample-steps", "3",
+             "--cfg-scales", "2", "--curve-scales", "none", "--fixed-cfg", "2", "--nproc-per-node", "1", "--sample-args", "--batch-size 10",
+             "--no-report"]
+    proc = run_script("study.py", flags, timeout=1200)
+    commit = study.GRIDS["converged"]["pinned"]
+    assert f"(cd {REPO / '.pinned' / commit[:7]} && " in proc.stdout and "--only clean_seed3" in proc.stdout
+    assert sorted(p.name for p in (res / "runs" / "clean_seed3" / "samples").iterdir()) == ["dpm3_cfg2", "dpm3_cfg2_seed1", "dpm3_cfg2_seed2"]
+    seeds = [json.loads((res / "runs" / "clean_seed3" / "samples" / t / "metrics.json").read_text())["sample_config"]["seed"]
+             for t in ("dpm3_cfg2", "dpm3_cfg2_seed1", "dpm3_cfg2_seed2")]
+    assert seeds == [0, 1, 2]
+    prov = json.loads((res / "runs" / "clean_seed3" / "provenance.json").read_text())
+    assert prov["commit"] == commit and prov["segments"][0]["from_step"] == 0 and "avx512" in prov["segments"][0]
+    assert [s["what"] for s in prov["segments"]] == ["study.py --only clean_seed3", "sample.py --tag dpm3_cfg2_seed1", "sample.py --tag dpm3_cfg2_seed2"]
+    # done: a second call runs nothing
+    assert "$ " not in run_script("study.py", flags, timeout=600).stdout
