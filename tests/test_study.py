@@ -296,12 +296,15 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
     m.write_text(json.dumps(doc))
     run_script("study.py", flags + ["--report-only"])
     section = (res / "README.md").read_text().split("**Reproduction from a fresh clone**")[1].split("\n## ")[0]
-    assert f"within 2 × {fmt(np.std(noise, ddof=1))}" in section and "`python study.py --grid converged --only <run>`" in section
+    # read on the scale of two training seeds: σ, clean's std over its seeds at the fixed scale
+    sigma = np.std(fids, ddof=1)
+    assert f"σ = {fmt(sigma)} being the std of clean's fid_fmnist" in section
+    assert "`python study.py --grid converged --only <run> --rerun reproduction`" in section
     records = len((res / "runs" / "clean_seed1" / "log.jsonl").read_text().splitlines())
     assert f"clean_seed1: {records} of {records} committed training-log records have the same step, loss" in section
     assert (f"| clean_seed1 | dpm3_cfg2 | {fmt(committed)} | {fmt(committed + 0.5)} | +0.5 | "
-            f"{'yes' if 0.5 <= 2 * np.std(noise, ddof=1) else 'no'} | {n - 1} / {n} |") in section
-    assert re.search(rf"\| clean_seed1 \| step1_dpm3_cfg2 \| [^|]+ \| [^|]+ \| \+0 \| yes \| {n} / {n} \|", section)
+            f"{0.5 / (np.sqrt(2) * sigma):+.2f} | {n - 1} / {n} |") in section
+    assert re.search(rf"\| clean_seed1 \| step1_dpm3_cfg2 \| [^|]+ \| [^|]+ \| \+0 \| \+0.00 \| {n} / {n} \|", section)
 
 
 def test_study_refuses_bad_input(tmp_path):
