@@ -188,4 +188,5 @@ def provenance_check(comparisons, rows, machine, reference, unrecorded):
                 mixed.append(f"{c['setting']} seed {seed}")
     return ["\n**Provenance** (each run's `provenance.json`: the commit it executed and the CPU of every segment): "
             + "; ".join(f"{n} runs on {m}" for m, n in sorted(counts.items())) + ". "
-            + (f"Pairs whose two runs ran on different CPUs: {', '.join(mixed)}." if mixed else "Every pair's two runs ran on one CPU.") + "\n"]
+            + (f"Pairs whose two runs ran on different CPUs: {', '.join(mixed)}." if mixed else
+               "No pair's CPUs are known to differ." if set(counts) == {unrecorded} else "Every pair's two runs ran on one CPU.") + "\n"]
