@@ -9,17 +9,16 @@ run over a guidance sweep, evaluate every sample set, then write the tables, plo
     python study.py --grid converged --only clean_seed1   # one setting and seed (comma-separated shell patterns)
     python study.py --grid converged --only eta15_seed5 --rerun reproduction   # a run again, beside the committed one
     python study.py --list                           # the grid, and what is done
-    python study.py --only 'clean_*,cep-u_*'         # a part of the grid, e.g. for another session or machine
     python study.py --report-only                    # tables and plots from the files on disk
     python study.py --dataset imagefolder --data-path /data/imagenet/train --image-size 256 \\
         --model DiT-XL/2 --vae stabilityai/sd-vae-ft-ema --groups cifar100_groups.txt \\
         --nproc-per-node 8 --eval-args "--ref VIRTUAL_imagenet256_labeled.npz --features inception"   # the paper's grid
 
 It only runs train.py, sample.py and evaluate.py, as a user would, so every run of the study is an
-ordinary run. The converged grid runs them from a git worktree of the commit its protocol pinned
-(.pinned/<commit>), so that no later change of the repo enters its pairs. Resumable: a finished run, sample set or metrics file is skipped, and an interrupted
-run continues with train.py --resume. Only the one factor of a setting changes between settings:
-steps, batch and recipe are the same for all, and seed k of every setting starts from the same
+ordinary run; the converged grid runs those of the commit its protocol pinned, from a git worktree
+(.pinned/<commit>), so no later change of the repo enters its pairs. Resumable: a finished run,
+sample set or metrics file is skipped, and an interrupted run continues with train.py --resume.
+Only the one factor of a setting changes between settings: steps, batch and recipe are the same for all, and seed k of every setting starts from the same
 weights and data order. The wall time of every stage is kept in <run>/study_times.json.
 """
 import argparse
@@ -27,17 +26,16 @@ import fnmatch
 import glob
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 from models.common import UsageError, atomic_write_json, run_main
+from models.pinned import pinned_worktree, record_provenance
 from models.study_report import write_study_report
 
 # train.py flags of every setting
@@ -56,7 +54,7 @@ REFERENCE = "clean"  # every setting is read against it
 # the paper's claims tested with a family-wise error rate (Holm) on the primary metric, FID; every
 # other comparison is reported with its own CI
 PRIMARY = ("η 2.5 %", "η 5 %", "CEP-U γ 1", "CEP-G γ 1")  # the report's labels of eta2.5, eta5, cep-u, cep-g
-CONTROL = ("η 15 %",)  # a positive control's label (eta15), where a grid has one: its own test, outside the primary family
+CONTROL = {"eta15": "η 15 %"}  # a grid's positive controls and their labels: each its own test, outside the primary family
 
 # The 1,000-step grid (results/fashion-mnist), planned from the tiny recipe's speed on 2 idle cores
 # (~190 img/s of training at batch 64; ~90 s per 1,000 guided DPM-Solver++ samples at 20 steps; ~20 s
@@ -100,14 +98,11 @@ def get_parser():
     a("--plan", action="store_true", help="from the reference's finished runs (the pilot): the seeds a setting needs for power 0.8 "
       "against a 10 %% change of the primary metric, and how many fit --hours")
     a("--hours", type=float, default=15.0, help="--plan: the time the core settings of the grid may take on this machine")
-    a("--no-report", action="store_true", help="run the grid and copy the finished runs' small files to <results>, but do not write "
-      "the report")
-    a("--code", default="pinned", choices=("pinned", "checkout"), help="pinned: run the grid's train.py / sample.py / evaluate.py "
-      "from a git worktree of the commit its protocol pinned (the converged grid: 5f44ce3), as its committed runs were made; "
-      "checkout: this checkout's (another dataset, or changed code: then its runs do not pair with the committed ones)")
-    a("--rerun", default=None, metavar="NAME", help="run the --only runs again in <out-dir>_NAME and copy their small files to "
-      "<results>/NAME/, where the report compares them with the committed runs (e.g. 'reproduction' from a fresh clone, "
-      "'machine' on another CPU)")
+    a("--no-report", action="store_true", help="run the grid and copy the runs' small files to <results>; write no report")
+    a("--code", default="pinned", choices=("pinned", "checkout"), help="pinned: the scripts of the commit a grid's protocol pinned "
+      "(converged: 5f44ce3, from a git worktree); checkout: this checkout's (its runs do not pair with the committed ones)")
+    a("--rerun", default=None, metavar="NAME", help="do the --only runs again in <out-dir>_NAME, their small files to <results>/NAME/ "
+      "beside the committed runs (e.g. 'reproduction' from a fresh clone, 'machine' on another CPU)")
     # what every run shares
     a("--dataset", default="fashion-mnist")
     a("--data-path", default=None)
@@ -182,10 +177,8 @@ def grid_runs(args, only=True):
         if grid.get("seed_major"):
             return [r for k in range(max(map(len, per_setting), default=0)) for runs in per_setting for r in runs[k:k + 1]]
         return [r for runs in per_setting for r in runs]
-    # a positive control is one more setting of each seed; the extra settings (if time remains) come after
-    # the core, with as many seeds
-    seeds = grid["runs"][0][1]
-    runs = runs_of(grid["runs"] + [(name, seeds) for name in grid.get("control", [])]) + runs_of([(name, seeds) for name in grid.get("extra", [])])
+    # a positive control is one more setting of each seed
+    runs = runs_of(grid["runs"] + [(name, grid["runs"][0][1]) for name in grid.get("control", [])])
     if only and args.only:
         patterns = [s.strip() for s in args.only.split(",") if s.strip()]
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r[0], pat) for pat in patterns)]
@@ -207,12 +200,13 @@ def run_seed(run):
     return name, int(seed)
 
 
-def extension_run(args, run):
+def extension_run(args, run, rerun=True):
     """Is this run one of the converged grid's amendment (a seed from its first_seed on, a positive
     control, or any run done again with --rerun)? Those sample only the sets its analysis reads."""
     grid = GRIDS[args.grid]
     name, seed = run_seed(run)
-    return "extension" in grid and (seed >= grid["extension"]["first_seed"] or name in grid.get("control", []) or args.rerun is not None)
+    return "extension" in grid and (seed >= grid["extension"]["first_seed"] or name in grid.get("control", [])
+                                    or (rerun and args.rerun is not None))
 
 
 def sample_sets(args, run):
@@ -300,53 +294,6 @@ def train_flags(args, run, flags, seed):
     return common + flags + shlex.split(args.train_args)
 
 
-def pinned_worktree(commit, root=None):
-    """The git worktree of `commit` at <root>/<commit[:7]> (root: <repo>/.pinned), made on first use;
-    refused if its checkout is at another commit or has changes."""
-    repo = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(root or os.path.join(repo, ".pinned"), commit[:7])
-
-    def git(*cmd, cwd=repo):
-        return subprocess.run(["git", "-C", cwd, *cmd], capture_output=True, text=True)
-    if not os.path.isdir(path):
-        git("worktree", "prune")
-        made = git("worktree", "add", "--detach", path, commit)
-        if made.returncode != 0:
-            raise UsageError(f"cannot make a git worktree of the pinned commit {commit[:7]} at {path} ({made.stderr.strip().splitlines()[-1:]}): "
-                             "the converged grid runs its pinned code, which needs a git clone of the repository with its history")
-    head, changes = git("rev-parse", "HEAD", cwd=path).stdout.strip(), git("status", "--porcelain", "--untracked-files=no", cwd=path).stdout
-    if head != commit or changes.strip():
-        raise UsageError(f"{path} is not a clean checkout of {commit[:7]} (HEAD {head[:7] or '?'}{', changed files' if changes.strip() else ''}): "
-                         "remove it (git worktree remove --force) and rerun, study.py makes it again")
-    return path
-
-
-def machine():
-    """The CPU and builds a run segment executed on: float results are bit-identical only on the same."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
-    return {"cpu": cpu, "avx512": "avx512f" in flags, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def record_provenance(args, run, commit, what):
-    """Append one segment (what ran, from which training step, on which machine) to the run's
-    provenance file, <out-dir>/<run>.provenance.json beside the run's folder (train.py owns the folder);
-    copied with the run's small files as provenance.json."""
-    path = os.path.join(args.out_dir, f"{run}.provenance.json")
-    prov = {"commit": commit, "segments": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            prov = json.load(f)
-    prov["segments"].append({"what": what, "from_step": trained_steps(os.path.join(args.out_dir, run)), **machine(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    os.makedirs(args.out_dir, exist_ok=True)
-    atomic_write_json(path, prov)
-
-
 def pinned_command(args, run, name, seed):
     """The pinned commit's study.py command that does one run (train.py, then its sample sets) with
     the sizes and sample sets this study.py gives it."""
@@ -374,25 +321,41 @@ def do_pinned_run(args, run, name, seed):
     from the same worktree's sample.py and evaluate.py. Paths are absolute, the feature cache is the
     worktree's own."""
     commit = GRIDS[args.grid]["pinned"]
-    path = pinned_worktree(commit)
+    path = pinned_worktree(commit, os.path.dirname(os.path.abspath(__file__)))
     args = argparse.Namespace(**{**vars(args), "out_dir": os.path.abspath(args.out_dir)})
     env = {**os.environ, "SLIGHT_CORRUPTION_CACHE": os.path.join(path, ".cache")}
-    cmd = pinned_command(args, run, name, seed)
-    record_provenance(args, run, commit, "study.py --only " + run)
-    call(cmd, f"{run} (pinned code {commit[:7]})", cwd=path, env=env)
     run_dir = os.path.join(args.out_dir, run)
+
+    def provenance(what):
+        record_provenance(args.out_dir, run, commit, what, trained_steps(run_dir))
+    provenance("study.py --only " + run)
+    call(pinned_command(args, run, name, seed), f"{run} (pinned code {commit[:7]})", cwd=path, env=env)
     for tag, flags_s, step in sample_sets(args, run):
-        folder = os.path.join(run_dir, "samples", tag)
-        if not os.path.exists(os.path.join(folder, "samples.npz")):
-            record_provenance(args, run, commit, f"sample.py --tag {tag}")
-            t0 = time.time()
-            call(launch("sample.py", ["--tag", tag, *flags_s, *shlex.split(args.sample_args)], args.nproc_per_node),
-                 f"sampling {run}/{tag}", cwd=path, env=env)
-            add_time(run_dir, f"sample {tag}", time.time() - t0)
-        if not os.path.exists(os.path.join(folder, "metrics.json")):
-            t0 = time.time()
-            call([sys.executable, "evaluate.py", "--samples", folder, *shlex.split(args.eval_args)], f"evaluating {run}/{tag}", cwd=path, env=env)
-            add_time(run_dir, f"evaluate {tag}", time.time() - t0)
+        sample_and_evaluate(args, run, tag, flags_s, step, cwd=path, env=env, before_sampling=lambda: provenance(f"sample.py --tag {tag}"))
+
+
+def sample_and_evaluate(args, run, tag, flags, step, cwd=None, env=None, before_sampling=None):
+    """One sample set of a run: sample.py unless its samples.npz is there, then evaluate.py unless its
+    metrics.json is; each stage's wall time into study_times.json. A folder of another step is refused."""
+    run_dir = os.path.join(args.out_dir, run)
+    folder = os.path.join(run_dir, "samples", tag)
+    if os.path.exists(os.path.join(folder, "sample_config.json")):
+        with open(os.path.join(folder, "sample_config.json")) as f:
+            sampled_at = json.load(f).get("step")
+        if sampled_at != step:
+            raise UsageError(f"{folder} holds samples of step {sampled_at}, not of step {step} (the run is now trained to "
+                             f"{args.max_steps}): move that folder away (or pass the --max-steps it was made with)")
+    if not os.path.exists(os.path.join(folder, "samples.npz")):
+        if before_sampling:
+            before_sampling()
+        t0 = time.time()
+        call(launch("sample.py", ["--tag", tag, *flags, *shlex.split(args.sample_args)], args.nproc_per_node),
+             f"sampling {run}/{tag}", cwd=cwd, env=env)
+        add_time(run_dir, f"sample {tag}", time.time() - t0)
+    if not os.path.exists(os.path.join(folder, "metrics.json")):
+        t0 = time.time()
+        call([sys.executable, "evaluate.py", "--samples", folder, *shlex.split(args.eval_args)], f"evaluating {run}/{tag}", cwd=cwd, env=env)
+        add_time(run_dir, f"evaluate {tag}", time.time() - t0)
 
 
 def do_run(args, run, flags, seed):
@@ -409,23 +372,7 @@ def do_run(args, run, flags, seed):
         call(launch("train.py", train_cmd + (["--resume"] if saved else []), args.nproc_per_node), f"training {run}")
         add_time(run_dir, "train", time.time() - t0)
     for tag, flags_s, step in sample_sets(args, run):
-        folder = os.path.join(run_dir, "samples", tag)
-        if os.path.exists(os.path.join(folder, "sample_config.json")):
-            with open(os.path.join(folder, "sample_config.json")) as f:
-                sampled_at = json.load(f).get("step")
-            if sampled_at != step:
-                raise UsageError(f"{folder} holds samples of step {sampled_at}, not of step {step} (the run is now trained to "
-                                 f"{args.max_steps}): move that folder away (or pass the --max-steps it was made with)")
-        if not os.path.exists(os.path.join(folder, "samples.npz")):
-            t0 = time.time()
-            call(launch("sample.py", ["--tag", tag, *flags_s, *shlex.split(args.sample_args)], args.nproc_per_node),
-                 f"sampling {run}/{tag}")
-            add_time(run_dir, f"sample {tag}", time.time() - t0)
-        if not os.path.exists(os.path.join(folder, "metrics.json")):
-            t0 = time.time()
-            call([sys.executable, "evaluate.py", "--samples", folder, *shlex.split(args.eval_args)],
-                 f"evaluating {run}/{tag}")
-            add_time(run_dir, f"evaluate {tag}", time.time() - t0)
+        sample_and_evaluate(args, run, tag, flags_s, step)
 
 
 RUN_FILES = ("config.json", "log.jsonl", "study_times.json", "provenance.json")
@@ -465,85 +412,12 @@ def sync_run_files(args, runs, dest):
                 shutil.copyfile(os.path.join(folder, "grid.png"), os.path.join(to, "grid.png"))
 
 
-def run_seconds(run_dir):
-    """Wall seconds of a run on an idle machine: training at the 90th percentile of its logged speed
-    (the pilot shared the cores with other work at times, which the median would charge to every
-    run), each sample set and evaluation at the median of its stages in study_times.json."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        speed = np.percentile([json.loads(line)["img_per_s"] for line in f if line.strip()], 90)
-    times = {}
-    if os.path.exists(os.path.join(run_dir, "study_times.json")):
-        with open(os.path.join(run_dir, "study_times.json")) as f:
-            times = json.load(f)
-    stages = [[v for k, v in times.items() if k.startswith(kind)] for kind in ("sample ", "evaluate ")]
-    return cfg["max_steps"] * cfg["global_batch_size"] / speed + sum(len(v) * np.median(v) for v in stages if v)
-
-
 def plan(args):
-    """The seed count of a grid from its pilot (the reference's finished runs): their std of FID at the
-    best scale, or the std over the sampling seeds of its seed 0 if that is larger, σ_ref; the std of
-    per-seed differences it implies, σ_Δ = σ_ref · (σ_Δ / σ_ref of the 1,000-step grid's primary
-    comparisons, the only measured ratio), and √2 · σ_ref (unpaired seeds: the upper bound); the
-    seeds each needs for power 0.8 against a 10 % change; the wall time of a run; and how many seeds
-    of every core setting fit --hours."""
-    from models.report import aggregate, main_metric, read_rows
-    from models.stats import best_scale_groups, paired_comparisons, pooled_sd, seeds_for_power
-    pilot = [r for r in read_rows(args.out_dir, {r[0] for r in grid_runs(args, only=False) if r[1] == REFERENCE})
-             if r["step"] == args.max_steps and r["sample_seed"] == 0 and r["sampler"] == f"dpm-solver++-{args.sample_steps}"]
-    if len({r["seed"] for r in pilot}) < 2:
-        raise UsageError(f"--plan needs at least 2 finished {REFERENCE} runs in {args.out_dir}")
-    fid = main_metric(pilot[0]["metrics"], "fid")
-    (ref,) = best_scale_groups(aggregate(pilot), fid)
-    short = read_rows(os.path.join(SHORT["results"].format(dataset=args.dataset), "runs"))
-    short = [r for r in short if r["sample_seed"] == 0 and r["sampler"] == f"dpm-solver++-{SHORT['sample_steps']}"]
-    short_best = best_scale_groups(aggregate(short), fid)
-    short_ref = next(g for g in short_best if g["setting"] == REFERENCE)
-    ratio = pooled_sd([c["stats"][fid] for c in paired_comparisons(short, short_best, [fid], REFERENCE, PRIMARY, fid)
-                       if c["setting"] in PRIMARY])[0] / short_ref["std"][fid]
-    # the std over training seeds (one sample set each) includes the sampling noise, so it cannot be
-    # below the std over sampling seeds of one model; from 2-3 sets each, take the larger
-    noise = [r["metrics"][fid] for r in read_rows(args.out_dir, {f"{REFERENCE}_seed0"}) if r["step"] == args.max_steps
-             and r["cfg"] == args.fixed_cfg and r["sampler"] == f"dpm-solver++-{args.sample_steps}"]
-    sigma = max(ref["std"][fid], np.std(noise, ddof=1) if len(noise) > 1 else 0.0)
-    run_hours = np.mean([run_seconds(os.path.join(args.out_dir, r)) for r in {r["run"] for r in pilot}]) / 3600
-    effect, core = 0.1 * ref["mean"][fid], len(GRIDS[args.grid]["runs"])
-    fit = int(args.hours // (core * run_hours))
-    print(f"pilot: {REFERENCE} seeds {ref['seeds']}, {fid} at the best scale {ref['cfg']:g}: {ref['mean'][fid]:.3f} ± {ref['std'][fid]:.3f}; "
-          f"a 10 % change is {effect:.3f}")
-    if len(noise) > 1:
-        print(f"std over {len(noise)} sampling seeds of {REFERENCE}_seed0 at guidance {args.fixed_cfg:g}: {np.std(noise, ddof=1):.3f}; "
-              f"σ_ref = {sigma:.3f}, the larger of the two")
-    for what, sd in ((f"paired (σ_Δ / σ_ref = {ratio:.2f}, the 1,000-step grid's)", ratio * sigma),
-                     ("unpaired bound (√2 σ_ref)", np.sqrt(2) * sigma)):
-        print(f"σ_Δ {sd:.3f} {what}: {seeds_for_power(effect, sd)} seeds for power 0.8")
-    print(f"one run (train, sample, evaluate) at idle speed: {run_hours:.2f} h; {core} core settings: {fit} seeds fit {args.hours:g} h")
-    plan_from_pairs(args, fid, effect)
-
-
-def plan_from_pairs(args, fid, effect):
-    """Where --out-dir holds paired runs of the primary settings: the std of their per-seed Δ at the
-    fixed scale, pooled over the primary family, with its 95 % CI, and at each end of it the power for
-    `effect`, the change detectable with power 0.8 and the seeds that power needs, under Holm over the
-    family (unadjusted beside, labelled)."""
-    from models.report import aggregate, read_rows
-    from models.stats import detectable_effect, paired_comparisons, paired_power, pooled_sd, sd_interval, seeds_for_power
-    rows = [r for r in read_rows(args.out_dir, {r[0] for r in grid_runs(args, only=False)}) if r["step"] == args.max_steps
-            and r["sample_seed"] == 0 and r["sampler"] == f"dpm-solver++-{args.sample_steps}" and r["cfg"] == args.fixed_cfg]
-    family = [c for c in paired_comparisons(rows, aggregate(rows), [fid], REFERENCE, PRIMARY, fid) if c["setting"] in PRIMARY]
-    sd, df = pooled_sd([c["stats"][fid] for c in family])
-    if not df:
-        return
-    m, seeds = len(family), max(len(c["seeds"]) for c in family)
-    lo, hi = sd_interval(sd, df)
-    print(f"paired: σ_Δ of {fid} at guidance {args.fixed_cfg:g}, pooled over {m} primary comparisons of {seeds} seeds: {sd:.3f} "
-          f"({df} df, 95 % CI [{lo:.3f}, {hi:.3f}]); a 10 % change is {effect:.3f}")
-    for n in (args.seeds or GRIDS[args.grid]["runs"][0][1], 5):  # the grid's seeds, and seeds 3-7 alone
-        for label, s_ in (("CI low", lo), ("measured", sd), ("CI high", hi)):
-            print(f"  {n} seeds, σ_Δ {s_:.3f} ({label}): Holm over {m}: power {paired_power(effect, s_, n, family=m):.3f}, detectable "
-                  f"{detectable_effect(s_, n, family=m):.2f}, seeds for power 0.8 {seeds_for_power(effect, s_, family=m)}; unadjusted: "
-                  f"power {paired_power(effect, s_, n):.3f}, detectable {detectable_effect(s_, n):.2f}, seeds {seeds_for_power(effect, s_)}")
+    """--plan (models/study_plan.py) on the grid's runs under --out-dir."""
+    from models.study_plan import plan as print_plan
+    print_plan(args.out_dir, [r[0] for r in grid_runs(args, only=False)], REFERENCE, PRIMARY, f"dpm-solver++-{args.sample_steps}",
+               args.max_steps, args.fixed_cfg, os.path.join(SHORT["results"].format(dataset=args.dataset), "runs"),
+               f"dpm-solver++-{SHORT['sample_steps']}", len(GRIDS[args.grid]["runs"]), args.hours, args.seeds or GRIDS[args.grid]["runs"][0][1])
 
 
 def main():
@@ -566,13 +440,10 @@ def main():
     if os.path.isdir(args.out_dir):  # the report reads the runs' small files, copied next to it
         sync_run_files(args, every_run, os.path.join(args.results, args.rerun or "runs"))
     if not args.no_report:
-        grid = GRIDS[args.grid]
-        control = [label for name, label in zip(grid.get("control", []), CONTROL)]
-        amendment = None
-        if "extension" in grid:
-            plain = argparse.Namespace(**{**vars(args), "rerun": None})  # the grid's own runs, whatever --rerun is doing
-            amendment = {"runs": {r for r in every_run if extension_run(plain, r)}, "first_seed": grid["extension"]["first_seed"]}
-        write_study_report(args, every_run, REFERENCE, PRIMARY, control, amendment)
+        grid = GRIDS[args.grid]  # an amendment's runs: the grid's own, whatever --rerun is doing
+        amendment = ({"runs": {r for r in every_run if extension_run(args, r, rerun=False)}, "first_seed": grid["extension"]["first_seed"]}
+                     if "extension" in grid else None)
+        write_study_report(args, every_run, REFERENCE, PRIMARY, [CONTROL[n] for n in grid.get("control", [])], amendment)
 
 
 if __name__ == "__main__":

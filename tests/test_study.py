@@ -242,7 +242,7 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
     assert re.search(r"5 core settings: \d+ seeds fit 15 h", planned)
     # the hours of a run at idle speed: training at the 90th percentile of the logged img/s, each
     # sample set and evaluation at the median of its kind
-    from study import run_seconds
+    from models.study_plan import run_seconds
     logged = [json.loads(ln)["img_per_s"] for ln in (out / "clean_seed1" / "log.jsonl").read_text().splitlines()]
     times = json.loads((out / "clean_seed1" / "study_times.json").read_text())
     expect = 4 * 8 / np.percentile(logged, 90) + sum(len(v) * np.median(v) for v in
@@ -369,7 +369,7 @@ def test_pinned_code_runs_what_this_study_asks(tmp_path):
     sampling seeds are this study.py's). A worktree that is not a clean checkout of the commit is
     refused."""
     commit = study.GRIDS["converged"]["pinned"]
-    path = study.pinned_worktree(commit, root=tmp_path / "pinned")
+    path = study.pinned_worktree(commit, str(REPO), root=tmp_path / "pinned")
     args = study.get_parser().parse_args(["--grid", "converged", "--out-dir", str(tmp_path / "out"), "--results", str(tmp_path / "res")])
     study.check_args(args)
     for run, pinned_sets, ours in (("eta15_seed0", 3, 3), ("clean_seed3", 3, 5), ("eta5_seed1", 9, 9)):
@@ -383,7 +383,7 @@ def test_pinned_code_runs_what_this_study_asks(tmp_path):
                             listing.stdout), listing.stdout
     (tmp_path / "pinned" / commit[:7] / "train.py").write_text("# changed\n")
     with pytest.raises(study.UsageError, match="not a clean checkout"):
-        study.pinned_worktree(commit, root=tmp_path / "pinned")
+        study.pinned_worktree(commit, str(REPO), root=tmp_path / "pinned")
 
 
 def test_report_reads_the_amendment_only_when_complete_and_checks_its_positive_control(tmp_path):
