@@ -459,3 +459,42 @@ def test_pinned_run_end_to_end(tmp_path, fake_fmnist):
     assert [s["what"] for s in prov["segments"]] == ["study.py --only clean_seed3", "sample.py --tag dpm3_cfg2_seed1", "sample.py --tag dpm3_cfg2_seed2"]
     # done: a second call runs nothing
     assert "$ " not in run_script("study.py", flags, timeout=600).stdout
+
+
+@pytest.mark.slow
+def test_pinned_run_interrupted_and_rerun_ends_as_an_uninterrupted_one(tmp_path, fake_fmnist):
+    """As an operator runs it: `study.py --grid converged --only <run>` (through the pinned code) gets
+    SIGTERM on its whole process group after the run's first checkpoint (train.py writes last.pt, the
+    study processes end), and the same command run again resumes and finishes. Its training log (step, loss, gradient norm)
+    and the metrics of its sample set are those of the same command run without interruption."""
+    import os
+    import signal
+    import time
+    from tests.helpers import wait_for
+
+    def flags(out):
+        return ["--grid", "converged", "--seeds", "4", "--only", "eta5_seed3", "--data-path", str(fake_fmnist), "--out-dir", str(out),
+                "--results", str(out) + "_res", "--max-steps", "60", "--train-args", "--global-batch-size 8 --log-every 2 --ckpt-every 10",
+                "--num-samples", "20", "--sample-steps", "3", "--cfg-scales", "2", "--curve-scales", "none", "--fixed-cfg", "2",
+                "--nproc-per-node", "1", "--sample-args", "--batch-size 10", "--no-report"]
+    run_script("study.py", flags(tmp_path / "whole"), timeout=1200)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "study.py", *flags(cut)], cwd=REPO, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(cut / "eta5_seed3" / "ckpt" / "0000010.pt", proc, timeout=600)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0, (out[-2000:], err[-2000:])  # the study processes die of the signal; train.py writes last.pt first
+    stopped_at = study.trained_steps(str(cut / "eta5_seed3"))
+    assert 10 <= stopped_at < 60
+    proc = run_script("study.py", flags(cut), timeout=1200)
+    assert f"resuming at step {stopped_at}" in proc.stdout
+
+    def log(root):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, (root / "eta5_seed3" / "log.jsonl").read_text().splitlines())]
+
+    def metrics(root):
+        return json.loads((root / "eta5_seed3" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]
+    assert log(cut) == log(tmp_path / "whole") and len(log(cut)) == 30
+    assert metrics(cut) == metrics(tmp_path / "whole")
