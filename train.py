@@ -34,7 +34,7 @@ from tqdm import tqdm
 from models.corruption import CORRUPT_TYPES, is_text_dataset, prepare_corruption, resampled_conditions
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, step_conditions
-from models.common import (REQUEUE_EXIT, Requeue, UsageError, atomic_write_json, atomic_write_text, ema_decay_at, end_distributed,
+from models.common import (Requeue, UsageError, atomic_write_json, atomic_write_text, ema_decay_at, end_distributed,
                            learning_rate, measure_matmul_tflops, restore_rng, run_main, seed_rank, setup_distributed,
                            step_generator, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
@@ -107,7 +107,7 @@ def get_parser():
       "none: safe to repeat (torchrun --max-restarts, requeued jobs)")
     a("--resume-from", default=None, metavar="CKPT", help="continue a run from one of its numbered checkpoints, <run>/ckpt/<step>.pt")
     a("--time-limit", type=float, default=None, metavar="HOURS", help="stop after the step that passes HOURS of this process's "
-      "time, write last.pt and exit 75 to be requeued (as on SIGTERM / SIGINT / SIGUSR1); leave a checkpoint's time to spare")
+      "time, write last.pt and status.json 'stopped' and exit 75 to be requeued (as on SIGTERM / SIGINT / SIGUSR1); leave a checkpoint's time to spare")
     a("--skip-bad-files", action="store_true", help="leave unreadable image files (and listed images that do not exist) out "
       "of training and list them in <run>/skipped_files.txt, instead of stopping with an error naming the file")
     a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
@@ -183,11 +183,15 @@ def main():
 
 
 def check_only(args, parser, stage=None):
-    """Every input check of train() for args.nproc_per_node ranks, in this process; writes nothing.
-    Returns the run folder."""
+    """The launcher's checks (--nproc-per-node N, before it starts the ranks): every input check of
+    train() for N ranks, and that no other process writes the run, in this process. It builds no
+    model, takes no lock and writes nothing, whatever a resumed run's config.json holds. Returns
+    the run folder."""
+    args = argparse.Namespace(**vars(args))  # resolve_run fills in the saved flags: not the caller's
     with contextlib.redirect_stdout(io.StringIO()):
-        return train(argparse.Namespace(**{**vars(args), "dry_run": True}), parser, 0, args.nproc_per_node,
-                     setup_distributed(args.device)[2], stage)
+        run_dir, _, _ = check_input(args, parser, args.nproc_per_node, stage)
+    faults.lock_run(run_dir, 0, 1, write=False)  # is another process writing the run?
+    return run_dir
 
 
 def load_data(args):
@@ -364,10 +368,11 @@ def train(args, parser, rank, world, device, stage=None):
                   f"{describe_recipe(args)}\ndry run: nothing written")
         return run_dir
     model, ema, opt, scaler, model_config, start_step, loss_acc, startup = build_state(args, device, data, stage, ckpt)
-    lock, stops = faults.lock_run(run_dir, rank, world, write=True), None  # one writer per run, from here on
+    lock, stops, done = faults.lock_run(run_dir, rank, world, write=True), None, start_step  # one writer per run, from here on
     try:
         if master:
             write_run_files(args, run_dir, data, stage, start_step, startup)
+            runs.write_status(run_dir, "running", start_step)
         if world > 1:
             dist.barrier()
 
@@ -431,15 +436,24 @@ def train(args, parser, rank, world, device, stage=None):
                 runs.checkpoint_step(args, run_dir, done, stopped, model, ema, opt, scaler, loss_acc, diverged,
                                      run_state, rank, world, device)
             if stopped:
-                raise Requeue(f"stopped after step {done} ({stopped}): {os.path.join(run_dir, 'ckpt', 'last.pt')} written; "
-                              f"rerun the same command with --resume to continue (exit status {REQUEUE_EXIT})")
+                if master:
+                    runs.write_status(run_dir, "stopped", done, reason=stopped)
+                raise Requeue(f"stopped after step {done} ({stopped}): {os.path.join(run_dir, 'ckpt', 'last.pt')} written, "
+                              f"status.json 'stopped'; rerun the same command with --resume to continue")
         progress.close()
         if master:
+            runs.write_status(run_dir, "finished", done)
             print(f"done: {run_dir} ({args.max_steps} steps, {(time.perf_counter() - clock['start']) / 60:.1f} min)"
                   + (f"; {clock['skipped_files']} unreadable file(s) skipped, listed in {faults.skipped_list(run_dir)}"
                      if clock["skipped_files"] else "")
                   + f"\nnext:\n{runs.next_commands(args, run_dir)}", flush=True)
         return run_dir
+    except Requeue:
+        raise
+    except Exception as e:  # a bad file, a full disk, a lost rank, divergence: the error line, for the job script
+        if master:
+            runs.write_failure(run_dir, done, e)
+        raise
     finally:
         if stops is not None:
             stops.close()

@@ -21,13 +21,15 @@ class NothingToDo(Exception):
     """What was asked is already on disk (e.g. the same finished run): said once, and exit status 0."""
 
 
-REQUEUE_EXIT = 75  # sysexits.h EX_TEMPFAIL, "try again later": a preempted run, to requeue (docs/runs.md#faults)
+REQUEUE_EXIT = 75  # sysexits.h EX_TEMPFAIL, "try again later": a preempted run, to requeue (docs/runs.md#requeue)
 LAUNCHED = "SLIGHT_CORRUPTION_LAUNCHED"  # set by --nproc-per-node's launcher, which maps a stop to REQUEUE_EXIT itself
 
 
 class Requeue(Exception):
-    """The run stopped early on request (a signal, --time-limit) after writing ckpt/last.pt: said once,
-    and exit status REQUEUE_EXIT (0 under the launcher, which reads the stop from last.pt)."""
+    """The run stopped early on request (a signal, --time-limit) after writing ckpt/last.pt and
+    status.json "stopped": said once, and exit status REQUEUE_EXIT. Under torchrun or the launcher a
+    rank exits 0 instead: torchrun would restart a failed group (--max-restarts) and report 1 anyway,
+    and the launcher reads the stop from status.json."""
 
 
 def run_main(main):
@@ -39,7 +41,7 @@ def run_main(main):
     except Requeue as e:
         if os.environ.get("RANK", "0") == "0":
             print(e, flush=True)
-        sys.exit(0 if os.environ.get(LAUNCHED) else REQUEUE_EXIT)
+        sys.exit(0 if os.environ.get(LAUNCHED) or "TORCHELASTIC_RUN_ID" in os.environ else REQUEUE_EXIT)
     except UsageError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)

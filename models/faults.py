@@ -5,8 +5,9 @@
 - DivergenceCheck: a non-finite loss or gradient norm, tracked on the device without a host sync;
 - unreadable image files, marked by the data loader and either refused or skipped (--skip-bad-files).
 
-A preempted run writes ckpt/last.pt and exits with models.common.REQUEUE_EXIT (75), which job
-scripts requeue on."""
+A preempted run writes ckpt/last.pt and <run>/status.json "stopped" (models/runs.py), which job
+scripts requeue on (docs/runs.md#requeue), and exits with models.common.REQUEUE_EXIT (75) when it
+is not under torchrun."""
 import fcntl
 import json
 import os

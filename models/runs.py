@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,9 +17,35 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from models import faults
-from models.common import LAUNCHED, REQUEUE_EXIT, NothingToDo, UsageError, atomic_torch_save, rng_states
+from models.common import LAUNCHED, REQUEUE_EXIT, NothingToDo, UsageError, atomic_torch_save, atomic_write_json, rng_states
 
 CKPT_KEYS = {"model", "ema", "opt", "step"}
+STATES = ("running", "stopped", "finished", "diverged", "failed")  # status.json's "state"
+
+
+def write_status(run_dir, state, step, **detail):
+    """<run>/status.json, written atomically by rank 0 at each change of the run's state: what a job
+    script reads to decide whether to requeue, whatever exit status torchrun or srun reports
+    (docs/runs.md#requeue). "stopped" carries the reason, "diverged" and "failed" the error line."""
+    assert state in STATES, state
+    atomic_write_json(os.path.join(run_dir, "status.json"), {"state": state, "step": step, **detail, "time": time.time(),
+                                                             "host": socket.gethostname(), "pid": os.getpid()})
+
+
+def write_failure(run_dir, step, error):
+    """status.json "diverged" or "failed", with the exception's first line."""
+    line = (str(error).splitlines() or [""])[0]
+    write_status(run_dir, "diverged" if isinstance(error, faults.Diverged) else "failed", step,
+                 error=line if isinstance(error, UsageError) else f"{type(error).__name__}: {line}")
+
+
+def read_status(run_dir):
+    """The run's status.json, or None if it has none (yet) or it cannot be read."""
+    try:
+        with open(os.path.join(run_dir, "status.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def launch_ranks(nproc, check):
@@ -27,8 +54,8 @@ def launch_ranks(nproc, check):
     (under torchrun it would be wrapped in torchrun's failure report, exit 1), then run torchrun
     starting N ranks of the same script with the same flags (less --nproc-per-node and its argparse
     abbreviations), and exit with its status. SIGTERM / SIGINT / SIGUSR1 sent to this launcher go to
-    the ranks (not to torchrun, which would kill them 30 s later): they write last.pt and stop, and
-    the launcher exits REQUEUE_EXIT when last.pt records such a stop."""
+    the ranks (not to torchrun, which would kill them 30 s later): they write last.pt and status.json
+    "stopped" and exit 0, and the launcher exits REQUEUE_EXIT."""
     run_dir = check()
     argv, skip = [], False
     for arg in sys.argv[1:]:
@@ -53,8 +80,8 @@ def launch_ranks(nproc, check):
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
     rc = proc.wait()
-    ckpt = read_checkpoint(os.path.join(run_dir, "ckpt", "last.pt")) if rc == 0 else None
-    if ckpt is not None and ckpt.get("stopped") and os.path.getmtime(os.path.join(run_dir, "ckpt", "last.pt")) >= started:
+    status = read_status(run_dir)  # the ranks exit 0 on a stop: status.json says which it was
+    if rc == 0 and status is not None and status["state"] == "stopped" and status["time"] >= started:
         rc = REQUEUE_EXIT
     sys.exit(rc)
 
@@ -232,7 +259,9 @@ def resolve_run(args, parser, non_run_flags, legacy_defaults, default_name):
     if conflicts:
         raise UsageError(f"--resume: {run_dir} was trained with other settings: "
                          + ", ".join(f"--{k.replace('_', '-')}={saved[k]} (now {fresh[k]})" for k in conflicts))
-    vars(args).update(fresh, run=args.run, out_dir=args.out_dir, resume=True, resume_from=args.resume_from)
+    # only the run's own flags come back: a flag the config does not hold (--dry-run, --nproc-per-node,
+    # a caller's value) keeps the value it has, whatever the parser's default
+    vars(args).update({k: fresh[k] for k in saved}, resume=True)
     if args.resume_from:
         ckpt = read_checkpoint(os.path.abspath(args.resume_from))
         if ckpt is None:

@@ -18,3 +18,13 @@ def fake_fmnist(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake-fmnist")
     make_fake_fmnist(folder, n=256)
     return folder
+
+
+@pytest.fixture(scope="session")
+def straight(fake_fmnist, tmp_path_factory):
+    """The uninterrupted 2-rank run (tests/helpers.TINY, STEPS) every interrupted one must end equal to
+    (tests/test_faults.py, tests/test_operator.py)."""
+    from tests.helpers import STEPS, TINY, run_script
+    out = tmp_path_factory.mktemp("straight")
+    run_script("train.py", [*TINY, *STEPS, "--data-path", fake_fmnist, "--out-dir", out, "--run", "r"], nproc=2)
+    return out / "r"

@@ -2,6 +2,8 @@
 
     python tests/fault_injection.py nan N RANK train.py ...     # rank RANK's N-th loss is NaN
     python tests/fault_injection.py enospc N 0 train.py ...     # the N-th checkpoint file write fills the disk
+    python tests/fault_injection.py stall N 0 train.py ...      # the N-th checkpoint file write hangs half written
+                                                                # (after creating $STALL_MARKER), to be killed
 
 Works under torchrun too: each rank runs this wrapper, which patches the stage's modules, then runs
 the script as __main__."""
@@ -39,6 +41,22 @@ elif kind == "enospc":
         calls[0] += 1
         return _atomic_write(path, disk_full) if calls[0] == at else save(path, obj)
     models.runs.atomic_torch_save = save_until_full
+elif kind == "stall":
+    import time
+    import models.runs
+    from models.common import _atomic_write
+    save = models.runs.atomic_torch_save
+
+    def half_then_hang(f):
+        f.write(b"\0" * 4096)  # part of the temporary file is written ...
+        f.flush()
+        open(os.environ["STALL_MARKER"], "w").close()
+        time.sleep(3600)  # ... and the process hangs there until it is killed
+
+    def save_then_stall(path, obj):
+        calls[0] += 1
+        return _atomic_write(path, half_then_hang) if calls[0] == at else save(path, obj)
+    models.runs.atomic_torch_save = save_then_stall
 else:
     raise SystemExit(f"unknown fault {kind}")
 runpy.run_path(script, run_name="__main__")

@@ -57,6 +57,58 @@ def run_script(script, args, nproc=1, check=True, timeout=600, env=None):
     return proc
 
 
+# the tiny 2-rank run of the fault and operator tests (tests/test_faults.py, tests/test_operator.py)
+TINY = ["--model", "DiT-T/8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup-steps", "0", "--lr-decay", "none",
+        "--cep", "--corrupt", "0.1"]
+STEPS = ["--max-steps", "30", "--ckpt-every", "6", "--log-every", "3"]
+
+
+def load_last(run_dir, name="last.pt"):
+    return torch.load(os.path.join(run_dir, "ckpt", name), map_location="cpu", weights_only=True)
+
+
+def same_state(a, b, where="checkpoint"):
+    """Assert two nested checkpoint values (dicts, lists, tensors, numbers, RNG states) are equal, exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (where, sorted(a), sorted(b))
+        for k in a:
+            same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_run(a_dir, b_dir):
+    """Two runs ended in the same place: last.pt's model, EMA, optimizer, loss scaler, step and every
+    rank's RNG state, bit for bit, and the same log (step, loss, grad norm)."""
+    a, b = load_last(a_dir), load_last(b_dir)
+    for part in ("step", "model", "ema", "opt", "scaler", "rng", "loss_acc"):
+        same_state(a[part], b[part], part)
+    strip = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(os.path.join(d, "log.jsonl")))]  # noqa: E731
+    assert strip(a_dir) == strip(b_dir)
+
+
+def worker_pids(parent):
+    """{rank: pid} of torchrun's workers (children of `parent`)."""
+    from models.runs import child_pids
+    found = {}
+    for pid in child_pids(parent):
+        try:
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = pid
+    return found
+
+
 def wait_for(path, proc, timeout=300):
     """Wait until a running script (a Popen) has written `path`, e.g. a checkpoint to kill it after."""
     deadline = time.time() + timeout

@@ -12,52 +12,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from tests.helpers import REPO, run_script, wait_for  # noqa: E402
+from tests.helpers import REPO, STEPS, TINY, assert_same_run, load_last as load, run_script, wait_for, worker_pids  # noqa: E402
 from models.common import REQUEUE_EXIT, UsageError  # noqa: E402
 from models import runs  # noqa: E402
 
-TINY = ["--model", "DiT-T/8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup-steps", "0", "--lr-decay", "none",
-        "--cep", "--corrupt", "0.1"]
-STEPS = ["--max-steps", "30", "--ckpt-every", "6", "--log-every", "3"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def straight(fake_fmnist, tmp_path_factory):
-    """The uninterrupted 2-rank run every interrupted one must end equal to."""
-    out = tmp_path_factory.mktemp("straight")
-    run_script("train.py", [*TINY, *STEPS, "--data-path", fake_fmnist, "--out-dir", out, "--run", "r"], nproc=2)
-    return out / "r"
-
-
-def load(run_dir, name="last.pt"):
-    return torch.load(os.path.join(run_dir, "ckpt", name), map_location="cpu", weights_only=True)
-
-
-def assert_same_run(a_dir, b_dir):
-    a, b = load(a_dir), load(b_dir)
-    assert a["step"] == b["step"]
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
-        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-    strip = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(os.path.join(d, "log.jsonl")))]  # noqa: E731
-    assert strip(a_dir) == strip(b_dir)
-
-
-def worker_pids(parent):
-    """{rank: pid} of torchrun's workers (children of `parent`)."""
-    found = {}
-    for pid in runs.child_pids(parent):
-        try:
-            env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
-        except OSError:
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = pid
-    return found
 
 
 def test_worker_killed_under_max_restarts_ends_identical(fake_fmnist, straight, tmp_path):
@@ -72,10 +32,13 @@ def test_worker_killed_under_max_restarts_ends_identical(fake_fmnist, straight, 
     assert_same_run(straight, tmp_path / "r")
 
 
-def test_sigterm_to_one_rank_stops_all_at_one_step_and_requeues(fake_fmnist, straight, tmp_path):
-    args = [*TINY, *STEPS, "--data-path", str(fake_fmnist), "--out-dir", str(tmp_path), "--run", "r"]
-    proc = subprocess.Popen([sys.executable, "train.py", "--nproc-per-node", "2", *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_launcher_sigterm_then_the_same_command_ends_identical(fake_fmnist, straight, tmp_path):
+    """The documented requeue: `python train.py --nproc-per-node 2 --resume ...` is stopped by a
+    signal (here heard by rank 1 only: every rank stops at one step), exits 75 with status.json
+    "stopped", and the same command again continues to the uninterrupted run's end."""
+    command = [sys.executable, "train.py", "--nproc-per-node", "2", "--resume", *TINY, *STEPS, "--data-path", str(fake_fmnist),
+               "--out-dir", str(tmp_path), "--run-name", "r"]
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(tmp_path / "r" / "ckpt" / "0000006.pt", proc)
     launcher_children = runs.child_pids(proc.pid)
     os.kill(worker_pids(launcher_children[0])[1], signal.SIGTERM)  # only rank 1 hears it
@@ -84,10 +47,14 @@ def test_sigterm_to_one_rank_stops_all_at_one_step_and_requeues(fake_fmnist, str
     ckpt = load(tmp_path / "r")
     assert ckpt["stopped"] == "SIGTERM received" and 6 <= ckpt["step"] < 30, ckpt["step"]
     assert f"stopped after step {ckpt['step']}" in out
+    status = runs.read_status(tmp_path / "r")
+    assert (status["state"], status["step"], status["reason"]) == ("stopped", ckpt["step"], "SIGTERM received")
     log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
     assert log[-1]["step"] <= ckpt["step"] < log[-1]["step"] + 3  # the log interval goes on after the resume
-    rerun = run_script("train.py", ["--out-dir", tmp_path, "--run", "r", "--resume", "--data-path", fake_fmnist], nproc=2)
+    rerun = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming at step {ckpt['step']}" in rerun.stdout
+    assert runs.read_status(tmp_path / "r")["state"] == "finished"
     assert_same_run(straight, tmp_path / "r")
 
 
@@ -97,6 +64,8 @@ def test_time_limit_stops_with_requeue_code(fake_fmnist, tmp_path):
     assert proc.returncode == REQUEUE_EXIT, proc.stderr[-2000:]
     ckpt = load(tmp_path / "r")
     assert ckpt["stopped"] == "--time-limit reached" and 0 < ckpt["step"] < 100000
+    status = runs.read_status(tmp_path / "r")
+    assert (status["state"], status["step"], status["reason"]) == ("stopped", ckpt["step"], "--time-limit reached")
 
 
 def failing_two_ranks(fault, at, on_rank, args):
@@ -114,6 +83,8 @@ def test_nan_on_one_rank_stops_every_rank_without_writing_it(fake_fmnist, tmp_pa
     assert "ckpt/last.pt (step 4)" in errors[0], errors[0]  # caught at the step-8 checkpoint, before writing it
     names = sorted(os.listdir(tmp_path / "r" / "ckpt"))
     assert names == ["0000004.pt", "last.pt"], names
+    status = runs.read_status(tmp_path / "r")
+    assert (status["state"], status["step"], "error: " + status["error"]) == ("diverged", 8, errors[0])
     for name in names:
         ck = load(tmp_path / "r", name)
         assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ck[part].values())
@@ -127,6 +98,7 @@ def test_nan_seen_at_a_log_step(fake_fmnist, tmp_path):
         "error: non-finite loss or gradient norm at step 3; no checkpoint was written yet (every checkpoint on disk is "
         "finite); lower --lr, or train in fp32"], proc.stderr
     assert not os.path.exists(tmp_path / "r" / "ckpt")
+    assert runs.read_status(tmp_path / "r")["state"] == "diverged"
 
 
 @pytest.fixture
@@ -170,6 +142,8 @@ def test_full_disk_keeps_the_previous_checkpoint(fake_fmnist, tmp_path):
     last = tmp_path / "r" / "ckpt" / "last.pt"
     assert len(errors) == 1 and "No space left on device" in errors[0] and f"the previous {last} (step 2) is intact" in errors[0], stderr
     assert load(tmp_path / "r")["step"] == 2
+    status = runs.read_status(tmp_path / "r")
+    assert (status["state"], status["step"], "error: " + status["error"]) == ("failed", 4, errors[0])
     assert sorted(os.listdir(tmp_path / "r" / "ckpt")) == ["0000002.pt", "last.pt"]  # no temporary file left behind
 
 

@@ -6,8 +6,10 @@ stand-ins for the downloaded networks (diffusers-format KL and VQ autoencoders, 
 Inception TorchScript). A recipe that no longer runs as written fails here; so does a link of the
 README or docs/ to a file or heading that is not there.
 
-Slow (a few minutes on 2 cores): `python -m pytest -m slow tests/test_readme.py`; CI runs it after
-the suite."""
+`sbatch` lines run their job script (docs/jobs/) under tests/fake_slurm's stand-in scheduler.
+
+Slow (a few minutes on 2 cores): `python -m pytest -m slow tests/test_readme.py`. CI does not run
+it (.ci/run runs the default suite); run it before a change to the README or docs/ lands."""
 import os
 import re
 import subprocess
@@ -84,7 +86,8 @@ def tiny(line, fx):
     """One README command with its size flags made tiny (None: not run here)."""
     if any(s in line for s in SKIPPED):
         return None
-    script = next((s for s in SCRIPTS if re.search(rf"(^|\s){re.escape(s)}(\s|$)", line)), None)
+    script = "train.py" if line.startswith("sbatch ") else next(  # a job script runs train.py
+        (s for s in SCRIPTS if re.search(rf"(^|\s){re.escape(s)}(\s|$)", line)), None)
     if script is None:
         return line  # a shell command (printf, mkdir, ...)
     original = line
@@ -192,6 +195,8 @@ def test_tiny_rewrites_only_sizes():
     assert ft.endswith("--lr 5e-06 --warmup-steps 0 --lr-decay none --weight-decay 0.01 --grad-clip 1.0 --ema-decay 0.0 --no-ema-warmup --class-dropout 0.0")
     assert tiny("sample.py --pretrained DiffusionNoise/ldm_cc3m_clean --num-samples 5000", fx) == \
         "sample.py --pretrained <released>/ldm_cc3m_clean --num-samples 4"
+    assert tiny("sbatch docs/jobs/one_node.sh out r --corrupt 0.025", fx) == \
+        "sbatch docs/jobs/one_node.sh out r --corrupt 0.025 --max-steps 2 --global-batch-size 4 --ckpt-every 100 --log-every 1 --data-path <fmnist>"
     assert tiny("pip install -r requirements.txt", fx) is None and tiny("printf 'a' > b.txt", fx) == "printf 'a' > b.txt"
 
 
@@ -202,9 +207,9 @@ def run_lane(blocks, folder, fx):
     rerun does nothing by design (`done already`, images on disk, latents extracted); evaluate.py,
     which does score again, is."""
     folder.mkdir()
-    for script in SCRIPTS:
-        os.symlink(REPO / script, folder / script)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+    for name in (*SCRIPTS, "docs"):  # docs/jobs: the job scripts
+        os.symlink(REPO / name, folder / name)
+    env = {**os.environ, "PATH": f"{REPO / 'tests' / 'fake_slurm'}:{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     ran, done = 0, set()
     for n, (page, block) in enumerate(blocks):
