@@ -7,8 +7,7 @@
 # exit status of srun or torchrun.
 #SBATCH --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 --time=24:00:00 --requeue --signal=B:USR1@180
 OUT=$1 RUN=$2; shift 2
-STATUS_FILE=$OUT/$RUN/status.json
-BEFORE=$(cat "$STATUS_FILE" 2>/dev/null)
+BEFORE=$(cat "$OUT/$RUN/status.json" 2>/dev/null)
 export HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) STAGE=${STAGE:-train.py}
 # on each node: torchrun, and a trap that passes srun's signal to this node's ranks (torchrun's children)
 srun --kill-on-bad-exit=0 bash -c '
@@ -24,10 +23,5 @@ PID=$!
 trap 'kill -USR1 $PID' USR1 TERM   # SLURM signals this shell (B:); srun passes the signal to its tasks
 wait $PID; CODE=$?
 while kill -0 $PID 2>/dev/null; do wait $PID; CODE=$?; done   # a trap interrupted `wait`: wait again
-AFTER=$(cat "$STATUS_FILE" 2>/dev/null)
-STATE=$(python -c 'import json, sys; print(json.loads(sys.argv[1])["state"])' "$AFTER" 2>/dev/null)
-echo "$RUN: ${STATE:-no status} (exit $CODE)"
-if [ "$AFTER" != "$BEFORE" ] && [ "$STATE" = stopped ]; then   # written by this job, not left from the last one
-    scontrol requeue "$SLURM_JOB_ID"
-fi
+bash docs/jobs/requeue_if_stopped.sh "$OUT/$RUN" "$BEFORE" $CODE   # on "stopped" written by this start only
 exit $CODE
