@@ -179,7 +179,7 @@ class DiTBlock(nn.Module):
     (LayerNorm -> cross-attention to the caption tokens) residual branch sits between the two; its
     zero-initialised output projection keeps the block the identity at init."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cross_attn=False):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cross_attn=False, mlp_norm_eps=1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
@@ -188,7 +188,7 @@ class DiTBlock(nn.Module):
             self.cross_attn = CrossAttention(hidden_size, num_heads)
         else:
             self.cross_attn = None
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -232,11 +232,12 @@ TEXT_MODES = ("pooled", "crossattn")
 class DiT(nn.Module):
     """Class-conditional (num_classes > 0, the default 1000) or text-conditional (text_dim > 0,
     num_classes = 0 or None) DiT; see the module docstring. `t_freq_shift=1` reproduces the timestep
-    frequencies of diffusers' DiTTransformer2DModel (see models/from_diffusers.py)."""
+    frequencies of diffusers' DiTTransformer2DModel, and `mlp_norm_eps` its config's norm_eps (the
+pre-MLP LayerNorm's; 1e-6 in the official DiT, diffusers' default 1e-5; see models/from_diffusers.py)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout=0.1, num_classes=None, learn_sigma=True, text_dim=0,
-                 text_mode="pooled", t_freq_shift=0, guidance_dim=0):
+                 text_mode="pooled", t_freq_shift=0, guidance_dim=0, mlp_norm_eps=1e-6):
         super().__init__()
         self.grad_checkpoint = False  # train.py --grad-checkpoint: recompute each block's activations in the backward
         num_classes = (0 if text_dim else 1000) if num_classes is None else num_classes
@@ -264,7 +265,7 @@ class DiT(nn.Module):
         pos = torch.from_numpy(sincos_pos_embed_2d(hidden_size, input_size // patch_size)).float()
         self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
         assert self.pos_embed.shape[1] == num_patches
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, cross) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, cross, mlp_norm_eps) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

@@ -29,7 +29,7 @@ def dit_state_dict_from_diffusers(sd, sample_size=32):
       * timestep frequencies: diffusers has downscale_freq_shift=1 (10000^(-i/127)), the official DiT
         10000^(-i/128): build our DiT with t_freq_shift=1 to reproduce diffusers;
       * the pre-MLP LayerNorm eps is diffusers' config.norm_eps (default 1e-5; 1e-6 in the official DiT
-        and ours): outputs agree exactly only for norm_eps=1e-6, otherwise to ~1e-6 relative;
+        and our default): build our DiT with mlp_norm_eps=config.norm_eps to reproduce diffusers;
       * null class = row num_embeds_ada_norm in both, but diffusers' LabelEmbedding drops labels itself
         in train() (p = 0.1, independently in every block's copy): compare in eval()."""
     sd, out = dict(sd), {}

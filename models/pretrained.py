@@ -173,7 +173,8 @@ def build_dit(folder, name):
     heads, in_ch = cfg.get("num_attention_heads", 16), cfg.get("in_channels", 4)
     kwargs = dict(input_size=cfg.get("sample_size", 32), patch_size=cfg.get("patch_size", 2), in_channels=in_ch,
                   hidden_size=heads * cfg.get("attention_head_dim", 72), depth=cfg.get("num_layers", 28), num_heads=heads,
-                  num_classes=cfg.get("num_embeds_ada_norm", 1000), learn_sigma=cfg.get("out_channels") == 2 * in_ch, t_freq_shift=1)
+                  num_classes=cfg.get("num_embeds_ada_norm", 1000), learn_sigma=cfg.get("out_channels") == 2 * in_ch, t_freq_shift=1,
+                  mlp_norm_eps=cfg.get("norm_eps", 1e-5))  # diffusers' pre-MLP LayerNorm (norm3) takes the config's eps
     state = weights_of(folder, name)
     try:
         state = dit_state_dict_from_diffusers(state, kwargs["input_size"])

@@ -224,3 +224,12 @@ def test_legacy_transformer2d_layout_loads(pipes, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers", "Transformer2DModel"]}))
     model, _, ckpt, _ = load_pretrained(str(folder))
     assert ckpt["model_config"]["name"] == "DiTPipeline:Transformer2DModel" and model.num_classes == 1000 and model.learn_sigma
+
+
+def test_dit_takes_the_config_s_norm_eps(pipes, tmp_path):
+    """The pre-MLP LayerNorm's eps comes from the transformer's config.norm_eps (diffusers' default
+    1e-5 when the config leaves it out), into the model and the model_config a sample set records."""
+    for eps, folder in ((1e-5, pipes["dit"][0]), (1e-6, edited(pipes["dit"][0], tmp_path / "eps", "transformer/config.json",
+                                                                 lambda c: c.update(norm_eps=1e-6)))):
+        model, _, ckpt, _ = load_pretrained(str(folder))
+        assert ckpt["model_config"]["mlp_norm_eps"] == eps and {b.norm2.eps for b in model.blocks} == {eps}
