@@ -68,7 +68,10 @@ class GaussianDiffusion:
         """The diffusion a checkpoint's "diffusion" entry describes (DEFAULT_DIFFUSION for older
         checkpoints, which had no other schedule); learn_sigma is the model's."""
         config = {**DEFAULT_DIFFUSION, **(config or {})}
-        betas = beta_schedule(config["schedule"], config["beta_start"], config["beta_end"], config["num_timesteps"])
+        if config.get("betas") is not None:  # schedule "trained": a pipeline's trained_betas, β_1..β_T as listed
+            betas = np.asarray(config["betas"], dtype=np.float64)
+        else:
+            betas = beta_schedule(config["schedule"], config["beta_start"], config["beta_end"], config["num_timesteps"])
         return cls(betas, learn_sigma=learn_sigma)
 
     def __init__(self, betas=None, learn_sigma=True):

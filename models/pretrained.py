@@ -64,7 +64,7 @@ SCHEDULER_DEFAULTS = {
 }
 COMMON_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, trained_betas=None,
                        prediction_type="epsilon", thresholding=False, rescale_betas_zero_snr=False)
-SCHEDULER_ONLY = dict(num_train_timesteps=(1000,), beta_schedule=("linear", "scaled_linear"), trained_betas=(None,), prediction_type=("epsilon",),
+SCHEDULER_ONLY = dict(num_train_timesteps=(1000,), beta_schedule=("linear", "scaled_linear"), prediction_type=("epsilon",),
                       thresholding=(False,), rescale_betas_zero_snr=(False,), timestep_spacing=("leading", "linspace", "trailing"),
                       clip_sample_range=(1.0,), variance_type=(None, "fixed_small", "fixed_small_log", "learned_range"),
                       algorithm_type=("dpmsolver++",), solver_order=(2,), solver_type=("midpoint",), final_sigmas_type=("zero",),
@@ -287,10 +287,15 @@ def scheduler_grid(sched, kind, steps):
     ts = [int(t) for t in (ts[:-1] if kind == "dpm-solver++" and spacing != "trailing" else ts)]
     # DDIM steps t -> t - T // steps whatever the spacing; DDPM and DPM-Solver to the next timestep
     nxt = [t - T // steps for t in ts] if kind == "ddim" else ts[1:] + [-1]
+    if cfg["trained_betas"] is not None:  # diffusers then ignores beta_schedule / beta_start / beta_end
+        if len(cfg["trained_betas"]) != T:
+            raise ValueError(f"trained_betas holds {len(cfg['trained_betas'])} values, not num_train_timesteps={T}")
+        diffusion = dict(schedule="trained", betas=[float(b) for b in cfg["trained_betas"]], num_timesteps=T)
+    else:
+        diffusion = dict(schedule=cfg["beta_schedule"], beta_start=cfg["beta_start"], beta_end=cfg["beta_end"], num_timesteps=T)
     final = 1.0
     if kind == "ddim" and not cfg["set_alpha_to_one"]:
-        from models.diffusion import beta_schedule
-        final = float(np.cumprod(1 - beta_schedule(cfg["beta_schedule"], cfg["beta_start"], cfg["beta_end"], T))[0])
-    return dict(diffusion=dict(schedule=cfg["beta_schedule"], beta_start=cfg["beta_start"], beta_end=cfg["beta_end"], num_timesteps=T),
-                grid=[ts, nxt, final], clip=bool(cfg.get("clip_sample", False)),
+        from models.diffusion import GaussianDiffusion
+        final = float(GaussianDiffusion.from_config(diffusion).alphas_cumprod[0])
+    return dict(diffusion=diffusion, grid=[ts, nxt, final], clip=bool(cfg.get("clip_sample", False)),
                 learned_variance={"learned_range": True, None: None}.get(cfg.get("variance_type"), False))

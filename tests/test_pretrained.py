@@ -233,3 +233,25 @@ def test_dit_takes_the_config_s_norm_eps(pipes, tmp_path):
                                                                  lambda c: c.update(norm_eps=1e-6)))):
         model, _, ckpt, _ = load_pretrained(str(folder))
         assert ckpt["model_config"]["mlp_norm_eps"] == eps and {b.norm2.eps for b in model.blocks} == {eps}
+
+
+def test_trained_betas_are_the_schedule(pipes, tmp_path):
+    """A scheduler config with trained_betas (as the CC3M releases' appear to hold): the listed β are
+    the schedule, as diffusers' schedulers take them (ignoring beta_schedule / start / end), for DDIM
+    and DPM-Solver++. The same pipeline with its named schedule gives other images: the list is read."""
+    import diffusers
+    betas = np.linspace(0.02, 0.17, 1000) ** 2  # β from 4e-4 to 0.029, not the named 1e-4 -> 0.02
+    folder = edited(pipes["dit"][0], tmp_path / "trained", "scheduler/scheduler_config.json",
+                    lambda c: c.update(trained_betas=betas.tolist()))
+    pipe = diffusers.DiTPipeline.from_pretrained(folder)
+    for kind in ("ddim", "dpm-solver++"):
+        ours = run_sample(folder, tmp_path / kind, "--sampler", kind)
+        named = run_sample(pipes["dit"][0], tmp_path / f"{kind}-named", "--sampler", kind)
+        for scale in SCALES:
+            assert_same_images(ours[scale], dit_reference(folder, pipe, kind, scale), (kind, scale))
+            changed = (ours[scale].astype(int) != named[scale]).mean()  # the diffusers match: < 1 % of pixels
+            assert changed > 0.2, (kind, scale, changed)
+    saved = json.loads((tmp_path / "ddim" / "trained" / "samples" / f"ddim{STEPS}_cfg3_n{N}_seed{SEED}" / "sample_config.json").read_text())
+    assert (saved["diffusion"]["schedule"], saved["diffusion"]["betas"]) == ("trained", betas.tolist())
+    with pytest.raises(ValueError, match="trained_betas holds 999 values"):
+        scheduler_grid({"trained_betas": betas[:999].tolist()}, "ddim", 4)
