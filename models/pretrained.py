@@ -232,6 +232,25 @@ def build_text_unet(folder):
     return TextConditioned(denoiser, encoder).eval(), dict(kwargs, text_encoder=encoder.config())
 
 
+def release_setting(spec):
+    """What a release says it was trained with, read from its id as the authors name them
+    (`…_clean`, `…_random_noise_<η in %>`, `…_clean_condnoise_uniform` / `_gaussian`: CEP-U / CEP-G
+    at γ 1) in train.py's config keys, with `release_setting` saying where it came from; an id of
+    another form gives release_setting "unknown" and no setting (never "clean")."""
+    name = os.path.basename(os.path.normpath(os.fspath(spec)))
+    swap = "_cc3m_" in name  # the CC3M releases swap captions, the ImageNet ones flip labels
+    corrupt_type = "swap" if swap else "symmetric"
+    noise = re.search(r"_random_noise_(\d+(?:\.\d+)?)$", name)
+    if noise:
+        return dict(corrupt=float(noise.group(1)) / 100, corrupt_type=corrupt_type, release_setting="from the id")
+    cep = re.search(r"_clean_condnoise_(uniform|gaussian)$", name)
+    if cep:
+        return dict(corrupt=0.0, cep=True, cep_type=cep.group(1), cep_gamma=1.0, release_setting="from the id")
+    if name.endswith("_clean"):
+        return dict(corrupt=0.0, release_setting="from the id")
+    return dict(release_setting="unknown")
+
+
 def load_pretrained(spec):
     """-> (model, vae, checkpoint-like dict (model_config, config naming the source, diffusion: the β
     schedule; scheduler: the pipeline's scheduler config), folder). UsageError with one line otherwise."""
@@ -256,7 +275,8 @@ def load_pretrained(spec):
     sched = read_json(folder, f"{SCHEDULER}/scheduler_config.json", SCHEDULER)
     model_config = {"name": f"{kind}:{components.get('transformer') or components['unet']}", **model_config}
     ckpt = dict(model_config=model_config, step=None, scheduler=sched,
-                config=dict(pretrained=spec, pipeline=kind, folder=os.path.abspath(folder), vae=os.path.join(folder, vae_name)))
+                config=dict(pretrained=spec, pipeline=kind, folder=os.path.abspath(folder), vae=os.path.join(folder, vae_name),
+                            **release_setting(spec)))
     return model, vae, ckpt, folder
 
 

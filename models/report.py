@@ -40,7 +40,12 @@ def direction(metric):
 
 
 def setting_label(rc):
-    """What a run trained with, seed aside: 'clean', 'η 5 %', 'η 5 % asym', 'CEP-U γ 1', 'IP λ 0.1', joined by ' + '."""
+    """What a run trained with, seed aside: 'clean', 'η 5 %', 'η 5 % asym', 'CEP-U γ 1', 'IP λ 0.1', joined by ' + ';
+    a released model's (sample.py --pretrained) is 'pretrained <id>: ' and what its release says, or 'setting unknown'."""
+    if rc.get("pretrained"):
+        name = os.path.basename(os.path.normpath(rc["pretrained"]))
+        known = rc.get("release_setting") not in (None, "unknown")  # sets sampled before releases were read: unknown
+        return f"pretrained {name}: " + (setting_label({k: v for k, v in rc.items() if k != "pretrained"}) if known else "setting unknown")
     parts = []
     if rc.get("corrupt"):
         kind = rc.get("corrupt_type") or "symmetric"

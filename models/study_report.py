@@ -117,6 +117,8 @@ def analyse(rows, fixed_scale, fixed_cfg, max_steps, sampler, fid, paired, refer
     chosen = [g for g in all_groups if g["cfg"] == fixed_cfg] if fixed_scale else best_scale_groups(all_groups, fid)
     best = [g for g in chosen if g["step"] == max_steps]
     final_rows = [r for r in main_rows if r["step"] == max_steps]
+    if not final_rows:
+        raise UsageError(f"no evaluated sample set of this grid is at step {max_steps:,} (--max-steps): nothing to report")
     comparisons = paired_comparisons(final_rows, best, paired, reference, primary, fid)
     steps = sorted({g["step"] for g in chosen})
     curve = {step: paired_comparisons(main_rows, [g for g in chosen if g["step"] == step], [fid], reference, (), fid) for step in steps[:-1]}

@@ -6,6 +6,7 @@ authors' scripts do), at guidance 1 and 3, up to the last uint8 level; 1 and 2 r
 bytes; LDMBert equals diffusers' LDMBertModel; bad pipelines are refused in one line."""
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -19,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 import sample  # noqa: E402
 from models.common import ImageNoise, UsageError  # noqa: E402
 from models.pretrained import load_pretrained, scheduler_grid  # noqa: E402
-from tests.helpers import (make_tiny_dit_pipeline, make_tiny_ldm_class_pipeline, make_tiny_ldm_text_pipeline,  # noqa: E402
+from tests.helpers import (REPO, make_tiny_dit_pipeline, make_tiny_ldm_class_pipeline, make_tiny_ldm_text_pipeline,  # noqa: E402
                            run_script)
 
 torch.set_num_threads(2)
@@ -255,3 +256,29 @@ def test_trained_betas_are_the_schedule(pipes, tmp_path):
     assert (saved["diffusion"]["schedule"], saved["diffusion"]["betas"]) == ("trained", betas.tolist())
     with pytest.raises(ValueError, match="trained_betas holds 999 values"):
         scheduler_grid({"trained_betas": betas[:999].tolist()}, "ddim", 4)
+
+
+def test_release_labels_say_what_each_model_was_trained_with(pipes, tmp_path):
+    """Sets sampled from folders named like the authors' releases are labelled by what the release
+    says (its id), each its own row of evaluate.py --compare; an id of another form is 'setting
+    unknown', never 'clean'."""
+    from models.pretrained import release_setting
+    from models.report import read_rows, setting_label
+    assert release_setting("DiffusionNoise/ldm_cc3m_random_noise_7.5") == dict(corrupt=0.075, corrupt_type="swap",
+                                                                                release_setting="from the id")
+    label = lambda spec: setting_label({"pretrained": spec, **release_setting(spec)})  # noqa: E731
+    assert label("DiffusionNoise/ldm_in1k_clean_condnoise_gaussian") == "pretrained ldm_in1k_clean_condnoise_gaussian: CEP-G γ 1"
+    assert label("/x/facebook-DiT-XL-2-256") == "pretrained facebook-DiT-XL-2-256: setting unknown"
+    out = tmp_path / "out"
+    for name in ("dit-xl-2_imagenet_clean", "dit-xl-2_imagenet_random_noise_5"):
+        shutil.copytree(pipes["dit"][0], tmp_path / name)
+        run_sample(tmp_path / name, out, "--sampler", "ddim")
+        for folder in (out / name / "samples").iterdir():  # a stand-in for evaluate.py's metrics (not under test here)
+            config = json.loads((folder / "sample_config.json").read_text())
+            (folder / "metrics.json").write_text(json.dumps({"metrics": {"fid": 1.0}, "num_samples": N, "sample_config": config}))
+    settings = sorted({r["setting"] for r in read_rows(str(out))})
+    assert settings == ["pretrained dit-xl-2_imagenet_clean: clean", "pretrained dit-xl-2_imagenet_random_noise_5: η 5 %"]
+    proc = subprocess.run([sys.executable, "evaluate.py", "--compare", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (out / "comparison.md").read_text()
+    assert all(s in table for s in settings), table

@@ -116,9 +116,15 @@ def tiny(line, fx):
     subs += [(r"--nproc-per-node \d+", "--nproc-per-node 1"), (r"--groups cifar100_groups\.txt", f"--groups {fx['groups']}")]
     for pattern, replacement in subs:
         line = re.sub(pattern, replacement, line)
+    if script == "study.py" and "--report-only" in line and "--grid converged" in line:
+        line += " --max-steps 4 --num-samples 4 --sample-steps 1 --cfg-scales 1,2 --fixed-cfg 2"  # the report of the tiny runs below
     if script == "study.py" and "--list" not in line and "--report-only" not in line:  # 2 steps, 4 samples, 1 sample step
-        line += (" --max-steps 2 --num-samples 4 --sample-steps 1 --cfg-scales 1,2 --fixed-cfg 2 --sample-args '--batch-size 4'"
-                 " --train-args '--global-batch-size 4 --ckpt-every 100 --log-every 1'" + ("" if "--only" in line else " --only clean_seed0"))
+        steps = 4 if "--grid converged" in line else 2  # the converged grid's learning curve samples max_steps/4 and /2
+        if "--grid converged" in line:  # a lane is no git clone: this checkout's scripts, not the pinned worktree's
+            line += " --code checkout"  # (the pinned path runs end to end in tests/test_study.py, slow)
+        line += (f" --max-steps {steps} --num-samples 4 --sample-steps 1 --cfg-scales 1,2 --fixed-cfg 2 --sample-args '--batch-size 4'"
+                 f" --train-args '--global-batch-size 4 --ckpt-every {steps // 4 if steps == 4 else 100} --log-every 1'"
+                 + ("" if "--only" in line else " --only clean_seed0"))  # (the converged curve reads checkpoints 1 and 2)
     if script in ("train.py", "finetune.py"):  # (--resume too: it starts a run that is not there yet)
         line += " --max-steps 2 --global-batch-size 4 --ckpt-every 100 --log-every 1"  # one checkpoint, at the end
         if script == "finetune.py" and "--val-size" not in line:
