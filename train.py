@@ -107,7 +107,7 @@ def get_parser():
       "none: safe to repeat (torchrun --max-restarts, requeued jobs)")
     a("--resume-from", default=None, metavar="CKPT", help="continue a run from one of its numbered checkpoints, <run>/ckpt/<step>.pt")
     a("--time-limit", type=float, default=None, metavar="HOURS", help="stop after the step that passes HOURS of this process's "
-      "time, write last.pt and status.json 'stopped' and exit 75 to be requeued (as on SIGTERM / SIGINT / SIGUSR1); leave a checkpoint's time to spare")
+      "time, write last.pt and status.json 'stopped', exit 75 to be requeued (as on a signal); leave a checkpoint's time to spare")
     a("--skip-bad-files", action="store_true", help="leave unreadable image files (and listed images that do not exist) out "
       "of training and list them in <run>/skipped_files.txt, instead of stopping with an error naming the file")
     a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
@@ -183,10 +183,8 @@ def main():
 
 
 def check_only(args, parser, stage=None):
-    """The launcher's checks (--nproc-per-node N, before it starts the ranks): every input check of
-    train() for N ranks, and that no other process writes the run, in this process. It builds no
-    model, takes no lock and writes nothing, whatever a resumed run's config.json holds. Returns
-    the run folder."""
+    """The launcher's checks before it starts N ranks: train()'s input checks and the run's lock, in this
+    process; builds, locks and writes nothing, whatever a resumed run's config.json holds. The run folder."""
     args = argparse.Namespace(**vars(args))  # resolve_run fills in the saved flags: not the caller's
     with contextlib.redirect_stdout(io.StringIO()):
         run_dir, _, _ = check_input(args, parser, args.nproc_per_node, stage)
@@ -448,10 +446,8 @@ def train(args, parser, rank, world, device, stage=None):
                      if clock["skipped_files"] else "")
                   + f"\nnext:\n{runs.next_commands(args, run_dir)}", flush=True)
         return run_dir
-    except Requeue:
-        raise
     except Exception as e:  # a bad file, a full disk, a lost rank, divergence: the error line, for the job script
-        if master:
+        if master and not isinstance(e, Requeue):
             runs.write_failure(run_dir, done, e)
         raise
     finally:
