@@ -191,24 +191,27 @@ def test_training_order_counts_runs_whose_fid_falls_at_every_step():
     assert training_order_check(rows, ["fid"], 1.5, [40]) == []
 
 
-def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
-    """A tiny converged grid (2 settings x 2 seeds, 4 steps, learning curve at steps 1 and 2): an
-    interrupted run is resumed, every stage's files are written, the report pairs the settings by
-    seed, a rerun does nothing. On the session's fake dataset, whose feature classifier and
-    autoencoder evaluate.py has already trained and cached."""
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["core", "full"])
+def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist, full):
+    """A tiny converged grid (2 settings x 2 seeds, 4 steps): an interrupted run is resumed, every
+    stage's files are written, the report pairs the settings by seed, the report is regenerated the
+    same from the copied files alone, a rerun does nothing. The full (slow) case adds the learning
+    curve at steps 1 and 2, --plan, the copies' upkeep, the probe, --list and the reproduction
+    section. On the session's fake dataset, whose feature classifier and autoencoder evaluate.py
+    has already trained and cached."""
     data, out, res = fake_fmnist, tmp_path / "study", tmp_path / "results"
     # an interrupted run: 2 of its 4 steps done
     run_script("train.py", ["--data-path", data, "--out-dir", out, "--run-name", "clean_seed0", "--max-steps", "2",
                             "--global-batch-size", "8", "--log-every", "1", "--ckpt-every", "1"])
     flags = ["--grid", "converged", "--seeds", "2", "--only", "clean_*,eta5_*", "--data-path", data, "--out-dir", out, "--results", res,
              "--max-steps", "4", "--train-args", "--global-batch-size 8 --log-every 2", "--num-samples", "20", "--sample-steps", "3",
-             "--cfg-scales", "2", "--curve-scales", "2", "--fixed-cfg", "2", "--nproc-per-node", "1", "--sample-args", "--batch-size 10",
-             "--code", "checkout"]
+             "--cfg-scales", "2", "--curve-scales", "2" if full else "none", "--fixed-cfg", "2", "--nproc-per-node", "1",
+             "--sample-args", "--batch-size 10", "--code", "checkout"]
     proc = run_script("study.py", flags)
     assert "resuming at step 2" in proc.stdout
     assert re.findall(r"^== \[\d/4\] (\S+)", proc.stdout, re.M) == ["clean_seed0", "eta5_seed0", "clean_seed1", "eta5_seed1"]  # seed-major
     assert len(re.findall(r"^\$ .*train\.py", proc.stdout, re.M)) == 4
-    curve = {"step1_dpm3_cfg2": 1, "step2_dpm3_cfg2": 2, "dpm3_cfg2": 4}
+    curve = {"step1_dpm3_cfg2": 1, "step2_dpm3_cfg2": 2, "dpm3_cfg2": 4} if full else {"dpm3_cfg2": 4}
     for run, tags in (("clean_seed0", {**curve, "dpm50_cfg2": 4, "dpm3_cfg2_seed1": 4, "dpm3_cfg2_seed2": 4}),
                       ("eta5_seed0", curve), ("clean_seed1", curve), ("eta5_seed1", curve)):
         assert sorted(p.name for p in (out / run / "samples").iterdir()) == sorted(tags)
@@ -219,13 +222,26 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
         assert times["train"] > 0 and len([k for k in times if k.startswith("sample ")]) == len(tags)
     assert json.loads((out / "eta5_seed1" / "config.json").read_text())["corrupt"] == 0.05
     readme = (res / "README.md").read_text()
-    assert "| clean | " in readme and "| η 5 % | " in readme and "Sampling noise" in readme and "Sampler steps" in readme and "Training order" in readme
+    assert "| clean | " in readme and "| η 5 % | " in readme and "Sampling noise" in readme and "Sampler steps" in readme
+    assert ("Training order" in readme) == full  # from the learning curve
     # the paired analysis: η 5 % against clean on seeds 0 and 1, with a CI, a verdict, the power, the claim, the learning curve
     line = next(ln for ln in readme.splitlines() if ln.startswith("| η 5 % | 2 | 0,1 | "))
     d = [json.loads((out / f"eta5_seed{k}" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]["fid_fmnist"]
          - json.loads((out / f"clean_seed{k}" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]["fid_fmnist"] for k in (0, 1)]
     assert line.split(" | ")[3].startswith(f"{np.mean(d):+.3g} [")
-    assert "| slight corruption lowers FID | η 5 % | fid_fmnist | 2 |" in readme and "## Learning curve" in readme
+    assert "| slight corruption lowers FID | η 5 % | fid_fmnist | 2 |" in readme and ("## Learning curve" in readme) == full
+    for name in ("eta.png", "fid_is.png", "runs/eta5_seed0/samples/dpm3_cfg2/grid.png", "runs/eta5_seed0/config.json"):
+        assert (res / name).stat().st_size > 0, name
+    # the report needs only the copied files: without the runs it is regenerated the same
+    (out / "eta5_seed0").rename(tmp_path / "moved")
+    run_script("study.py", flags + ["--report-only"])
+    assert (res / "README.md").read_text() == readme
+    (tmp_path / "moved").rename(out / "eta5_seed0")
+    # a rerun finds everything done: no stage runs again
+    proc = run_script("study.py", flags)
+    assert "$ " not in proc.stdout and (res / "README.md").read_text() == readme
+    if not full:
+        return
     assert re.search(r"\| η 5 % \| [^|]+ \| [^|]+ \| [+-]", readme.split("## Learning curve")[1])  # Δ at every step
     # --plan: the pilot's spread (clean's seeds at the best scale), read from the runs; the seeds for power 0.8 at 10 %
     fids = [json.loads((out / f"clean_seed{k}" / "samples" / "dpm3_cfg2" / "metrics.json").read_text())["metrics"]["fid_fmnist"] for k in (0, 1)]
@@ -254,11 +270,6 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
         assert (res / name).stat().st_size > 0, name
     assert not (res / "runs/eta5_seed0/samples/step1_dpm3_cfg2/grid.png").exists()  # the final weights' grid only
     assert "(runs/eta5_seed0/samples/dpm3_cfg2/grid.png)" in readme
-    # the report needs only the copied files: without the runs it is regenerated the same
-    (out / "eta5_seed0").rename(tmp_path / "moved")
-    run_script("study.py", flags + ["--report-only"])
-    assert (res / "README.md").read_text() == readme
-    (tmp_path / "moved").rename(out / "eta5_seed0")
     # a run being redone (here: a sample set not yet scored) keeps its committed files, and a
     # finished run's copy drops a set that is no longer in its folder
     m = out / "eta5_seed0" / "samples" / "dpm3_cfg2" / "metrics.json"
@@ -273,10 +284,6 @@ def test_study_runs_resumes_and_reports(tmp_path, fake_fmnist):
     shutil.copytree(out / "clean_seed0" / "samples" / "dpm3_cfg2", out / "clean_seed0" / "samples" / "explore_cfg9")
     run_script("study.py", flags + ["--report-only"])
     assert (res / "README.md").read_text() == readme and not (res / "runs" / "clean_seed0" / "samples" / "explore_cfg9").exists()
-    # a rerun finds everything done: no stage runs again
-    before = readme
-    proc = run_script("study.py", flags)
-    assert "$ " not in proc.stdout and (res / "README.md").read_text() == before
     # the condition probe on a run of the grid
     proc = run_script("-m", ["models.probe", "--ckpt", out / "clean_seed0" / "ckpt" / "last.pt", "--num-images", "16",
                              "--json", tmp_path / "probe.json"])
