@@ -56,6 +56,8 @@ def get_parser():
     a("--data-path", default=None, help="dataset folder (fashion-mnist: IDX files; default Debian's copy, else download)")
     a("--image-size", type=int, default=None, help="imagefolder crop size (default 256); fashion-mnist is 32")
     a("--model", default="DiT-T/4", help=f"one of {', '.join(MODEL_NAMES)}")
+    a("--timestep-freqs", default="official", choices=("official", "diffusers"), help="DiT's timestep embedding: 10000^(-i/128) "
+      "(official DiT) or 10000^(-i/127) (diffusers' DiTTransformer2DModel: export.py's DiTPipeline is then exact)")
     a("--class-cond", default="crossattn", choices=CLASS_COND_MODES, help="U-Net: class token by cross-attention (LDM) or added to the time embedding (ADM)")
     # text conditioning (caption datasets)
     a("--text-encoder", default="scratch", help="scratch (offline default) | bert[:dir|hub id] (trained jointly, the paper) | clip[:dir|hub id] (frozen)")
@@ -123,6 +125,8 @@ def check_args(args):
     if args.model not in MODEL_NAMES:
         raise UsageError(f"unknown --model '{args.model}'; choose one of: {', '.join(MODEL_NAMES)}")
     apply_recipe(args)
+    if args.timestep_freqs == "diffusers" and args.model in UNET_CONFIGS:
+        raise UsageError("--timestep-freqs diffusers is a DiT option (the U-Net's embedding is LDM's)")
     if not 0 <= args.corrupt < 1:
         raise UsageError(f"--corrupt must be in [0, 1), got {args.corrupt}")
     if args.cep_gamma < 0 or not math.isfinite(args.cep_gamma):
@@ -209,6 +213,8 @@ def new_model(args, dataset, text):
                         learn_sigma=args.learn_sigma)
     if args.model in UNET_CONFIGS and not text:
         model_config["class_cond"] = args.class_cond
+    if args.timestep_freqs == "diffusers":
+        model_config["t_freq_shift"] = 1  # models/dit.py: diffusers' downscale_freq_shift
     torch.manual_seed(args.seed)  # same initial weights on every rank and every world size
     try:
         encoder = build_text_encoder(args.text_encoder, dataset.captions, args.caption_length) if text else None

@@ -75,7 +75,8 @@ TRAINING_RECIPES = {
                  ckpt_every=500),
 }
 # what runs saved before these flags existed were trained with (their config.json lacks them)
-LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0, lr_decay="none")
+LEGACY_RUN = dict(schedule="linear", beta_start=1e-4, beta_end=0.02, weight_decay=0.0, warmup_steps=0, lr_decay="none",
+                  timestep_freqs="official")
 LEGACY_LCM = dict(lcm_guided_warmup=0, lcm_loss_weight="uniform")  # LCM students distilled before these flags existed
 
 

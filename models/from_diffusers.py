@@ -61,6 +61,34 @@ def dit_state_dict_from_diffusers(sd, sample_size=32):
     return out
 
 
+def dit_state_dict_to_diffusers(sd):
+    """Our DiT's state dict -> a diffusers DiTTransformer2DModel's: the inverse of
+    dit_state_dict_from_diffusers, the shared embedders copied into every block, pos_embed left out
+    (diffusers recomputes it)."""
+    sd, out = dict(sd), {}
+    sd.pop("pos_embed")
+    for dst, src in [("pos_embed.proj", "x_embedder.proj"), ("proj_out_1", "final_layer.adaLN_modulation.1"),
+                     ("proj_out_2", "final_layer.linear")]:
+        for kind in ("weight", "bias"):
+            out[f"{dst}.{kind}"] = sd.pop(f"{src}.{kind}")
+    embedders = {f"t_embedder.mlp.{2 * j - 2}.{k}": f"timestep_embedder.linear_{j}.{k}" for j in (1, 2) for k in ("weight", "bias")}
+    embedders["y_embedder.embedding_table.weight"] = "class_embedder.embedding_table.weight"
+    shared = {dst: sd.pop(src) for src, dst in embedders.items()}
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out.update({f"{b}norm1.emb.{k}": v.clone() for k, v in shared.items()})
+        for kind in ("weight", "bias"):
+            for n, part in zip("qkv", sd.pop(f"{o}attn.qkv.{kind}").chunk(3, dim=0)):
+                out[f"{b}attn1.to_{n}.{kind}"] = part.clone()
+            for dst, src in [("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                             ("norm1.linear", "adaLN_modulation.1")]:
+                out[f"{b}{dst}.{kind}"] = sd.pop(f"{o}{src}.{kind}")
+    if sd:
+        raise ValueError(f"DiT keys with no counterpart in diffusers' DiTTransformer2DModel: {sorted(sd)[:8]}")
+    return out
+
+
 def check_keys(cfg, shape_keys, only):
     """A diffusers config against what our network reproduces: every key is read for the shape (or only
     changes numerics), or `only` lists the values we have. ValueError naming the first other key."""

@@ -28,6 +28,7 @@ import os
 import re
 
 import numpy as np
+import torch
 
 from models.common import UsageError
 from models.dit import DiT
@@ -180,7 +181,12 @@ def build_dit(folder, name):
         state = dit_state_dict_from_diffusers(state, kwargs["input_size"])
     except (KeyError, ValueError) as e:
         refuse(folder, name, f"not a DiT of our layout ({e})")
-    kwargs["class_dropout"] = 0.1 if state["y_embedder.embedding_table.weight"].shape[0] > kwargs["num_classes"] else 0.0
+    table = state["y_embedder.embedding_table.weight"]
+    kwargs["class_dropout"] = 0.1 if table.shape[0] > kwargs["num_classes"] else 0.0
+    named = len(read_json(folder, "model_index.json", "the pipeline").get("id2label") or {})
+    if kwargs["class_dropout"] and 0 < named < kwargs["num_classes"] and torch.equal(table[named:], table[-1:].expand(len(table) - named, -1)):
+        # export.py's padding: K named classes, rows K..num_embeds_ada_norm the null row (DiTPipeline's null id 1000)
+        state["y_embedder.embedding_table.weight"], kwargs["num_classes"] = table[:named + 1].clone(), named
     return load_weights(DiT(**kwargs), state, folder, name), kwargs
 
 
@@ -232,11 +238,33 @@ def build_text_unet(folder):
     return TextConditioned(denoiser, encoder).eval(), dict(kwargs, text_encoder=encoder.config())
 
 
-def release_setting(spec):
-    """What a release says it was trained with, read from its id as the authors name them
-    (`…_clean`, `…_random_noise_<η in %>`, `…_clean_condnoise_uniform` / `_gaussian`: CEP-U / CEP-G
-    at γ 1) in train.py's config keys, with `release_setting` saying where it came from; an id of
-    another form gives release_setting "unknown" and no setting (never "clean")."""
+def card_setting(folder):
+    """The training setting a model card (README.md) states in its metadata, as export.py writes it
+    (`training_setting: {json}` between the front matter's --- lines), or None."""
+    path = os.path.join(folder, "README.md") if folder else None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    end = lines.index("---", 1) if lines[:1] == ["---"] and "---" in lines[1:] else 0
+    for line in lines[1:end]:
+        if line.startswith("training_setting:"):
+            try:
+                setting = json.loads(line.split(":", 1)[1])
+            except ValueError:
+                return None
+            return setting if isinstance(setting, dict) else None
+    return None
+
+
+def release_setting(spec, folder=None):
+    """What a release says it was trained with, in train.py's config keys, with `release_setting`
+    saying where it came from: its model card's metadata (export.py's), else its id as the authors
+    name them (`…_clean`, `…_random_noise_<η in %>`, `…_clean_condnoise_uniform` / `_gaussian`: CEP-U
+    / CEP-G at γ 1); anything else gives release_setting "unknown" and no setting (never "clean")."""
+    card = card_setting(folder)
+    if card is not None:
+        return {**card, "release_setting": "from the model card"}
     name = os.path.basename(os.path.normpath(os.fspath(spec)))
     swap = "_cc3m_" in name  # the CC3M releases swap captions, the ImageNet ones flip labels
     corrupt_type = "swap" if swap else "symmetric"
@@ -276,7 +304,7 @@ def load_pretrained(spec):
     model_config = {"name": f"{kind}:{components.get('transformer') or components['unet']}", **model_config}
     ckpt = dict(model_config=model_config, step=None, scheduler=sched,
                 config=dict(pretrained=spec, pipeline=kind, folder=os.path.abspath(folder), vae=os.path.join(folder, vae_name),
-                            **release_setting(spec)))
+                            **release_setting(spec, folder)))
     return model, vae, ckpt, folder
 
 

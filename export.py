@@ -1,0 +1,329 @@
+"""
+Stage 6: publish a trained run the way the field shares models.
+
+    RUN=out/DiT-T-4_fashion-mnist_eta0.025_cep-uniform1_seed0          # the README's quick-start run
+    python export.py $RUN --out exported/quick                          # a diffusers DiTPipeline folder
+    python export.py $RUN --format official --out exported/quick.pt     # facebookresearch/DiT's state dict
+
+diffusers: model_index.json (DiTPipeline, id2label), transformer/ (DiTTransformer2DModel), vae/
+(AutoencoderKL), scheduler/ (the sampler sample.py defaults to, DPM-Solver++, with the run's β; or
+--scheduler), safetensors weights, and README.md: a model card written from the run's files. What a
+DiTPipeline cannot hold exactly is kept and said, never dropped silently (docs/models.md#export):
+  - the null class: DiTPipeline guides with class id 1000, so the class table is padded to 1001 rows
+    (ids K..999 hold the null row too; models/pretrained.py reads the K classes back);
+  - a pixel-space run: the vae is models/vae.identity_autoencoder (decodes as the identity, ~1e-7);
+  - learned σ: kept in the transformer's output channels; DiTPipeline steps with ε only (all its
+    schedulers but DDPM ignore σ anyway);
+  - the timestep frequencies: diffusers hard-codes 10000^(-i/127); a run trained with the official
+    10000^(-i/128) (train.py --timestep-freqs official, the default) is exported as
+    facebook/DiT-XL-2-256 was converted, and its ε is then off by the printed amount.
+official: the EMA (or raw) weights under the official DiT's key names, the `.pt` its sample.py loads
+(`--ckpt`, for its own configs: DiT-{S,B,L,XL}/{2,4,8}, 4 latent channels, learned σ).
+"""
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+
+import torch
+
+from models.common import UsageError, atomic_torch_save, run_main
+from models.data import FASHION_MNIST_CLASSES
+from models.dit import DIT_CONFIGS, build_dit
+from models.from_diffusers import dit_state_dict_to_diffusers
+from models.vae import AutoencoderKL, identity_autoencoder, load_vae
+
+DIFFUSERS_VERSION = "0.30.0"  # the first with DiTTransformer2DModel
+NULL_CLASS = 1000  # DiTPipeline's unconditional id, hard-coded in its __call__
+SCHEDULERS = {  # sample.py's samplers as the diffusers schedulers that step through the same grid (models/pretrained.py)
+    "dpm-solver++": dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                         timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero", lower_order_final=True,
+                         thresholding=False, use_karras_sigmas=False, variance_type=None),
+    "ddim": dict(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0),
+    "ddpm": dict(_class_name="DDPMScheduler", clip_sample=False, variance_type="fixed_small", timestep_spacing="leading", steps_offset=0),
+}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Export a trained DiT run as a diffusers DiTPipeline folder or an official DiT .pt.")
+    a = p.add_argument
+    a("run", help="run directory (<out-dir>/<run>); uses ckpt/last.pt")
+    a("--ckpt", default=None, help="another checkpoint of the run, e.g. <run>/ckpt/0010000.pt")
+    a("--out", required=True, help="the folder (diffusers) or .pt file (official) to write; must not exist")
+    a("--format", default="diffusers", choices=("diffusers", "official"), help="diffusers: a DiTPipeline folder; official: "
+      "facebookresearch/DiT's state dict")
+    a("--weights", default="ema", choices=("ema", "model"), help="the EMA weights (what sample.py uses) or the raw ones")
+    a("--dtype", default="fp32", choices=("fp32", "bf16"), help="the weights' precision in the files")
+    a("--scheduler", default="dpm-solver++", choices=tuple(SCHEDULERS), help="diffusers: the pipeline's scheduler (any can be "
+      "swapped in with from_config; the β schedule is the run's)")
+    a("--bin", action="store_true", help="diffusers: pickled diffusion_pytorch_model.bin instead of safetensors")
+    return p
+
+
+def read_run(args):
+    """(checkpoint, its path, the weights) of a class-conditional DiT run; one UsageError line otherwise."""
+    path = args.ckpt or os.path.join(args.run, "ckpt", "last.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file)
+        raise UsageError(f"cannot read {path}: {type(e).__name__}")
+    config = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if not config or args.weights not in ckpt:
+        raise UsageError(f"{path} is not a train.py / finetune.py checkpoint")
+    if config.get("name") not in DIT_CONFIGS or "text_encoder" in config or "adapter" in config or config.get("guidance_dim"):
+        raise UsageError(f"{path} holds a {config.get('name')} {'text ' if 'text_encoder' in config else ''}model: export.py writes "
+                         "class-conditional DiTs (U-Net, text, adapted and LCM models: not supported yet)")
+    if not config.get("class_dropout"):
+        raise UsageError(f"{path} was trained without label dropout (--class-dropout 0): a DiT pipeline needs its null class")
+    return ckpt, path, ckpt[args.weights]
+
+
+def refuse_existing(out):
+    if os.path.lexists(out):
+        raise UsageError(f"--out {out} exists: export.py never overwrites (remove it or pick another path)")
+
+
+def timestep_error(model_config, weights):
+    """Relative rms change of ε when the run's DiT takes diffusers' timestep frequencies, on a fixed batch."""
+    config = dict(model_config)
+    ours, theirs = (build_dit(config["name"], **{**{k: v for k, v in config.items() if k != "name"}, "t_freq_shift": s}).eval()
+                    for s in (config.get("t_freq_shift", 0), 1))
+    for m in (ours, theirs):
+        m.load_state_dict(weights)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, ours.in_channels, ours.input_size, ours.input_size, generator=g)
+    t, y = torch.linspace(50, 950, 8).round().long(), torch.arange(8) % ours.num_classes
+    with torch.no_grad():
+        a, b = ours(x, t, y)[:, :ours.in_channels], theirs(x, t, y)[:, :ours.in_channels]
+    return float((a - b).norm() / a.norm())
+
+
+def transformer_config(model_config, num_rows):
+    arch = DIT_CONFIGS[model_config["name"]]
+    c = model_config["in_channels"]
+    return dict(_class_name="DiTTransformer2DModel", _diffusers_version=DIFFUSERS_VERSION, num_attention_heads=arch["num_heads"],
+                attention_head_dim=arch["hidden_size"] // arch["num_heads"], in_channels=c,
+                out_channels=2 * c if model_config.get("learn_sigma", True) else c, num_layers=arch["depth"], dropout=0.0,
+                norm_num_groups=32, attention_bias=True, sample_size=model_config["input_size"], patch_size=arch["patch_size"],
+                activation_fn="gelu-approximate", num_embeds_ada_norm=num_rows - 1, upcast_attention=False,
+                norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=model_config.get("mlp_norm_eps", 1e-6))
+
+
+def padded_class_table(table, num_classes):
+    """Rows 0..K-1 the classes, K..1000 the null row (DiTPipeline's null id is 1000)."""
+    if num_classes > NULL_CLASS:
+        raise UsageError(f"the run has {num_classes} classes: DiTPipeline's null class id 1000 leaves room for 1000")
+    return torch.cat([table[:num_classes], table[num_classes:num_classes + 1].expand(NULL_CLASS + 1 - num_classes, -1)])
+
+
+def scheduler_config(kind, diffusion):
+    return dict(SCHEDULERS[kind], _diffusers_version=DIFFUSERS_VERSION, num_train_timesteps=diffusion["num_timesteps"],
+                beta_schedule=diffusion["schedule"], beta_start=diffusion["beta_start"], beta_end=diffusion["beta_end"],
+                trained_betas=None, prediction_type="epsilon")
+
+
+def first_stage(ckpt, model_config):
+    """(the vae folder's config, its state dict, what it is): the run's AutoencoderKL, or the identity for a pixel run."""
+    spec = (ckpt.get("config") or {}).get("vae")
+    if not spec:
+        vae = identity_autoencoder(model_config["in_channels"], model_config["input_size"])
+        return vae, "the identity (a pixel-space run; models/vae.identity_autoencoder: decodes the DiT's pixels, error ~1e-7)"
+    try:
+        vae = load_vae(spec)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"the run's --vae {spec} cannot be read: {str(e).splitlines()[0]}")
+    if not isinstance(vae, AutoencoderKL):
+        raise UsageError(f"the run's --vae {spec} is a {type(vae).__name__}: DiTPipeline decodes with an AutoencoderKL")
+    return vae, f"`{spec}`, the run's first stage (scaling factor {vae.scaling_factor:g})"
+
+
+def save_weights(folder, state, dtype, pickled):
+    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+    os.makedirs(folder)
+    if pickled:
+        torch.save(state, os.path.join(folder, "diffusion_pytorch_model.bin"))
+    else:
+        from safetensors.torch import save_file
+        save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def class_names(run_config, manifest, num_classes):
+    if manifest and len(manifest.get("classes") or []) == num_classes:
+        return list(manifest["classes"])
+    if str(run_config.get("dataset", "")).startswith("fashion-mnist") and num_classes == len(FASHION_MNIST_CLASSES):
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(num_classes)]
+
+
+def find_manifest(run_dir, run_config):
+    """(path, parsed, sha256) of the corruption manifest train.py wrote beside the run, or Nones."""
+    name = f"corrupt_{run_config.get('corrupt_type')}_eta{run_config.get('corrupt', 0):g}_seed{run_config.get('seed')}.json"
+    data = os.path.join(os.path.dirname(os.path.abspath(run_dir)), "data")
+    found = sorted(os.path.join(data, d, name) for d in (os.listdir(data) if os.path.isdir(data) else [])
+                   if os.path.isfile(os.path.join(data, d, name)))
+    if len(found) != 1:
+        return None, None, None
+    with open(found[0], "rb") as f:
+        raw = f.read()
+    return found[0], json.loads(raw), hashlib.sha256(raw).hexdigest()
+
+
+def reproduce_command(run_config):
+    """train.py with every flag the run's config.json records away from the parser's default."""
+    import train
+    from models.build import apply_recipe
+    parser, parts = train.get_parser(), ["python", "train.py"]
+    family = parser.parse_args([])
+    vars(family).update({k: run_config[k] for k in ("model", "dataset", "vae", "text_encoder") if k in run_config})
+    recipe = apply_recipe(family)  # the model family's recipe: what the flags left unset became
+    for action in parser._actions:
+        if action.dest not in run_config or not action.option_strings or run_config[action.dest] == recipe.get(action.dest, action.default):
+            continue
+        value, flag = run_config[action.dest], next(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(flag)
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def evaluated_sets(run_dir):
+    """[(tag, metrics.json)] of the run's evaluated sample sets at the checkpoint's step."""
+    root = os.path.join(run_dir, "samples")
+    sets = []
+    for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, tag, "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                sets.append((tag, json.load(f)))
+    return sets
+
+
+def training_setting(run_config):
+    keys = ("corrupt", "corrupt_type", "cep", "cep_type", "cep_gamma")
+    return {k: run_config[k] for k in keys if k in run_config and (k.startswith("corrupt") or run_config.get("cep"))}
+
+
+def model_card(args, ckpt, ckpt_path, notes, vae_note):
+    """README.md: Hub metadata (with the training setting as JSON, which models/pretrained.py reads) and the run's facts."""
+    run_config, model_config = ckpt.get("config") or {}, ckpt["model_config"]
+    manifest_path, manifest, digest = find_manifest(args.run, run_config)
+    setting = training_setting(run_config)
+    fmnist = str(run_config.get("dataset", "")).startswith("fashion-mnist")
+    lines = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+             "tags: [diffusers, DiTPipeline, class-conditional, diffusion, slight-corruption]",
+             *(["datasets: [zalando-datasets/fashion_mnist]"] if fmnist else []),
+             f"training_setting: {json.dumps(setting)}", "---", "",
+             f"# {os.path.basename(os.path.normpath(args.run))}", "",
+             "A class-conditional DiT from the reference implementation of *Slight Corruption in Pre-training Data Makes "
+             "Better Diffusion Models* (Chen et al., NeurIPS 2024), exported by `export.py`.", "",
+             "```python", "import torch", "from diffusers import DiTPipeline", "",
+             f'pipe = DiTPipeline.from_pretrained("{os.path.basename(os.path.normpath(args.out))}")',
+             f"images = pipe(class_labels=[0, 1], guidance_scale=3.0, num_inference_steps=20, generator=torch.manual_seed(0)).images",
+             "```", "", "| | |", "|---|---|",
+             f"| model | {model_config['name']}, {model_config['input_size']} px, channels {model_config['in_channels']}, "
+             f"{model_config['num_classes']} classes, learned σ: {model_config.get('learn_sigma', True)} |",
+             f"| training | {ckpt.get('step')} steps of global batch {run_config.get('global_batch_size')} "
+             f"(`{os.path.basename(ckpt_path)}`), {args.weights} weights, exported in {args.dtype} |",
+             f"| dataset | {run_config.get('dataset')}{' at ' + run_config['data_path'] if run_config.get('data_path') else ''} |",
+             f"| corruption | η = {run_config.get('corrupt', 0):g}, {run_config.get('corrupt_type')}; manifest "
+             + (f"`{os.path.relpath(manifest_path, os.path.dirname(os.path.abspath(args.run)))}` sha256 {digest}, "
+                f"{manifest.get('num_corrupted')} of {manifest.get('num_examples')} changed |" if manifest else "not found beside the run |"),
+             f"| CEP | {'CEP-' + ('U' if run_config.get('cep_type') == 'uniform' else 'G') + ' γ ' + format(run_config.get('cep_gamma', 1), 'g') if run_config.get('cep') else 'none'} |",
+             f"| first stage | {vae_note} |", f"| scheduler | {SCHEDULERS[args.scheduler]['_class_name']} (the run's β) |", "",
+             "Reproduce the run:", "", "```bash", reproduce_command(run_config), "```", ""]
+    sets = evaluated_sets(args.run)
+    if sets:
+        lines += ["Metrics that `evaluate.py` wrote for this run (the real images' floor in brackets):", "",
+                  "| sample set | step | sampler | guidance | images | features (reference images) | metrics |", "|---|---|---|---|---|---|---|"]
+        for tag, m in sets:
+            sc, floor = m.get("sample_config", {}), m.get("floor", {})
+            values = ", ".join(f"{k} {v:.4g}" + (f" ({floor[k]:.4g})" if k in floor else "") for k, v in m.get("metrics", {}).items()
+                               if isinstance(v, (int, float)))
+            lines.append(f"| {tag} | {sc.get('step')} | {sc.get('sampler')} {sc.get('steps')} | {sc.get('cfg_scale')} | "
+                         f"{m.get('num_samples')} | {m.get('features')} ({m.get('num_reference')}) | {values} |")
+        lines.append("")
+    if notes:
+        lines += ["What a DiTPipeline does differently:", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(lines)
+
+
+def export_diffusers(args, ckpt, ckpt_path, weights):
+    model_config = ckpt["model_config"]
+    num_classes, notes = model_config["num_classes"], []
+    sd = dict(weights)
+    sd["y_embedder.embedding_table.weight"] = padded_class_table(sd["y_embedder.embedding_table.weight"], num_classes)
+    if num_classes < NULL_CLASS:
+        notes.append(f"class ids {num_classes}..999 are the null class (DiTPipeline's null id is 1000): "
+                     f"use 0..{num_classes - 1} (or `pipe.get_label_ids`)")
+    if model_config.get("t_freq_shift", 0) != 1:
+        err = timestep_error(model_config, weights)
+        notes.append(f"the run was trained with the official DiT's timestep frequencies 10000^(-i/128); diffusers' "
+                     f"DiTTransformer2DModel hard-codes 10000^(-i/127), which changes this model's ε by {err:.2%} (relative rms): "
+                     "its images are close to sample.py's, not equal (train with --timestep-freqs diffusers for an exact export)")
+    if model_config.get("learn_sigma", True):
+        notes.append("the learned variance is kept in the transformer's output channels; DiTPipeline steps with ε only "
+                     "(sample.py's DDPM uses the learned σ, so DDPM images differ; DDIM and DPM-Solver++ ignore σ)")
+    vae, vae_note = first_stage(ckpt, model_config)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    tmp = f"{os.path.normpath(args.out)}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        save_weights(os.path.join(tmp, "transformer"), dit_state_dict_to_diffusers(sd), dtype, args.bin)
+        write_json(os.path.join(tmp, "transformer", "config.json"), transformer_config(model_config, sd["y_embedder.embedding_table.weight"].shape[0]))
+        save_weights(os.path.join(tmp, "vae"), vae.state_dict(), dtype, args.bin)
+        write_json(os.path.join(tmp, "vae", "config.json"), {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **vae.config})
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config(args.scheduler, ckpt["diffusion"]))
+        manifest = find_manifest(args.run, ckpt.get("config") or {})[1]
+        id2label = dict(enumerate(class_names(ckpt.get("config") or {}, manifest, num_classes)))
+        write_json(os.path.join(tmp, "model_index.json"), {
+            "_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION, "id2label": {str(k): v for k, v in id2label.items()},
+            "scheduler": ["diffusers", SCHEDULERS[args.scheduler]["_class_name"]], "transformer": ["diffusers", "DiTTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"]})
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(args, ckpt, ckpt_path, notes, vae_note))
+        os.rename(tmp, args.out)  # the folder appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return notes
+
+
+def main():
+    args = get_parser().parse_args()
+    if not os.path.isdir(args.run):
+        raise UsageError(f"run {args.run} is not a folder")
+    if args.bin and args.format == "official":
+        raise UsageError("--bin is for --format diffusers (the official .pt is always a pickle)")
+    refuse_existing(args.out)
+    ckpt, ckpt_path, weights = read_run(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.format == "official":
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        atomic_torch_save(args.out, {k: v.to(dtype) for k, v in weights.items()})
+        notes = ([] if ckpt["model_config"].get("t_freq_shift", 0) == 0 else
+                 ["trained with --timestep-freqs diffusers: the official DiT's code embeds timesteps with 10000^(-i/128)"])
+    else:
+        notes = export_diffusers(args, ckpt, ckpt_path, weights)
+    print(f"wrote {args.out} ({args.format}, {args.weights} weights, {args.dtype}, step {ckpt.get('step')})")
+    for note in notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    run_main(main)
