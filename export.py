@@ -38,27 +38,30 @@ from models.vae import AutoencoderKL, identity_autoencoder, load_vae
 
 DIFFUSERS_VERSION = "0.30.0"  # the first with DiTTransformer2DModel
 NULL_CLASS = 1000  # DiTPipeline's unconditional id, hard-coded in its __call__
-SCHEDULERS = {  # sample.py's samplers as the diffusers schedulers that step through the same grid (models/pretrained.py)
-    "dpm-solver++": dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-                         timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero", lower_order_final=True,
-                         thresholding=False, use_karras_sigmas=False, variance_type=None),
-    "ddim": dict(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0),
-    "ddpm": dict(_class_name="DDPMScheduler", clip_sample=False, variance_type="fixed_small", timestep_spacing="leading", steps_offset=0),
+# sample.py's samplers as the diffusers schedulers that step through the same grid (models/pretrained.py)
+SCHEDULERS = {
+    "dpm-solver++": dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
+                         solver_type="midpoint", timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
+                         lower_order_final=True, thresholding=False, use_karras_sigmas=False, variance_type=None),
+    "ddim": dict(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading",
+                 steps_offset=0),
+    "ddpm": dict(_class_name="DDPMScheduler", clip_sample=False, variance_type="fixed_small",
+                 timestep_spacing="leading", steps_offset=0),
 }
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Export a trained DiT run as a diffusers DiTPipeline folder or an official DiT .pt.")
+    p = argparse.ArgumentParser(description="Export a DiT run as a diffusers DiTPipeline or an official DiT .pt.")
     a = p.add_argument
     a("run", help="run directory (<out-dir>/<run>); uses ckpt/last.pt")
     a("--ckpt", default=None, help="another checkpoint of the run, e.g. <run>/ckpt/0010000.pt")
     a("--out", required=True, help="the folder (diffusers) or .pt file (official) to write; must not exist")
-    a("--format", default="diffusers", choices=("diffusers", "official"), help="diffusers: a DiTPipeline folder; official: "
-      "facebookresearch/DiT's state dict")
-    a("--weights", default="ema", choices=("ema", "model"), help="the EMA weights (what sample.py uses) or the raw ones")
+    a("--format", default="diffusers", choices=("diffusers", "official"),
+      help="diffusers: a DiTPipeline folder; official: facebookresearch/DiT's state dict")
+    a("--weights", default="ema", choices=("ema", "model"), help="the EMA weights (sample.py's) or the raw ones")
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="the weights' precision in the files")
-    a("--scheduler", default="dpm-solver++", choices=tuple(SCHEDULERS), help="diffusers: the pipeline's scheduler (any can be "
-      "swapped in with from_config; the β schedule is the run's)")
+    a("--scheduler", default="dpm-solver++", choices=tuple(SCHEDULERS),
+      help="diffusers: the pipeline's scheduler (any can be swapped in with from_config; the β schedule is the run's)")
     a("--bin", action="store_true", help="diffusers: pickled diffusion_pytorch_model.bin instead of safetensors")
     return p
 
@@ -75,11 +78,12 @@ def read_run(args):
     config = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not config or args.weights not in ckpt:
         raise UsageError(f"{path} is not a train.py / finetune.py checkpoint")
-    if config.get("name") not in DIT_CONFIGS or "text_encoder" in config or "adapter" in config or config.get("guidance_dim"):
-        raise UsageError(f"{path} holds a {config.get('name')} {'text ' if 'text_encoder' in config else ''}model: export.py writes "
-                         "class-conditional DiTs (U-Net, text, adapted and LCM models: not supported yet)")
+    kind = "text " if "text_encoder" in config else "adapted " if "adapter" in config else ""
+    if config.get("name") not in DIT_CONFIGS or kind or config.get("guidance_dim"):
+        raise UsageError(f"{path} holds a {config.get('name')} {kind}model: export.py writes class-conditional DiTs "
+                         "(U-Net, text, adapted and LCM models: not supported yet)")
     if not config.get("class_dropout"):
-        raise UsageError(f"{path} was trained without label dropout (--class-dropout 0): a DiT pipeline needs its null class")
+        raise UsageError(f"{path} was trained without label dropout (--class-dropout 0): pipelines need a null class")
     return ckpt, path, ckpt[args.weights]
 
 
@@ -90,8 +94,8 @@ def refuse_existing(out):
 
 def timestep_error(model_config, weights):
     """Relative rms change of ε when the run's DiT takes diffusers' timestep frequencies, on a fixed batch."""
-    config = dict(model_config)
-    ours, theirs = (build_dit(config["name"], **{**{k: v for k, v in config.items() if k != "name"}, "t_freq_shift": s}).eval()
+    config = {k: v for k, v in model_config.items() if k != "name"}
+    ours, theirs = (build_dit(model_config["name"], **{**config, "t_freq_shift": s}).eval()
                     for s in (config.get("t_freq_shift", 0), 1))
     for m in (ours, theirs):
         m.load_state_dict(weights)
@@ -106,12 +110,13 @@ def timestep_error(model_config, weights):
 def transformer_config(model_config, num_rows):
     arch = DIT_CONFIGS[model_config["name"]]
     c = model_config["in_channels"]
-    return dict(_class_name="DiTTransformer2DModel", _diffusers_version=DIFFUSERS_VERSION, num_attention_heads=arch["num_heads"],
-                attention_head_dim=arch["hidden_size"] // arch["num_heads"], in_channels=c,
-                out_channels=2 * c if model_config.get("learn_sigma", True) else c, num_layers=arch["depth"], dropout=0.0,
-                norm_num_groups=32, attention_bias=True, sample_size=model_config["input_size"], patch_size=arch["patch_size"],
-                activation_fn="gelu-approximate", num_embeds_ada_norm=num_rows - 1, upcast_attention=False,
-                norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=model_config.get("mlp_norm_eps", 1e-6))
+    return dict(_class_name="DiTTransformer2DModel", _diffusers_version=DIFFUSERS_VERSION,
+                num_attention_heads=arch["num_heads"], attention_head_dim=arch["hidden_size"] // arch["num_heads"],
+                in_channels=c, out_channels=2 * c if model_config.get("learn_sigma", True) else c,
+                num_layers=arch["depth"], dropout=0.0, norm_num_groups=32, attention_bias=True,
+                sample_size=model_config["input_size"], patch_size=arch["patch_size"], activation_fn="gelu-approximate",
+                num_embeds_ada_norm=num_rows - 1, upcast_attention=False, norm_type="ada_norm_zero",
+                norm_elementwise_affine=False, norm_eps=model_config.get("mlp_norm_eps", 1e-6))
 
 
 def padded_class_table(table, num_classes):
@@ -128,11 +133,11 @@ def scheduler_config(kind, diffusion):
 
 
 def first_stage(ckpt, model_config):
-    """(the vae folder's config, its state dict, what it is): the run's AutoencoderKL, or the identity for a pixel run."""
+    """(the vae, what it is): the run's AutoencoderKL, or the identity for a pixel run."""
     spec = (ckpt.get("config") or {}).get("vae")
     if not spec:
         vae = identity_autoencoder(model_config["in_channels"], model_config["input_size"])
-        return vae, "the identity (a pixel-space run; models/vae.identity_autoencoder: decodes the DiT's pixels, error ~1e-7)"
+        return vae, "the identity (a pixel-space run; models/vae.identity_autoencoder: the DiT's pixels, error ~1e-7)"
     try:
         vae = load_vae(spec)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -168,7 +173,8 @@ def class_names(run_config, manifest, num_classes):
 
 def find_manifest(run_dir, run_config):
     """(path, parsed, sha256) of the corruption manifest train.py wrote beside the run, or Nones."""
-    name = f"corrupt_{run_config.get('corrupt_type')}_eta{run_config.get('corrupt', 0):g}_seed{run_config.get('seed')}.json"
+    eta, seed = run_config.get("corrupt", 0), run_config.get("seed")
+    name = f"corrupt_{run_config.get('corrupt_type')}_eta{eta:g}_seed{seed}.json"
     data = os.path.join(os.path.dirname(os.path.abspath(run_dir)), "data")
     found = sorted(os.path.join(data, d, name) for d in (os.listdir(data) if os.path.isdir(data) else [])
                    if os.path.isfile(os.path.join(data, d, name)))
@@ -188,7 +194,9 @@ def reproduce_command(run_config):
     vars(family).update({k: run_config[k] for k in ("model", "dataset", "vae", "text_encoder") if k in run_config})
     recipe = apply_recipe(family)  # the model family's recipe: what the flags left unset became
     for action in parser._actions:
-        if action.dest not in run_config or not action.option_strings or run_config[action.dest] == recipe.get(action.dest, action.default):
+        if action.dest not in run_config or not action.option_strings:
+            continue
+        if run_config[action.dest] == recipe.get(action.dest, action.default):
             continue
         value, flag = run_config[action.dest], next(o for o in action.option_strings if o.startswith("--"))
         if isinstance(action, argparse._StoreTrueAction):
@@ -218,43 +226,50 @@ def training_setting(run_config):
 
 
 def model_card(args, ckpt, ckpt_path, notes, vae_note):
-    """README.md: Hub metadata (with the training setting as JSON, which models/pretrained.py reads) and the run's facts."""
-    run_config, model_config = ckpt.get("config") or {}, ckpt["model_config"]
-    manifest_path, manifest, digest = find_manifest(args.run, run_config)
-    setting = training_setting(run_config)
-    fmnist = str(run_config.get("dataset", "")).startswith("fashion-mnist")
+    """README.md: Hub metadata (the training setting as JSON, which models/pretrained.py reads), the run's facts."""
+    run, model = ckpt.get("config") or {}, ckpt["model_config"]
+    manifest_path, manifest, digest = find_manifest(args.run, run)
+    fmnist = str(run.get("dataset", "")).startswith("fashion-mnist")
+    corruption = f"η = {run.get('corrupt', 0):g}, {run.get('corrupt_type')}; manifest "
+    if manifest:
+        where = os.path.relpath(manifest_path, os.path.dirname(os.path.abspath(args.run)))
+        changed = f"{manifest.get('num_corrupted')} of {manifest.get('num_examples')} changed"
+        corruption += f"`{where}` sha256 {digest}, {changed}"
+    else:
+        corruption += "not found beside the run"
+    cep = "none"
+    if run.get("cep"):
+        cep = f"CEP-{'U' if run.get('cep_type') == 'uniform' else 'G'} γ {run.get('cep_gamma', 1):g}"
     lines = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
              "tags: [diffusers, DiTPipeline, class-conditional, diffusion, slight-corruption]",
              *(["datasets: [zalando-datasets/fashion_mnist]"] if fmnist else []),
-             f"training_setting: {json.dumps(setting)}", "---", "",
+             f"training_setting: {json.dumps(training_setting(run))}", "---", "",
              f"# {os.path.basename(os.path.normpath(args.run))}", "",
-             "A class-conditional DiT from the reference implementation of *Slight Corruption in Pre-training Data Makes "
-             "Better Diffusion Models* (Chen et al., NeurIPS 2024), exported by `export.py`.", "",
+             "A class-conditional DiT from the reference implementation of *Slight Corruption in Pre-training Data "
+             "Makes Better Diffusion Models* (Chen et al., NeurIPS 2024), exported by `export.py`.", "",
              "```python", "import torch", "from diffusers import DiTPipeline", "",
              f'pipe = DiTPipeline.from_pretrained("{os.path.basename(os.path.normpath(args.out))}")',
-             f"images = pipe(class_labels=[0, 1], guidance_scale=3.0, num_inference_steps=20, generator=torch.manual_seed(0)).images",
-             "```", "", "| | |", "|---|---|",
-             f"| model | {model_config['name']}, {model_config['input_size']} px, channels {model_config['in_channels']}, "
-             f"{model_config['num_classes']} classes, learned σ: {model_config.get('learn_sigma', True)} |",
-             f"| training | {ckpt.get('step')} steps of global batch {run_config.get('global_batch_size')} "
+             "images = pipe(class_labels=[0, 1], guidance_scale=3.0, num_inference_steps=20,",
+             "              generator=torch.manual_seed(0)).images", "```", "", "| | |", "|---|---|",
+             f"| model | {model['name']}, {model['input_size']} px, channels {model['in_channels']}, "
+             f"{model['num_classes']} classes, learned σ: {model.get('learn_sigma', True)} |",
+             f"| training | {ckpt.get('step')} steps of global batch {run.get('global_batch_size')} "
              f"(`{os.path.basename(ckpt_path)}`), {args.weights} weights, exported in {args.dtype} |",
-             f"| dataset | {run_config.get('dataset')}{' at ' + run_config['data_path'] if run_config.get('data_path') else ''} |",
-             f"| corruption | η = {run_config.get('corrupt', 0):g}, {run_config.get('corrupt_type')}; manifest "
-             + (f"`{os.path.relpath(manifest_path, os.path.dirname(os.path.abspath(args.run)))}` sha256 {digest}, "
-                f"{manifest.get('num_corrupted')} of {manifest.get('num_examples')} changed |" if manifest else "not found beside the run |"),
-             f"| CEP | {'CEP-' + ('U' if run_config.get('cep_type') == 'uniform' else 'G') + ' γ ' + format(run_config.get('cep_gamma', 1), 'g') if run_config.get('cep') else 'none'} |",
-             f"| first stage | {vae_note} |", f"| scheduler | {SCHEDULERS[args.scheduler]['_class_name']} (the run's β) |", "",
-             "Reproduce the run:", "", "```bash", reproduce_command(run_config), "```", ""]
+             f"| dataset | {run.get('dataset')}{' at ' + run['data_path'] if run.get('data_path') else ''} |",
+             f"| corruption | {corruption} |", f"| CEP | {cep} |", f"| first stage | {vae_note} |",
+             f"| scheduler | {SCHEDULERS[args.scheduler]['_class_name']} (the run's β) |", "",
+             "Reproduce the run:", "", "```bash", reproduce_command(run), "```", ""]
     sets = evaluated_sets(args.run)
     if sets:
         lines += ["Metrics that `evaluate.py` wrote for this run (the real images' floor in brackets):", "",
-                  "| sample set | step | sampler | guidance | images | features (reference images) | metrics |", "|---|---|---|---|---|---|---|"]
+                  "| sample set | step | sampler | guidance | images | features (reference images) | metrics |",
+                  "|---|---|---|---|---|---|---|"]
         for tag, m in sets:
             sc, floor = m.get("sample_config", {}), m.get("floor", {})
-            values = ", ".join(f"{k} {v:.4g}" + (f" ({floor[k]:.4g})" if k in floor else "") for k, v in m.get("metrics", {}).items()
-                               if isinstance(v, (int, float)))
-            lines.append(f"| {tag} | {sc.get('step')} | {sc.get('sampler')} {sc.get('steps')} | {sc.get('cfg_scale')} | "
-                         f"{m.get('num_samples')} | {m.get('features')} ({m.get('num_reference')}) | {values} |")
+            values = ", ".join(f"{k} {v:.4g}" + (f" ({floor[k]:.4g})" if k in floor else "")
+                               for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float)))
+            lines.append(f"| {tag} | {sc.get('step')} | {sc.get('sampler')} {sc.get('steps')} | {sc.get('cfg_scale')} "
+                         f"| {m.get('num_samples')} | {m.get('features')} ({m.get('num_reference')}) | {values} |")
         lines.append("")
     if notes:
         lines += ["What a DiTPipeline does differently:", "", *[f"- {n}" for n in notes], ""]
@@ -272,29 +287,35 @@ def export_diffusers(args, ckpt, ckpt_path, weights):
     if model_config.get("t_freq_shift", 0) != 1:
         err = timestep_error(model_config, weights)
         notes.append(f"the run was trained with the official DiT's timestep frequencies 10000^(-i/128); diffusers' "
-                     f"DiTTransformer2DModel hard-codes 10000^(-i/127), which changes this model's ε by {err:.2%} (relative rms): "
-                     "its images are close to sample.py's, not equal (train with --timestep-freqs diffusers for an exact export)")
+                     f"DiTTransformer2DModel hard-codes 10000^(-i/127), which changes this model's ε by {err:.2%} "
+                     "(relative rms): its images are close to sample.py's, not equal (train with --timestep-freqs "
+                     "diffusers for an exact export)")
     if model_config.get("learn_sigma", True):
-        notes.append("the learned variance is kept in the transformer's output channels; DiTPipeline steps with ε only "
-                     "(sample.py's DDPM uses the learned σ, so DDPM images differ; DDIM and DPM-Solver++ ignore σ)")
+        notes.append("the learned variance is kept in the transformer's output channels; DiTPipeline steps with ε "
+                     "only (sample.py's DDPM uses the learned σ, so DDPM images differ; DDIM and DPM-Solver++ "
+                     "ignore σ)")
     vae, vae_note = first_stage(ckpt, model_config)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     tmp = f"{os.path.normpath(args.out)}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
         save_weights(os.path.join(tmp, "transformer"), dit_state_dict_to_diffusers(sd), dtype, args.bin)
-        write_json(os.path.join(tmp, "transformer", "config.json"), transformer_config(model_config, sd["y_embedder.embedding_table.weight"].shape[0]))
+        write_json(os.path.join(tmp, "transformer", "config.json"), transformer_config(model_config, rows))
         save_weights(os.path.join(tmp, "vae"), vae.state_dict(), dtype, args.bin)
-        write_json(os.path.join(tmp, "vae", "config.json"), {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **vae.config})
+        write_json(os.path.join(tmp, "vae", "config.json"),
+                   {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **vae.config})
         os.makedirs(os.path.join(tmp, "scheduler"))
-        write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config(args.scheduler, ckpt["diffusion"]))
-        manifest = find_manifest(args.run, ckpt.get("config") or {})[1]
-        id2label = dict(enumerate(class_names(ckpt.get("config") or {}, manifest, num_classes)))
+        write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
+                   scheduler_config(args.scheduler, ckpt["diffusion"]))
+        run_config = ckpt.get("config") or {}
+        names = class_names(run_config, find_manifest(args.run, run_config)[1], num_classes)
         write_json(os.path.join(tmp, "model_index.json"), {
-            "_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION, "id2label": {str(k): v for k, v in id2label.items()},
-            "scheduler": ["diffusers", SCHEDULERS[args.scheduler]["_class_name"]], "transformer": ["diffusers", "DiTTransformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKL"]})
+            "_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "id2label": {str(k): v for k, v in enumerate(names)},
+            "scheduler": ["diffusers", SCHEDULERS[args.scheduler]["_class_name"]],
+            "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(args, ckpt, ckpt_path, notes, vae_note))
         os.rename(tmp, args.out)  # the folder appears whole or not at all
@@ -316,7 +337,7 @@ def main():
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         atomic_torch_save(args.out, {k: v.to(dtype) for k, v in weights.items()})
         notes = ([] if ckpt["model_config"].get("t_freq_shift", 0) == 0 else
-                 ["trained with --timestep-freqs diffusers: the official DiT's code embeds timesteps with 10000^(-i/128)"])
+                 ["trained with --timestep-freqs diffusers: the official DiT's code embeds t at 10000^(-i/128)"])
     else:
         notes = export_diffusers(args, ckpt, ckpt_path, weights)
     print(f"wrote {args.out} ({args.format}, {args.weights} weights, {args.dtype}, step {ckpt.get('step')})")

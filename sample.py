@@ -26,7 +26,7 @@ converted to our networks and sampled the same way, into <out-dir>/<name>/sample
 
     python sample.py --pretrained DiffusionNoise/dit-xl-2_imagenet_clean --num-samples 50000 --cfg-scale 1.75
 
-Writes <run>/samples/<tag>/: images/<index>.png, samples.npz (ADM evaluator layout: arr_0 uint8
+Writes <run>/samples/<tag>/: images/<index>.png (.jpg: --image-format jpeg), samples.npz (ADM evaluator layout: arr_0 uint8
 N x H x W x C, arr_1 labels), grid.png and sample_config.json (and controls.npz: each image's
 control, for evaluate.py's control fidelity; for a VQ latent model codes.npy, N x h x w: the codebook
 index of each latent position at quantisation, the codes the images were decoded from, for
@@ -53,9 +53,16 @@ from models.dit import config_from_state_dict
 from models.vae import decode_latents, open_vae
 
 
+# the DiffusionNoise authors' sampling (their README; github.com/Hhhhhhao/DiffusionNoise scripts/*.py default to DDIM 50
+# at 7.5): DPM-Solver++ 50 steps at guidance 2.25, fp16, each image saved as JPEG quality 100 without chroma subsampling
+PRESETS = {"authors": dict(sampler="dpm-solver++", steps=50, cfg_scale="2.25", precision="fp16", image_format="jpeg")}
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Sample class-conditional images from a train.py run.")
     a = p.add_argument
+    a("--preset", default=None, choices=tuple(PRESETS), help="authors: DPM-Solver++ 50 steps, guidance 2.25, fp16, JPEG "
+      "quality 100 (4:4:4), as the authors sampled their releases; flags given with it override it")
     a("--run", "--run-dir", dest="run", default=None, help="run directory (<out-dir>/<run>); uses ckpt/last.pt")
     a("--ckpt", default=None, help="a checkpoint file instead of --run (samples go next to its run)")
     a("--pretrained", default=None, metavar="SPEC", help="a released diffusers pipeline instead of --run: a folder or hub id "
@@ -80,7 +87,9 @@ def get_parser():
     a("--device", default="auto", help="auto | cpu | cuda")
     a("--vae", default=None, help="autoencoder that decodes a latent model's samples (default: the run's --vae)")
     a("--prompts", default=None, help="text models: a file of captions, one per line (default: held-out captions)")
-    a("--precision", default=None, choices=("fp32", "bf16"), help="default: bf16 on GPU, fp32 on CPU")
+    a("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    a("--image-format", default="png", choices=("png", "jpeg"), help="each image's file (samples.npz holds its pixels, "
+      "what evaluate.py scores): png (lossless) or jpeg (quality 100, no chroma subsampling, as the authors saved theirs)")
     a("--compile", action="store_true", help="torch.compile the model with frozen weights (pays off for large sample sets; "
       "with --precision bf16 about 2x faster on a CPU with bf16 instructions)")
     a("--control", default=None, help="adapted models (finetune.py): folder of control images, <label>/<name>.png "
@@ -210,9 +219,12 @@ def to_uint8(x):
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_png(path, arr):
-    tmp = path + ".tmp.png"
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp)
+def save_image(path, arr):
+    """PNG, or JPEG at quality 100 without chroma subsampling (4:4:4), by the path's extension."""
+    ext = os.path.splitext(path)[1]
+    tmp = path + ".tmp" + ext
+    jpeg = dict(format="JPEG", quality=100, subsampling=0) if ext == ".jpg" else {}
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, **jpeg)
     os.replace(tmp, path)
 
 
@@ -227,7 +239,11 @@ def make_grid(images, ncol):
 
 
 def main():
-    args = get_parser().parse_args()
+    parser = get_parser()
+    preset = parser.parse_known_args()[0].preset
+    if preset:  # the preset's values become the defaults: flags given still win
+        parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args()
     try:
         scales = [float(s) for s in args.cfg_scale.split(",")]
     except ValueError:
@@ -300,7 +316,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
         tag = args.tag if len(args.cfg_scale.split(",")) == 1 else f"{args.tag}_cfg{scale:g}"
     else:
         tag = (f"{args.sampler}{args.steps}_cfg{scale:g}_n{args.num_samples}_seed{args.seed}"
-               + (f"_class{args.class_label}" if args.class_label is not None else "") + ("_noema" if args.no_ema else ""))
+               + (f"_class{args.class_label}" if args.class_label is not None else "") + ("_noema" if args.no_ema else "")
+               + ("_fp16" if args.precision == "fp16" else "") + ("_jpeg" if args.image_format == "jpeg" else ""))
     out = os.path.join(run_dir, "samples", tag)
     config = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "ema": not args.no_ema,
               "sampler": args.sampler, "steps": args.steps, "ddim_eta": args.ddim_eta, "cfg_scale": scale,
@@ -309,7 +326,10 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
               "control": os.path.abspath(args.control) if args.control else None,
               "model_config": ckpt["model_config"], "run_config": ckpt.get("config", {}),
               "diffusion": {**DEFAULT_DIFFUSION, **ckpt.get("diffusion", {})},
-              **({"scheduler": args.plan} if args.pretrained else {})}  # a pipeline's scheduler, converted
+              **({"scheduler": args.plan} if args.pretrained else {}),  # a pipeline's scheduler, converted
+              # recorded only away from what every older set was made with, so that those still resume
+              **({"precision": "fp16"} if args.precision == "fp16" else {}),
+              **({"image_format": "jpeg"} if args.image_format == "jpeg" else {})}
     config_path = os.path.join(out, "sample_config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -348,7 +368,8 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
             labels = np.where(args.control_labels[rows] >= 0, args.control_labels[rows], labels)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     shape = (model.in_channels, model.input_size, model.input_size)
-    png = lambda i: os.path.join(out, "images", f"{i:06d}.png")  # noqa: E731
+    ext = ".jpg" if args.image_format == "jpeg" else ".png"
+    png = lambda i: os.path.join(out, "images", f"{i:06d}{ext}")  # noqa: E731
     codes_of = lambda b: os.path.join(out, "codes", f"{b.start:06d}.npy")  # noqa: E731  (VQ: a batch's codes)
     batches = [range(s, min(s + args.batch_size, args.num_samples)) for s in range(0, args.num_samples, args.batch_size)]
     mine = [b for j, b in enumerate(batches) if j % world == rank and not all(os.path.exists(png(i)) for i in b)]
@@ -367,21 +388,21 @@ def sample_one_setting(args, model, vae, ckpt, run_dir, ckpt_path, scale, rank, 
             model_fn = lambda x, t: net(x, t, *(cond if isinstance(cond, tuple) else (cond,)), guidance=w, **extra)  # noqa: E731
         else:
             model_fn = classifier_free_guidance(net, cond, null, scale, args.cfg_channels, extra)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16, enabled=precision != "fp32"):
             x = sampler.sample(model_fn, draw(), noise_fn=draw)
         if vae is not None:
             x, codes = decode_latents(vae, x.float(), return_codes=True)
             if codes is not None:  # before the PNGs: a batch whose PNGs all exist has its codes
                 atomic_write_npy(codes_of(idx), codes.cpu().numpy().astype(np.min_scalar_type(vae.quantize.embedding.num_embeddings - 1)))
         for i, arr in zip(idx, to_uint8(x)):
-            save_png(png(i), arr)
+            save_image(png(i), arr)
     seconds = time.perf_counter() - t_start
     if world > 1:
         dist.all_reduce(made)  # images made by all ranks (the barrier the assembly needs)
     if rank == 0 and made > 0:  # sampling speed of this invocation, all ranks together
         config.update(img_per_s=round(made.item() / seconds, 2), seconds=round(seconds, 1))
         atomic_write_json(config_path, config)
-    if rank == 0:  # assemble from the PNGs, so the arrays are exactly what is on disk
+    if rank == 0:  # assemble from the image files, so the arrays are exactly what is on disk (JPEG: decoded)
         images = np.stack([np.asarray(Image.open(png(i))) for i in range(args.num_samples)])
         if images.ndim == 3:
             images = images[..., None]

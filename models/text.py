@@ -273,16 +273,30 @@ class LDMBert(nn.Module):
         return self.layer_norm(x)
 
 
+class BertIdsOnly(nn.Module):
+    """A transformers BertModel run as LDMTextToImagePipeline runs its `bert`: `bert(input_ids)[0]`, no
+    attention mask (padding attends and is attended to), the last hidden state."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids):
+        return self.bert(input_ids=input_ids).last_hidden_state
+
+
 class LDMBertEncoder(nn.Module):
-    """A frozen LDMBert and its BERT tokenizer (a folder), in this file's encoder interface. The
-    pipeline pads every caption to 77 tokens and passes no attention mask: the mask is ignored."""
-    kind, trainable, is_frozen = "ldmbert", False, True
+    """A frozen pipeline text encoder (LDMBert, or a BertModel in BertIdsOnly) and its BERT tokenizer
+    (a folder), in this file's encoder interface. The pipeline pads every caption to 77 tokens and
+    passes no attention mask: the mask is ignored."""
+    trainable, is_frozen = False, True
 
     def __init__(self, bert, tokenizer_folder, max_length=77):
         super().__init__()
         import transformers
         self.model, self.max_length, self.folder = bert.eval().requires_grad_(False), max_length, tokenizer_folder
-        self.width = bert.layer_norm.normalized_shape[0]
+        self.kind = "bert-pipeline" if isinstance(bert, BertIdsOnly) else "ldmbert"
+        self.width = bert.bert.config.hidden_size if isinstance(bert, BertIdsOnly) else bert.layer_norm.normalized_shape[0]
         self.tokenizer = transformers.BertTokenizer.from_pretrained(tokenizer_folder)
 
     def train(self, mode=True):

@@ -378,20 +378,25 @@ def make_tiny_ldm_class_pipeline(folder):
     return dict(unet=unet, vqvae=vq, embedding=embedder.embedding, scheduler=scheduler)
 
 
-def make_tiny_ldm_text_pipeline(folder):
-    """An LDMTextToImagePipeline: LDMBert (width 32, 2 layers) + BERT tokenizer, the tiny U-Net, a KL
+def make_tiny_ldm_text_pipeline(folder, bert_class="LDMBertModel"):
+    """An LDMTextToImagePipeline: LDMBert (width 32, 2 layers) or a transformers BertModel of that size
+    (bert_class="BertModel", the CC3M releases' likely form) + BERT tokenizer, the tiny U-Net, a KL
     "vqvae" and the scheduler of CompVis/ldm-text2im-large-256 (DDIM, scaled-linear 0.00085 -> 0.012,
     steps_offset 1). The class pipeline tests the VQ decoder, whose quantisation would hide guidance here."""
     import diffusers
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
-    from transformers import BertTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizer
     folder = Path(folder)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "##s", "shirt"]
     (folder / "vocab").mkdir(parents=True, exist_ok=True)
     (folder / "vocab" / "vocab.txt").write_text("\n".join(words) + "\n")
     torch.manual_seed(4)
-    bert = redraw(LDMBertModel(LDMBertConfig(vocab_size=len(words), max_position_embeddings=77, encoder_layers=2, encoder_ffn_dim=64,
-                                             encoder_attention_heads=2, head_dim=16, d_model=32)), 1.0, seed=4)
+    if bert_class == "BertModel":  # bert-base's layout, shrunk; 512 positions as bert-base-uncased
+        bert = redraw(BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, max_position_embeddings=512)), 1.0, seed=4)
+    else:
+        bert = redraw(LDMBertModel(LDMBertConfig(vocab_size=len(words), max_position_embeddings=77, encoder_layers=2,
+                                                 encoder_ffn_dim=64, encoder_attention_heads=2, head_dim=16, d_model=32)), 1.0, seed=4)
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                                         set_alpha_to_one=False, steps_offset=1)
     pipe = diffusers.LDMTextToImagePipeline(vqvae=tiny_kl(3), bert=bert, tokenizer=BertTokenizer(str(folder / "vocab" / "vocab.txt")),

@@ -32,6 +32,7 @@ def test_worker_killed_under_max_restarts_ends_identical(fake_fmnist, straight, 
     assert_same_run(straight, tmp_path / "r")
 
 
+@pytest.mark.slow  # CI time: the one_node.sh job test (CI) signals the same launcher and checks the same identity
 def test_launcher_sigterm_then_the_same_command_ends_identical(fake_fmnist, straight, tmp_path):
     """The documented requeue: `python train.py --nproc-per-node 2 --resume ...` is stopped by a
     signal (here heard by rank 1 only: every rank stops at one step), exits 75 with status.json
