@@ -11,7 +11,7 @@ diffusers: model_index.json (DiTPipeline, id2label), transformer/ (DiTTransforme
 DiTPipeline cannot hold exactly is kept and said, never dropped silently (docs/models.md#export):
   - the null class: DiTPipeline guides with class id 1000, so the class table is padded to 1001 rows
     (ids K..999 hold the null row too; models/pretrained.py reads the K classes back);
-  - a pixel-space run: the vae is models/vae.identity_autoencoder (decodes as the identity, ~1e-7);
+  - a pixel-space run: the vae is export.identity_autoencoder (decodes as the identity, ~1e-7);
   - learned σ: kept in the transformer's output channels; DiTPipeline steps with ε only (all its
     schedulers but DDPM ignore σ anyway);
   - the timestep frequencies: diffusers hard-codes 10000^(-i/127); a run trained with the official
@@ -34,7 +34,7 @@ from models.common import UsageError, atomic_torch_save, run_main
 from models.data import FASHION_MNIST_CLASSES
 from models.dit import DIT_CONFIGS, build_dit
 from models.from_diffusers import dit_state_dict_to_diffusers
-from models.vae import AutoencoderKL, identity_autoencoder, load_vae
+from models.vae import AutoencoderKL, load_vae
 
 DIFFUSERS_VERSION = "0.30.0"  # the first with DiTTransformer2DModel
 NULL_CLASS = 1000  # DiTPipeline's unconditional id, hard-coded in its __call__
@@ -48,6 +48,34 @@ SCHEDULERS = {
     "ddpm": dict(_class_name="DDPMScheduler", clip_sample=False, variance_type="fixed_small",
                  timestep_spacing="leading", steps_offset=0),
 }
+
+
+def identity_autoencoder(channels, image_size, k=1e4):
+    """An AutoencoderKL (latent = image, scaling_factor 1) whose decode and encode are the identity
+    to float rounding: what export.py gives a pixel-space DiT, since diffusers' DiTPipeline always
+    decodes through a VAE. conv_in writes (x, -x) per channel plus the constants (k, -k); every
+    resnet adds a zero branch; GroupNorm (one group) then divides by σ = k sqrt(2 / width) (1 + ~Σx²/2k²,
+    ~1e-8 at k = 1e4); and silu(a) - silu(-a) = a, scaled back by σ in conv_out."""
+    width = 2 * channels + 2
+    config = dict(in_channels=channels, out_channels=channels, down_block_types=["DownEncoderBlock2D"],
+                  up_block_types=["UpDecoderBlock2D"], block_out_channels=[width], layers_per_block=1, latent_channels=channels,
+                  norm_num_groups=1, sample_size=image_size, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False,
+                  mid_block_add_attention=False, force_upcast=False)
+    vae = AutoencoderKL(config)
+    scale = k * (2 / width) ** 0.5
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for coder, outputs in ((vae.encoder, channels), (vae.decoder, channels)):
+            for c in range(channels):
+                coder.conv_in.weight[2 * c, c, 1, 1], coder.conv_in.weight[2 * c + 1, c, 1, 1] = 1.0, -1.0
+                coder.conv_out.weight[c, 2 * c, 1, 1], coder.conv_out.weight[c, 2 * c + 1, 1, 1] = scale, -scale
+            coder.conv_in.bias[-2:] = torch.tensor([k, -k])
+            for m in coder.modules():
+                if isinstance(m, torch.nn.GroupNorm):
+                    m.weight.fill_(1.0)
+        vae.encoder.conv_out.bias[channels:] = -30.0  # log σ² of the posterior: a point mass (clamped there anyway)
+    return vae.eval().requires_grad_(False)
 
 
 def get_parser():
@@ -137,7 +165,7 @@ def first_stage(ckpt, model_config):
     spec = (ckpt.get("config") or {}).get("vae")
     if not spec:
         vae = identity_autoencoder(model_config["in_channels"], model_config["input_size"])
-        return vae, "the identity (a pixel-space run; models/vae.identity_autoencoder: the DiT's pixels, error ~1e-7)"
+        return vae, "the identity (a pixel-space run; export.identity_autoencoder: the DiT's pixels, error ~1e-7)"
     try:
         vae = load_vae(spec)
     except (FileNotFoundError, ValueError, OSError) as e:

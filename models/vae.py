@@ -387,34 +387,6 @@ def load_vae(spec, kind=None, subfolder=None):
     return vae.eval().requires_grad_(False)
 
 
-def identity_autoencoder(channels, image_size, k=1e4):
-    """An AutoencoderKL (latent = image, scaling_factor 1) whose decode and encode are the identity
-    to float rounding: what export.py gives a pixel-space DiT, since diffusers' DiTPipeline always
-    decodes through a VAE. conv_in writes (x, -x) per channel plus the constants (k, -k); every
-    resnet adds a zero branch; GroupNorm (one group) then divides by σ = k sqrt(2 / width) (1 + ~Σx²/2k²,
-    ~1e-8 at k = 1e4); and silu(a) - silu(-a) = a, scaled back by σ in conv_out."""
-    width = 2 * channels + 2
-    config = dict(in_channels=channels, out_channels=channels, down_block_types=["DownEncoderBlock2D"],
-                  up_block_types=["UpDecoderBlock2D"], block_out_channels=[width], layers_per_block=1, latent_channels=channels,
-                  norm_num_groups=1, sample_size=image_size, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False,
-                  mid_block_add_attention=False, force_upcast=False)
-    vae = AutoencoderKL(config)
-    scale = k * (2 / width) ** 0.5
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.zero_()
-        for coder, outputs in ((vae.encoder, channels), (vae.decoder, channels)):
-            for c in range(channels):
-                coder.conv_in.weight[2 * c, c, 1, 1], coder.conv_in.weight[2 * c + 1, c, 1, 1] = 1.0, -1.0
-                coder.conv_out.weight[c, 2 * c, 1, 1], coder.conv_out.weight[c, 2 * c + 1, 1, 1] = scale, -scale
-            coder.conv_in.bias[-2:] = torch.tensor([k, -k])
-            for m in coder.modules():
-                if isinstance(m, nn.GroupNorm):
-                    m.weight.fill_(1.0)
-        vae.encoder.conv_out.bias[channels:] = -30.0  # log σ² of the posterior: a point mass (clamped there anyway)
-    return vae.eval().requires_grad_(False)
-
-
 # --------------------------------------------------------------------------------------------------
 # What corrupt_data.py / train.py / sample.py call
 
