@@ -5,18 +5,23 @@ Stage 6: publish a trained run the way the field shares models.
     python export.py $RUN --out exported/quick                          # a diffusers DiTPipeline folder
     python export.py $RUN --format official --out exported/quick.pt     # facebookresearch/DiT's state dict
 
-diffusers: model_index.json (DiTPipeline, id2label), transformer/ (DiTTransformer2DModel), vae/
+diffusers, a DiT: model_index.json (DiTPipeline, id2label), transformer/ (DiTTransformer2DModel), vae/
 (AutoencoderKL), scheduler/ (the sampler sample.py defaults to, DPM-Solver++, with the run's β; or
---scheduler), safetensors weights, and README.md: a model card written from the run's files. What a
-DiTPipeline cannot hold exactly is kept and said, never dropped silently (docs/models.md#export):
+--scheduler), safetensors weights, and README.md: a model card written from the run's files. A U-Net:
+unet/ (UNet2DConditionModel), vqvae/ (AutoencoderKL), scheduler/, the card, and class_embedder/ (a
+class U-Net, in the layout of the authors' LDMClassToImagePipeline) or bert/ + tokenizer/ (a CLIP text
+U-Net, as diffusers' LDMTextToImagePipeline). What a pipeline cannot hold exactly is kept and said,
+or refused, never dropped silently (docs/models.md#export):
   - the null class: DiTPipeline guides with class id 1000, so the class table is padded to 1001 rows
     (ids K..999 hold the null row too; models/pretrained.py reads the K classes back);
-  - a pixel-space run: the vae is export.identity_autoencoder (decodes as the identity, ~1e-7);
-  - learned σ: kept in the transformer's output channels; DiTPipeline steps with ε only (all its
-    schedulers but DDPM ignore σ anyway);
-  - the timestep frequencies: diffusers hard-codes 10000^(-i/127); a run trained with the official
+  - a pixel-space run: the first stage is export.identity_autoencoder (decodes as the identity, ~1e-7);
+  - learned σ: a DiT keeps it in the transformer's output channels (DiTPipeline steps with ε only);
+    a U-Net drops it, as the LDM pipelines step their scheduler with the U-Net's whole output;
+  - the timestep frequencies: diffusers' DiT hard-codes 10000^(-i/127); a run trained with the official
     10000^(-i/128) (train.py --timestep-freqs official, the default) is exported as
-    facebook/DiT-XL-2-256 was converted, and its ε is then off by the printed amount.
+    facebook/DiT-XL-2-256 was converted, and its ε is then off by the printed amount;
+  - a text U-Net's encoder: LDMTextToImagePipeline runs it on the ids alone over 77 tokens, as a frozen
+    CLIP runs in training; bert and scratch encoders (trained with the attention mask) are refused.
 official: the EMA (or raw) weights under the official DiT's key names, the `.pt` its sample.py loads
 (`--ckpt`, for its own configs: DiT-{S,B,L,XL}/{2,4,8}, 4 latent channels, learned σ).
 """
@@ -33,11 +38,15 @@ import torch
 from models.common import UsageError, atomic_torch_save, run_main
 from models.data import FASHION_MNIST_CLASSES
 from models.dit import DIT_CONFIGS, build_dit
-from models.from_diffusers import dit_state_dict_to_diffusers
+from models.from_diffusers import dit_state_dict_to_diffusers, unet_config_to_diffusers, unet_state_dict_to_diffusers
+from models.text import rebuild_text_encoder
+from models.unet import UNET_CONFIGS
 from models.vae import AutoencoderKL, load_vae
 
 DIFFUSERS_VERSION = "0.30.0"  # the first with DiTTransformer2DModel
 NULL_CLASS = 1000  # DiTPipeline's unconditional id, hard-coded in its __call__
+LDM_TEXT_TOKENS = 77  # LDMTextToImagePipeline pads every caption to 77 tokens, hard-coded in its __call__
+LATENT_FACTOR = 8  # and sizes its latents height // 8 x width // 8
 # sample.py's samplers as the diffusers schedulers that step through the same grid (models/pretrained.py)
 SCHEDULERS = {
     "dpm-solver++": dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
@@ -58,8 +67,9 @@ def identity_autoencoder(channels, image_size, k=1e4):
     ~1e-8 at k = 1e4); and silu(a) - silu(-a) = a, scaled back by σ in conv_out."""
     width = 2 * channels + 2
     config = dict(in_channels=channels, out_channels=channels, down_block_types=["DownEncoderBlock2D"],
-                  up_block_types=["UpDecoderBlock2D"], block_out_channels=[width], layers_per_block=1, latent_channels=channels,
-                  norm_num_groups=1, sample_size=image_size, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False,
+                  up_block_types=["UpDecoderBlock2D"], block_out_channels=[width], layers_per_block=1,
+                  latent_channels=channels, norm_num_groups=1, sample_size=image_size, scaling_factor=1.0,
+                  use_quant_conv=False, use_post_quant_conv=False,
                   mid_block_add_attention=False, force_upcast=False)
     vae = AutoencoderKL(config)
     scale = k * (2 / width) ** 0.5
@@ -79,13 +89,14 @@ def identity_autoencoder(channels, image_size, k=1e4):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Export a DiT run as a diffusers DiTPipeline or an official DiT .pt.")
+    p = argparse.ArgumentParser(description="Export a run as a diffusers pipeline (DiT, class or CLIP-text U-Net) "
+                                            "or an official DiT .pt.")
     a = p.add_argument
     a("run", help="run directory (<out-dir>/<run>); uses ckpt/last.pt")
     a("--ckpt", default=None, help="another checkpoint of the run, e.g. <run>/ckpt/0010000.pt")
     a("--out", required=True, help="the folder (diffusers) or .pt file (official) to write; must not exist")
     a("--format", default="diffusers", choices=("diffusers", "official"),
-      help="diffusers: a DiTPipeline folder; official: facebookresearch/DiT's state dict")
+      help="diffusers: a pipeline folder; official: facebookresearch/DiT's state dict (DiTs)")
     a("--weights", default="ema", choices=("ema", "model"), help="the EMA weights (sample.py's) or the raw ones")
     a("--dtype", default="fp32", choices=("fp32", "bf16"), help="the weights' precision in the files")
     a("--scheduler", default="dpm-solver++", choices=tuple(SCHEDULERS),
@@ -95,7 +106,7 @@ def get_parser():
 
 
 def read_run(args):
-    """(checkpoint, its path, the weights) of a class-conditional DiT run; one UsageError line otherwise."""
+    """(checkpoint, its path, the weights) of a run a pipeline holds exactly; one UsageError line otherwise."""
     path = args.ckpt or os.path.join(args.run, "ckpt", "last.pt")
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist")
@@ -106,12 +117,30 @@ def read_run(args):
     config = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not config or args.weights not in ckpt:
         raise UsageError(f"{path} is not a train.py / finetune.py checkpoint")
-    kind = "text " if "text_encoder" in config else "adapted " if "adapter" in config else ""
-    if config.get("name") not in DIT_CONFIGS or kind or config.get("guidance_dim"):
-        raise UsageError(f"{path} holds a {config.get('name')} {kind}model: export.py writes class-conditional DiTs "
-                         "(U-Net, text, adapted and LCM models: not supported yet)")
+    name, text = config.get("name"), "text_encoder" in config
+    if "adapter" in config or config.get("guidance_dim") or name not in {**DIT_CONFIGS, **UNET_CONFIGS}:
+        kind = "LCM " if config.get("guidance_dim") else "adapted " if "adapter" in config else ""
+        raise UsageError(f"{path} holds a {name} {kind}model: export.py writes pre-trained DiTs and U-Nets "
+                         "(adapted and LCM models: not supported yet)")
+    if args.format == "official" and name not in DIT_CONFIGS:
+        raise UsageError(f"--format official is facebookresearch/DiT's checkpoint; {path} holds a {name}")
+    if name in DIT_CONFIGS and text:
+        raise UsageError(f"{path} holds a text-conditioned DiT: no diffusers pipeline runs one "
+                         "(export a class DiT or a text U-Net)")
+    if name in UNET_CONFIGS and not text and config.get("class_cond", "crossattn") != "crossattn":
+        raise UsageError(f"{path} holds a U-Net with --class-cond {config['class_cond']}: the LDM class pipeline "
+                         "gives the class as a cross-attention token (train with --class-cond crossattn)")
+    if name in UNET_CONFIGS and text:
+        encoder = config["text_encoder"]
+        if encoder.get("kind") != "clip" or encoder.get("max_length") != LDM_TEXT_TOKENS:
+            raise UsageError(f"{path} is conditioned by a {encoder.get('kind')} text encoder over "
+                             f"{encoder.get('max_length')} tokens: LDMTextToImagePipeline runs its encoder on the ids "
+                             f"alone (no attention mask) over {LDM_TEXT_TOKENS}, as only a frozen CLIP (train.py "
+                             f"--text-encoder clip:... --caption-length {LDM_TEXT_TOKENS}) runs in training; a bert or "
+                             "scratch encoder is trained with the mask")
     if not config.get("class_dropout"):
-        raise UsageError(f"{path} was trained without label dropout (--class-dropout 0): pipelines need a null class")
+        raise UsageError(f"{path} was trained without {'caption' if text else 'label'} dropout (--class-dropout 0): "
+                         "pipelines need a null condition")
     return ckpt, path, ckpt[args.weights]
 
 
@@ -175,14 +204,16 @@ def first_stage(ckpt, model_config):
     return vae, f"`{spec}`, the run's first stage (scaling factor {vae.scaling_factor:g})"
 
 
-def save_weights(folder, state, dtype, pickled):
+def save_weights(folder, state, dtype, pickled, name="diffusion_pytorch_model"):
+    """diffusers' diffusion_pytorch_model.{safetensors,bin}, or with name="model" transformers' model.safetensors
+    / pytorch_model.bin."""
     state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     os.makedirs(folder)
     if pickled:
-        torch.save(state, os.path.join(folder, "diffusion_pytorch_model.bin"))
+        torch.save(state, os.path.join(folder, "pytorch_model.bin" if name == "model" else f"{name}.bin"))
     else:
         from safetensors.torch import save_file
-        save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        save_file(state, os.path.join(folder, f"{name}.safetensors"), metadata={"format": "pt"})
 
 
 def write_json(path, obj):
@@ -253,7 +284,33 @@ def training_setting(run_config):
     return {k: run_config[k] for k in keys if k in run_config and (k.startswith("corrupt") or run_config.get("cep"))}
 
 
-def model_card(args, ckpt, ckpt_path, notes, vae_note):
+def card_snippet(pipeline, name, model, scheduler):
+    """The model card's lines that load and sample the folder."""
+    if pipeline == "DiTPipeline":
+        return ["```python", "import torch", "from diffusers import DiTPipeline", "",
+                f'pipe = DiTPipeline.from_pretrained("{name}")',
+                "images = pipe(class_labels=[0, 1], guidance_scale=3.0, num_inference_steps=20,",
+                "              generator=torch.manual_seed(0)).images", "```"]
+    if pipeline == "LDMTextToImagePipeline":
+        side = LATENT_FACTOR * model["input_size"]  # the pipeline sizes its latents height // 8
+        return ["```python", "import torch", "from diffusers import LDMTextToImagePipeline", "",
+                f'pipe = LDMTextToImagePipeline.from_pretrained("{name}")',
+                f'images = pipe(["a photo of a shirt"], height={side}, width={side}, guidance_scale=3.0,',
+                "             num_inference_steps=20, generator=torch.manual_seed(0)).images", "```",
+                "", f"(`height` and `width` are {LATENT_FACTOR} x the latent side, as the pipeline divides them by "
+                f"{LATENT_FACTOR}; the images come out at the first stage's size.)"]
+    return ["diffusers has no class-conditional LDM pipeline: this folder has the layout of the authors' "
+            "`LDMClassToImagePipeline` (from their diffusers fork). `python sample.py --pretrained "
+            f"{name}` samples it, and each part loads with diffusers:", "",
+            "```python", f"from diffusers import AutoencoderKL, {scheduler}, UNet2DConditionModel", "",
+            f'unet = UNet2DConditionModel.from_pretrained("{name}", subfolder="unet")',
+            f'vqvae = AutoencoderKL.from_pretrained("{name}", subfolder="vqvae")',
+            f'scheduler = {scheduler}.from_pretrained("{name}", subfolder="scheduler")', "```", "",
+            "The class embedding `class_embedder/` row y is the U-Net's one cross-attention token "
+            "(`encoder_hidden_states` of shape (N, 1, width)); its last row is the null class."]
+
+
+def model_card(args, ckpt, ckpt_path, pipeline, notes, vae_note):
     """README.md: Hub metadata (the training setting as JSON, which models/pretrained.py reads), the run's facts."""
     run, model = ckpt.get("config") or {}, ckpt["model_config"]
     manifest_path, manifest, digest = find_manifest(args.run, run)
@@ -268,24 +325,30 @@ def model_card(args, ckpt, ckpt_path, notes, vae_note):
     cep = "none"
     if run.get("cep"):
         cep = f"CEP-{'U' if run.get('cep_type') == 'uniform' else 'G'} γ {run.get('cep_gamma', 1):g}"
-    lines = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
-             "tags: [diffusers, DiTPipeline, class-conditional, diffusion, slight-corruption]",
+    name, scheduler = os.path.basename(os.path.normpath(args.out)), SCHEDULERS[args.scheduler]["_class_name"]
+    text = "text_encoder" in model
+    if text:
+        encoder = model["text_encoder"]
+        condition = f"captions through {encoder['spec']} (frozen, {encoder['max_length']} tokens)"
+    else:
+        condition = f"{model['num_classes']} classes"
+    lines = ["---", "library_name: diffusers",
+             f"pipeline_tag: {'text-to-image' if text else 'unconditional-image-generation'}",
+             f"tags: [diffusers, {pipeline}, {'text-to-image' if text else 'class-conditional'}, diffusion, "
+             "slight-corruption]",
              *(["datasets: [zalando-datasets/fashion_mnist]"] if fmnist else []),
              f"training_setting: {json.dumps(training_setting(run))}", "---", "",
              f"# {os.path.basename(os.path.normpath(args.run))}", "",
-             "A class-conditional DiT from the reference implementation of *Slight Corruption in Pre-training Data "
-             "Makes Better Diffusion Models* (Chen et al., NeurIPS 2024), exported by `export.py`.", "",
-             "```python", "import torch", "from diffusers import DiTPipeline", "",
-             f'pipe = DiTPipeline.from_pretrained("{os.path.basename(os.path.normpath(args.out))}")',
-             "images = pipe(class_labels=[0, 1], guidance_scale=3.0, num_inference_steps=20,",
-             "              generator=torch.manual_seed(0)).images", "```", "", "| | |", "|---|---|",
-             f"| model | {model['name']}, {model['input_size']} px, channels {model['in_channels']}, "
-             f"{model['num_classes']} classes, learned σ: {model.get('learn_sigma', True)} |",
+             f"A {'text' if text else 'class'}-conditional {model['name']} from the reference implementation of "
+             "*Slight Corruption in Pre-training Data Makes Better Diffusion Models* (Chen et al., NeurIPS 2024), "
+             "exported by `export.py`.", "", *card_snippet(pipeline, name, model, scheduler), "", "| | |", "|---|---|",
+             f"| model | {model['name']}, {model['input_size']} px latent side, channels {model['in_channels']}, "
+             f"{condition}, learned σ: {model.get('learn_sigma', True)} |",
              f"| training | {ckpt.get('step')} steps of global batch {run.get('global_batch_size')} "
              f"(`{os.path.basename(ckpt_path)}`), {args.weights} weights, exported in {args.dtype} |",
              f"| dataset | {run.get('dataset')}{' at ' + run['data_path'] if run.get('data_path') else ''} |",
              f"| corruption | {corruption} |", f"| CEP | {cep} |", f"| first stage | {vae_note} |",
-             f"| scheduler | {SCHEDULERS[args.scheduler]['_class_name']} (the run's β) |", "",
+             f"| scheduler | {scheduler} (the run's β) |", "",
              "Reproduce the run:", "", "```bash", reproduce_command(run), "```", ""]
     sets = evaluated_sets(args.run)
     if sets:
@@ -300,11 +363,12 @@ def model_card(args, ckpt, ckpt_path, notes, vae_note):
                          f"| {m.get('num_samples')} | {m.get('features')} ({m.get('num_reference')}) | {values} |")
         lines.append("")
     if notes:
-        lines += ["What a DiTPipeline does differently:", "", *[f"- {n}" for n in notes], ""]
+        lines += [f"What {pipeline} does differently:", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
 
 
-def export_diffusers(args, ckpt, ckpt_path, weights):
+def dit_components(args, ckpt, weights, tmp, dtype):
+    """transformer/ of a DiTPipeline; (components, notes)."""
     model_config = ckpt["model_config"]
     num_classes, notes = model_config["num_classes"], []
     sd = dict(weights)
@@ -322,30 +386,85 @@ def export_diffusers(args, ckpt, ckpt_path, weights):
         notes.append("the learned variance is kept in the transformer's output channels; DiTPipeline steps with ε "
                      "only (sample.py's DDPM uses the learned σ, so DDPM images differ; DDIM and DPM-Solver++ "
                      "ignore σ)")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    save_weights(os.path.join(tmp, "transformer"), dit_state_dict_to_diffusers(sd), dtype, args.bin)
+    write_json(os.path.join(tmp, "transformer", "config.json"), transformer_config(model_config, rows))
+    return {"transformer": ["diffusers", "DiTTransformer2DModel"]}, notes
+
+
+def ldm_components(args, ckpt, weights, tmp, dtype):
+    """unet/ (UNet2DConditionModel) and the condition's parts of an LDM pipeline: class_embedder/ (the
+    authors' ClassEmbedder: the class table, null class last) or bert/ + tokenizer/ (the run's frozen
+    CLIP text tower, run on the ids alone as in training); (components, notes)."""
+    model_config, notes = ckpt["model_config"], []
+    text = "text_encoder" in model_config
+    unet = {k[len("denoiser."):]: v for k, v in weights.items() if k.startswith("denoiser.")} if text else \
+        {k: v for k, v in weights.items() if not k.startswith("y_embedder.")}
+    channels = model_config["in_channels"]
+    if model_config.get("learn_sigma"):  # the LDM pipelines step their scheduler with the U-Net's whole output
+        unet["out.2.weight"], unet["out.2.bias"] = unet["out.2.weight"][:channels], unet["out.2.bias"][:channels]
+        notes.append("the learned variance is dropped: the LDM pipelines step their scheduler with the U-Net's "
+                     "whole output, so unet/ keeps the ε channels only (sample.py's DDPM uses the learned σ, so "
+                     "DDPM images differ; DDIM and DPM-Solver++ ignore σ)")
+    config = unet_config_to_diffusers(model_config)
+    unet = unet_state_dict_to_diffusers(unet, config["layers_per_block"])
+    save_weights(os.path.join(tmp, "unet"), unet, dtype, args.bin)
+    write_json(os.path.join(tmp, "unet", "config.json"), {**config, "_diffusers_version": DIFFUSERS_VERSION})
+    if text:
+        state = {k[len("text_encoder."):]: v for k, v in weights.items() if k.startswith("text_encoder.")}
+        try:
+            encoder = rebuild_text_encoder(model_config["text_encoder"], state)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"the run's text encoder cannot be rebuilt: {str(e).splitlines()[0]}")
+        save_weights(os.path.join(tmp, "bert"), encoder.model.state_dict(), dtype, args.bin, name="model")
+        encoder.model.config.save_pretrained(os.path.join(tmp, "bert"))
+        encoder.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        return {"unet": ["diffusers", "UNet2DConditionModel"], "bert": ["transformers", type(encoder.model).__name__],
+                "tokenizer": ["transformers", type(encoder.tokenizer).__name__]}, notes
+    table = weights["y_embedder.embedding_table.weight"]  # K classes + the null row K, as the authors' ClassEmbedder
+    save_weights(os.path.join(tmp, "class_embedder"), {"embedding.weight": table}, dtype, args.bin)
+    write_json(os.path.join(tmp, "class_embedder", "config.json"),
+               {"_class_name": "ClassEmbedder", "embed_dim": table.shape[1], "n_classes": table.shape[0],
+                "key": "class_label"})
+    notes.append(f"class id {table.shape[0] - 1} (the last row of class_embedder/) is the null class of guidance")
+    return {"unet": ["diffusers", "UNet2DConditionModel"], "class_embedder": ["diffusers", "ClassEmbedder"]}, notes
+
+
+def pipeline_class(model_config):
+    if model_config["name"] in DIT_CONFIGS:
+        return "DiTPipeline"
+    return "LDMTextToImagePipeline" if "text_encoder" in model_config else "LDMClassToImagePipeline"
+
+
+def export_diffusers(args, ckpt, ckpt_path, weights):
+    """The run as a diffusers pipeline folder, written under a temporary name and renamed."""
+    model_config = ckpt["model_config"]
+    pipeline = pipeline_class(model_config)
+    vae_name = "vae" if pipeline == "DiTPipeline" else "vqvae"  # the LDM pipelines' name, whatever the first stage
     vae, vae_note = first_stage(ckpt, model_config)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     tmp = f"{os.path.normpath(args.out)}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        rows = sd["y_embedder.embedding_table.weight"].shape[0]
-        save_weights(os.path.join(tmp, "transformer"), dit_state_dict_to_diffusers(sd), dtype, args.bin)
-        write_json(os.path.join(tmp, "transformer", "config.json"), transformer_config(model_config, rows))
-        save_weights(os.path.join(tmp, "vae"), vae.state_dict(), dtype, args.bin)
-        write_json(os.path.join(tmp, "vae", "config.json"),
+        write_components = dit_components if pipeline == "DiTPipeline" else ldm_components
+        components, notes = write_components(args, ckpt, weights, tmp, dtype)
+        save_weights(os.path.join(tmp, vae_name), vae.state_dict(), dtype, args.bin)
+        write_json(os.path.join(tmp, vae_name, "config.json"),
                    {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **vae.config})
         os.makedirs(os.path.join(tmp, "scheduler"))
         write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
                    scheduler_config(args.scheduler, ckpt["diffusion"]))
-        run_config = ckpt.get("config") or {}
-        names = class_names(run_config, find_manifest(args.run, run_config)[1], num_classes)
-        write_json(os.path.join(tmp, "model_index.json"), {
-            "_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-            "id2label": {str(k): v for k, v in enumerate(names)},
-            "scheduler": ["diffusers", SCHEDULERS[args.scheduler]["_class_name"]],
-            "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
+        index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION}
+        if model_config["num_classes"]:
+            run_config = ckpt.get("config") or {}
+            names = class_names(run_config, find_manifest(args.run, run_config)[1], model_config["num_classes"])
+            index["id2label"] = {str(k): v for k, v in enumerate(names)}
+        index.update({**components, "scheduler": ["diffusers", SCHEDULERS[args.scheduler]["_class_name"]],
+                      vae_name: ["diffusers", "AutoencoderKL"]})
+        write_json(os.path.join(tmp, "model_index.json"), dict(sorted(index.items())))
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(args, ckpt, ckpt_path, notes, vae_note))
+            f.write(model_card(args, ckpt, ckpt_path, pipeline, notes, vae_note))
         os.rename(tmp, args.out)  # the folder appears whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """
 Models from diffusers in this repo's terms: a DiTTransformer2DModel's weights as models/dit.py's DiT,
-a UNet2DConditionModel's config and weights as models/unet.py's U-Net (CompVis names), and a whole
+a UNet2DConditionModel's config and weights as models/unet.py's U-Net (CompVis names; both ways, for
+export.py), and a whole
 Stable Diffusion pipeline (folder or hub id: unet/, text_encoder/, tokenizer/, vae/, scheduler/) as a
 train.py-style checkpoint: U-Net + frozen CLIP text tower, β schedule, VAE (the teacher of the
 paper's LCM-v1.5: finetune.py --method lcm --init <pipeline>).
@@ -186,6 +187,75 @@ def unet_state_dict_from_diffusers(sd, num_res_blocks=2):
             raise ValueError(f"unexpected key in a diffusers UNet2DConditionModel state dict: {key}")
         if new.split(".")[-2] in ("proj_in", "proj_out") and value.dim() == 2:
             value = value[:, :, None, None]  # use_linear_projection: Linear == 1x1 conv
+        out[new] = value
+    return out
+
+
+def unet_config_to_diffusers(model_config):
+    """A diffusers UNet2DConditionModel config for a U-Net that train.py built (its model_config: a
+    config name plus overrides): the inverse of unet_config_from_diffusers. The cross-attention width is
+    the class token's ('crossattn') or the text encoder's; an 'add' U-Net or a guidance-conditioned one
+    (LCM) has no such layout and raises ValueError."""
+    from models.unet import UNET_CONFIGS
+    cfg = {**UNET_CONFIGS[model_config["name"]], **{k: v for k, v in model_config.items() if k != "name"}}
+    text = "text_encoder" in model_config
+    if (cfg.get("num_classes") and cfg.get("class_cond", "crossattn") != "crossattn") or cfg.get("guidance_dim"):
+        raise ValueError("only a cross-attention U-Net (class token or text) has a UNet2DConditionModel layout here")
+    context = model_config["text_encoder"]["width"] if text else cfg["context_dim"]
+    mc, levels = cfg["model_channels"], len(cfg["channel_mult"])
+    channels = [mc * m for m in cfg["channel_mult"]]
+    attends = [2 ** i in cfg["attention_resolutions"] for i in range(levels)]  # level i works at down-sampling 2^i
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)]
+    # diffusers' attention_head_dim is the head count (a naming kept from SD 1.x); per level when heads have a fixed width
+    heads = [c // cfg["num_head_channels"] for c in channels] if cfg.get("num_head_channels") else cfg.get("num_heads", 1)
+    return dict(_class_name="UNet2DConditionModel", sample_size=cfg["input_size"], in_channels=cfg["in_channels"],
+                out_channels=cfg["in_channels"], down_block_types=down, up_block_types=up, block_out_channels=channels,
+                layers_per_block=cfg["num_res_blocks"], attention_head_dim=heads, cross_attention_dim=context,
+                transformer_layers_per_block=cfg.get("transformer_depth", 1), norm_num_groups=32, norm_eps=1e-5,
+                use_linear_projection=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0)
+
+
+def unet_state_dict_to_diffusers(sd, num_res_blocks):
+    """This U-Net's state dict (CompVis names, no class table) -> a diffusers UNet2DConditionModel's:
+    the inverse of unet_state_dict_from_diffusers (see there for the block numbering). An encoder
+    block input_blocks.n (n >= 1) is level (n - 1) // (R + 1), slot (n - 1) % (R + 1), slot R being the
+    down-sampler; a decoder block output_blocks.n is level n // (R + 1), resnet n % (R + 1); a module
+    whose own keys start with conv. there is the up-sampler."""
+    R, out = num_res_blocks, {}
+    fixed = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "time_cond_proj": "time_embedding.cond_proj", "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    resnet = {v: k for k, v in RESNET_KEYS.items()}
+
+    def resnet_key(rest):
+        head = next(h for h in resnet if ".".join(rest).startswith(h + "."))
+        return resnet[head] + ".".join(rest)[len(head):]
+    for key, value in sd.items():
+        parts = key.split(".")
+        head = next((f for f in fixed if key.startswith(f + ".")), None)
+        if head is not None:
+            new = fixed[head] + key[len(head):]
+        elif parts[0] == "input_blocks":
+            level, slot = divmod(int(parts[1]) - 1, R + 1)
+            if slot == R:
+                new = f"down_blocks.{level}.downsamplers.0.conv." + ".".join(parts[4:])
+            elif parts[2] == "0":
+                new = f"down_blocks.{level}.resnets.{slot}." + resnet_key(parts[3:])
+            else:
+                new = f"down_blocks.{level}.attentions.{slot}." + ".".join(parts[3:])
+        elif parts[0] == "output_blocks":
+            level, slot = divmod(int(parts[1]), R + 1)
+            if parts[2] == "0":
+                new = f"up_blocks.{level}.resnets.{slot}." + resnet_key(parts[3:])
+            elif parts[3] == "conv":
+                new = f"up_blocks.{level}.upsamplers.0.conv." + ".".join(parts[4:])
+            else:
+                new = f"up_blocks.{level}.attentions.{slot}." + ".".join(parts[3:])
+        elif parts[0] == "middle_block":
+            kind, index = {"0": ("resnets", "0"), "1": ("attentions", "0"), "2": ("resnets", "1")}[parts[1]]
+            new = f"mid_block.{kind}.{index}." + (resnet_key(parts[2:]) if kind == "resnets" else ".".join(parts[2:]))
+        else:
+            raise ValueError(f"U-Net key with no counterpart in diffusers' UNet2DConditionModel: {key}")
         out[new] = value
     return out
 

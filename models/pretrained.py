@@ -6,8 +6,9 @@ Released diffusers pipelines as this repo's models (sample.py --pretrained SPEC)
   - LDMClassToImagePipeline (the authors' diffusers fork, not in diffusers): unet
     (UNet2DConditionModel) -> models/unet.py's U-Net with the class embedder's table as its class
     table (crossattn: one class token), vqvae (VQModel) -> models/vae.py;
-  - LDMTextToImagePipeline: unet as above, bert (LDMBertModel or BertModel) + tokenizer (BERT) ->
-    models/text.py's LDMBertEncoder, vqvae (VQModel or AutoencoderKL).
+  - LDMTextToImagePipeline: unet as above, bert (LDMBertModel, BertModel, or CLIPTextModel as
+    export.py writes a CLIP-conditioned run) + its tokenizer -> models/text.py's LDMBertEncoder, vqvae
+    (VQModel or AutoencoderKL).
 The scheduler's config gives the β schedule and prediction type; with the sampler sample.py is
 asked for, it gives the grid (`scheduler_grid`): what diffusers' DDIMScheduler / DDPMScheduler /
 DPMSolverMultistepScheduler `.from_config(that config)` would step through, as the authors' scripts
@@ -33,7 +34,7 @@ import torch
 from models.common import UsageError
 from models.dit import DiT
 from models.from_diffusers import check_keys, dit_state_dict_from_diffusers, unet_config_from_diffusers, unet_state_dict_from_diffusers
-from models.text import BertIdsOnly, LDMBert, LDMBertEncoder, TextConditioned
+from models.text import IdsOnly, LDMBert, LDMBertEncoder, TextConditioned
 from models.unet import UNet
 from models.vae import VQModel, load_vae, read_weights
 
@@ -41,8 +42,8 @@ SCHEDULER = "scheduler"
 COMPONENTS = {  # pipeline class -> {component: accepted classes}
     "DiTPipeline": {"transformer": ("DiTTransformer2DModel", "Transformer2DModel"), "vae": ("AutoencoderKL",), SCHEDULER: None},
     "LDMClassToImagePipeline": {"unet": ("UNet2DConditionModel",), "vqvae": ("VQModel", "AutoencoderKL"), SCHEDULER: None},
-    "LDMTextToImagePipeline": {"unet": ("UNet2DConditionModel",), "vqvae": ("VQModel", "AutoencoderKL"), "bert": ("LDMBertModel", "BertModel"),
-                               "tokenizer": ("BertTokenizer", "BertTokenizerFast"), SCHEDULER: None},
+    "LDMTextToImagePipeline": {"unet": ("UNet2DConditionModel",), "vqvae": ("VQModel", "AutoencoderKL"), "bert": ("LDMBertModel", "BertModel", "CLIPTextModel"),
+                               "tokenizer": ("BertTokenizer", "BertTokenizerFast", "CLIPTokenizer", "CLIPTokenizerFast"), SCHEDULER: None},
 }
 CLASS_EMBEDDER = "ClassEmbedder"
 CLASS_EMBEDDER_KEYS = ("embed_dim", "n_classes", "key", "ucg_rate")  # CompVis ClassEmbedder's arguments
@@ -217,19 +218,20 @@ def build_class_unet(folder, embedder):
     return load_weights(model, state, folder, "unet"), dict(kwargs, class_cond="crossattn")
 
 
-def build_text_unet(folder, bert_class="LDMBertModel"):
+def build_text_unet(folder, bert_class="LDMBertModel", tokenizer_class="BertTokenizer"):
     """The text U-Net of an LDMTextToImagePipeline. Its `bert` is diffusers' LDMBertModel (LDM's
-    LDMBert-1280) or a transformers BertModel (bert-base size: what the CC3M releases' 438 MB
-    bert/model.safetensors suggests, as the paper cites BERT); either runs as the pipeline runs it."""
+    LDMBert-1280), a transformers BertModel (bert-base size: what the CC3M releases' 438 MB
+    bert/model.safetensors suggests, as the paper cites BERT) or a CLIPTextModel (export.py); each runs
+    as the pipeline runs it."""
     cfg = read_json(folder, "bert/config.json", "bert")
     if cfg.get("max_position_embeddings", 77) < 77:
         refuse(folder, "bert", "max_position_embeddings must be at least the pipeline's 77 tokens")
-    if bert_class == "BertModel":
+    if bert_class != "LDMBertModel":
         import transformers
         try:
-            bert = BertIdsOnly(transformers.BertModel.from_pretrained(os.path.join(folder, "bert")).float())
+            bert = IdsOnly(getattr(transformers, bert_class).from_pretrained(os.path.join(folder, "bert")).float())
         except Exception as e:  # noqa: BLE001  (weights that do not match the config, a malformed folder)
-            refuse(folder, "bert", f"cannot load the BertModel ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            refuse(folder, "bert", f"cannot load the {bert_class} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     else:
         for key, only in LDMBERT_ONLY.items():
             if cfg.get(key, only[0]) not in only:
@@ -240,9 +242,9 @@ def build_text_unet(folder, bert_class="LDMBertModel"):
         state = {k[len("model."):]: v for k, v in weights_of(folder, "bert").items() if k.startswith("model.")}
         load_weights(bert, state, folder, "bert")
     try:
-        encoder = LDMBertEncoder(bert, os.path.join(folder, "tokenizer"))
+        encoder = LDMBertEncoder(bert, os.path.join(folder, "tokenizer"), tokenizer_class=tokenizer_class)
     except Exception as e:  # noqa: BLE001  (a missing or malformed vocabulary)
-        refuse(folder, "tokenizer", f"cannot load the BERT tokenizer ({type(e).__name__})")
+        refuse(folder, "tokenizer", f"cannot load the {tokenizer_class} ({type(e).__name__})")
     denoiser, state, kwargs = build_unet(folder, encoder.width)
     load_weights(denoiser, state, folder, "unet")
     return TextConditioned(denoiser, encoder).eval(), dict(kwargs, text_encoder=encoder.config())
@@ -302,7 +304,7 @@ def load_pretrained(spec):
         model, model_config = build_class_unet(folder, next(n for n, c in components.items() if c == CLASS_EMBEDDER))
         vae_name = "vqvae"
     else:
-        model, model_config = build_text_unet(folder, components["bert"])
+        model, model_config = build_text_unet(folder, components["bert"], components["tokenizer"])
         vae_name = "vqvae"
     try:
         vae = load_vae(os.path.join(folder, vae_name))

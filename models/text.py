@@ -273,9 +273,10 @@ class LDMBert(nn.Module):
         return self.layer_norm(x)
 
 
-class BertIdsOnly(nn.Module):
-    """A transformers BertModel run as LDMTextToImagePipeline runs its `bert`: `bert(input_ids)[0]`, no
-    attention mask (padding attends and is attended to), the last hidden state."""
+class IdsOnly(nn.Module):
+    """A transformers text model (BertModel, CLIPTextModel) run as LDMTextToImagePipeline runs its
+    `bert`: `bert(input_ids)[0]`, no attention mask (padding attends and is attended to), the last
+    hidden state."""
 
     def __init__(self, bert):
         super().__init__()
@@ -286,18 +287,19 @@ class BertIdsOnly(nn.Module):
 
 
 class LDMBertEncoder(nn.Module):
-    """A frozen pipeline text encoder (LDMBert, or a BertModel in BertIdsOnly) and its BERT tokenizer
-    (a folder), in this file's encoder interface. The pipeline pads every caption to 77 tokens and
-    passes no attention mask: the mask is ignored."""
+    """A frozen pipeline text encoder (LDMBert, or a BertModel / CLIPTextModel in IdsOnly) and its
+    tokenizer (a folder; transformers' class `tokenizer_class`), in this file's encoder interface. The
+    pipeline pads every caption to 77 tokens and passes no attention mask: the mask is ignored."""
     trainable, is_frozen = False, True
 
-    def __init__(self, bert, tokenizer_folder, max_length=77):
+    def __init__(self, bert, tokenizer_folder, max_length=77, tokenizer_class="BertTokenizer"):
         super().__init__()
         import transformers
         self.model, self.max_length, self.folder = bert.eval().requires_grad_(False), max_length, tokenizer_folder
-        self.kind = "bert-pipeline" if isinstance(bert, BertIdsOnly) else "ldmbert"
-        self.width = bert.bert.config.hidden_size if isinstance(bert, BertIdsOnly) else bert.layer_norm.normalized_shape[0]
-        self.tokenizer = transformers.BertTokenizer.from_pretrained(tokenizer_folder)
+        wrapped = isinstance(bert, IdsOnly)
+        self.kind = ("clip-pipeline" if "CLIP" in type(bert.bert).__name__ else "bert-pipeline") if wrapped else "ldmbert"
+        self.width = bert.bert.config.hidden_size if wrapped else bert.layer_norm.normalized_shape[0]
+        self.tokenizer = getattr(transformers, tokenizer_class).from_pretrained(tokenizer_folder)
 
     def train(self, mode=True):
         super().train(mode)

@@ -143,7 +143,7 @@ def tree_snapshot(root):
     return out
 
 
-def make_tiny_clip(folder, seed=0):
+def make_tiny_clip(folder, seed=0, max_positions=32):
     """A randomly initialised tiny CLIPModel (text + vision towers) with a byte-level BPE tokenizer
     of a few words and an image processor, saved like a hub folder, for offline tests."""
     import json
@@ -161,7 +161,7 @@ def make_tiny_clip(folder, seed=0):
     CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
     torch.manual_seed(seed)
     config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
+                                         num_attention_heads=2, max_position_embeddings=max_positions, bos_token_id=vocab["<|startoftext|>"],
                                          eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
                         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=2), projection_dim=16)

@@ -113,11 +113,11 @@ def test_matches_the_diffusers_pipeline(pipes, tmp_path, name):
             assert_same_images(ours[scale], reference(folder, pipe, kind, scale), (name, kind, scale))
         assert np.abs(ours[1.0].astype(int) - ours[3.0]).mean() > 0.1  # guidance changes the images (bert: 0.24)
     if name == "bert":  # the mask matters: a masked BertModel gives other embeddings, so the match above reads no mask
-        from models.text import BertIdsOnly
+        from models.text import IdsOnly
         tok = pipe.tokenizer(["a dog"], padding="max_length", max_length=77, return_tensors="pt")
         with torch.no_grad():
             masked = pipe.bert.eval()(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
-            assert (masked - BertIdsOnly(pipe.bert)(tok.input_ids)).abs().max() > 1e-3
+            assert (masked - IdsOnly(pipe.bert)(tok.input_ids)).abs().max() > 1e-3
     saved = tmp_path / "ddim" / folder.name / "samples" / f"ddim{STEPS}_cfg3_n{N}_seed{SEED}" / "sample_config.json"
     config = json.loads(saved.read_text())
     assert config["run_config"]["pretrained"] == str(folder) and config["checkpoint"] == str(folder.resolve())

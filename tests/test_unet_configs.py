@@ -97,3 +97,33 @@ def test_sd_layout_loads_diffusers_weights_and_matches_diffusers(cond_proj):
         mine = ours(x, t, context=context, guidance=w if cond_proj else None)
     assert theirs.abs().max() > 1e-2
     assert (mine - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["UNet-T", "UNet-S"])
+def test_export_layout_is_the_inverse_and_matches_diffusers(name):
+    """export.py's direction: a class U-Net (crossattn) as a UNet2DConditionModel. The config and state
+    dict from unet_config_to_diffusers / unet_state_dict_to_diffusers load strictly into diffusers' model,
+    which then gives our output with the class row as its one context token, and converting back gives
+    the same state dict key for key (UNet-S: 3 levels, 2 resnets a level, heads of fixed width)."""
+    diffusers = pytest.importorskip("diffusers")
+    from models.from_diffusers import unet_config_to_diffusers, unet_state_dict_from_diffusers, unet_state_dict_to_diffusers
+    torch.manual_seed(0)
+    ours = build_unet(name, learn_sigma=False).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # no zero-initialised layer left: every path counts
+            p.add_(0.05 * torch.randn_like(p))
+    config = unet_config_to_diffusers({"name": name, "learn_sigma": False, "class_cond": "crossattn"})
+    state = {k: v for k, v in ours.state_dict().items() if not k.startswith("y_embedder.")}
+    converted = unet_state_dict_to_diffusers(state, config["layers_per_block"])
+    theirs = diffusers.UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    theirs.load_state_dict(converted, strict=True)
+    back = unet_state_dict_from_diffusers(converted, config["layers_per_block"])
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(3, 1, 32, 32, generator=g), torch.tensor([3, 500, 999]), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        mine = ours(x, t, y)
+        reference = theirs(x, t, encoder_hidden_states=ours.y_embedder.embedding_table(y)[:, None]).sample
+    assert reference.abs().max() > 1e-2 and (mine - reference).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="only a cross-attention U-Net"):
+        unet_config_to_diffusers({"name": name, "class_cond": "add"})
