@@ -26,7 +26,7 @@ from tests.helpers import (REPO, make_fake_fmnist, make_tiny_bert, make_tiny_cli
                            make_tiny_ldm_class_pipeline, make_tiny_ldm_text_pipeline, make_tiny_sd_pipeline, save_stand_in_inception,
                            tiny_dinov2)
 
-SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py", "study.py")
+SCRIPTS = ("corrupt_data.py", "train.py", "finetune.py", "sample.py", "evaluate.py", "study.py", "export.py")
 SKIPPED = ("pip install", "apt-get", "python -m pytest", "python -m models.gmm")  # installs; the suite; 2 min of theory
 
 
