@@ -88,6 +88,7 @@ def test_feature_path_cache_and_frechet(tmp_path):
         DinoNet(str(tmp_path / "empty"), torch.device("cpu"))
 
 
+@pytest.mark.slow  # CI time, ~7 s: the DINOv2 features are checked against timm's in CI
 def test_evaluate_features_dinov2_end_to_end(tmp_path, monkeypatch):
     """evaluate.py --features dinov2 --dinov2 FOLDER; beside it, run at the same time, weights that
     cannot be had offline and --dinov2 with another feature network: one error line each, nothing written."""

@@ -20,6 +20,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # CI time, ~25 s: CI resumes through the one_node.sh job test (tests/test_operator.py)
 def test_worker_killed_under_max_restarts_ends_identical(fake_fmnist, straight, tmp_path):
     cmd = [*TORCHRUN, "--max-restarts=1", "--", "train.py", *TINY, *STEPS, "--data-path", str(fake_fmnist),
            "--out-dir", str(tmp_path), "--run-name", "r", "--resume"]
@@ -115,7 +116,7 @@ def images_with_a_truncated_png(tmp_path):
     return tmp_path / "imgs", bad
 
 
-@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("skip", [pytest.param(False, marks=pytest.mark.slow), True])  # CI time: one case in CI
 def test_truncated_png(images_with_a_truncated_png, tmp_path, skip):
     folder, bad = images_with_a_truncated_png
     args = ["--dataset", "imagefolder", "--data-path", folder, "--image-size", "16", "--model", "DiT-T/8",

@@ -147,8 +147,8 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("base, method", [("dit", "controlnet"),  # the U-Net / T2I-Adapter repeat: the suite's time (README)
-                                          pytest.param("unet", "t2i-adapter", marks=pytest.mark.slow)])
+@pytest.mark.slow  # CI time (~40 s): CI's end-to-end finetune is tests/test_latents.py::test_finetune_controlnet_on_latents
+@pytest.mark.parametrize("base, method", [("dit", "controlnet"), ("unet", "t2i-adapter")])
 def test_finetune_trains_only_the_adapter_then_samples_and_evaluates(pretrained, base, method):
     root, out = pretrained
     run = f"{base}-{method}"

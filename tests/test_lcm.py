@@ -250,6 +250,7 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow  # CI time, ~27 s: the text-teacher LCM run is CI's end-to-end LCM distillation
 def test_distillation_run_target_network_sampling_and_compare(teachers):
     root, out = teachers
     run_script("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "lcm1", *LCM, "--max-steps", "1"])

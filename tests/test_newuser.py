@@ -68,6 +68,7 @@ def test_files_keep_the_umask_and_config_has_effective_values(trained):
     assert config["corrupt_type"] == "symmetric" and config["precision"] == "fp32"  # not null: the values used
 
 
+@pytest.mark.slow  # CI time, ~15 s
 def test_damaged_last_continues_from_the_newest_intact_checkpoint_exactly(trained, data, tmp_path):
     out, run_dir, _ = trained
     damaged = tmp_path / "damaged"
@@ -142,6 +143,7 @@ def test_nproc_per_node_starts_the_ranks_with_torchrun(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # CI time, ~10 s: the one-process rerun is in CI
 def test_rerunning_a_finished_run_is_not_an_error_under_torchrun_either(trained, data):
     """The developers' promise `torchrun train.py --corrupt 0.025 --cep`, run again after the run
     finished: 'done already' and the next commands, exit 0, nothing written, no torchrun failure

@@ -141,6 +141,7 @@ def test_effective_values_are_saved_and_used(fake_data, tmp_path):
     assert ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(4e-3 * 2 / 200, rel=1e-12)  # step 2 of the linear warm-up
 
 
+@pytest.mark.slow  # CI time, ~9 s: test_schedules_match_diffusers checks the schedules
 def test_sample_rebuilds_the_stored_schedule(fake_data, tmp_path):
     """The same weights sampled under the checkpoint's schedule: a checkpoint without the entry (an
     older one) samples exactly as DDPM-linear, and changing only the stored schedule changes the
@@ -165,6 +166,7 @@ def test_sample_rebuilds_the_stored_schedule(fake_data, tmp_path):
     assert not np.array_equal(images["lin"], images["ldm"])
 
 
+@pytest.mark.slow  # CI time, ~11 s
 def test_finetune_inherits_the_schedule(fake_data, tmp_path):
     common = ["--data-path", fake_data, "--out-dir", tmp_path, "--global-batch-size", "8", "--max-steps", "2"]
     run_script("train.py", [*common, "--run", "base", "--model", "DiT-T/8", "--schedule", "scaled_linear",

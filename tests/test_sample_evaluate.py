@@ -28,6 +28,7 @@ def trained(tmp_path_factory):
 SAMPLE = ["--num-samples", "24", "--batch-size", "8", "--sampler", "ddpm", "--steps", "10", "--cfg-scale", "2"]
 
 
+@pytest.mark.slow  # CI time, ~7 s: the release's 2-rank sampling is in CI (tests/test_pretrained.py)
 def test_two_ranks_give_byte_identical_images(trained):
     _, out = trained
     run_script("sample.py", ["--run", out / "demo", *SAMPLE, "--tag", "one"])

@@ -44,6 +44,7 @@ def test_loss_decreases_when_overfitting(fake_data, tmp_path):
     assert sum(losses[-10:]) / 10 < 0.4, losses
 
 
+@pytest.mark.slow  # CI time, ~14 s: CI trains on 2 ranks in test_acceptance_two_ranks_real_fashion_mnist
 def test_one_rank_equals_two_ranks(fake_data, tmp_path):
     """Same global batch, same seed: 1 process and 2 gloo processes must train the same weights.
     The only difference is the reduction order of the gradient (one mean over 16 vs the average of
