@@ -1,17 +1,17 @@
 """
 Speed of a denoiser on this device, on synthetic inputs: steady-state training steps (forward,
 backward, AdamW, EMA: train.py's step) and guided sampling steps (classifier-free guidance in one
-batched forward, sample.py's); img/s, achieved TFLOP/s and MFU against the dense-matmul peak
-measured at start-up in the same precision, and peak memory.
+batched forward, sample.py's); img/s, FLOPs per image, achieved TFLOP/s, MFU against the device's
+datasheet dense peak ("n/a" on a CPU) and against the matmul peak measured at start-up in the same
+precision, and peak memory.
 
     python benchmark.py --model DiT-T/4                                         # Fashion-MNIST size, 32x32x1
     python benchmark.py --model DiT-S/2 --in-channels 4 --batch-size 16         # a latent model, 32x32x4
-    python benchmark.py --model DiT-XL/2 --in-channels 4 --batch-size 256 --precision bf16 --compile   # one H100 / H200
+    python benchmark.py --model DiT-XL/2 --in-channels 4 --batch-size 64 --precision bf16 --compile    # one H100 / H200
 
 FLOPs are the model's flops_per_forward() (matmuls, 2 per multiply-add; checked against
-torch.utils.flop_counter in tests/test_benchmark.py): 3x per image for a training step, 2x per
-image and step for guided sampling. MFU = achieved / measured peak, so on a CPU it reads against
-what this CPU's matmul reaches in that precision, not a datasheet number.
+torch.utils.flop_counter and the DiT paper's figures in tests/test_speed.py): 3x per image for a
+training step, 2x per image and step for guided sampling.
 """
 import argparse
 import contextlib
@@ -24,7 +24,7 @@ import torch
 
 from models.build import MODEL_NAMES, build_model
 from models.cep import cep_noise
-from models.common import UsageError, compile_for_inference, measure_matmul_tflops, run_main, step_generator, update_ema
+from models.common import UsageError, compile_for_inference, datasheet_peak_tflops, measure_matmul_tflops, run_main, step_generator, update_ema
 from models.diffusion import DEFAULT_DIFFUSION, SAMPLE_BATCH, GaussianDiffusion, Sampler, classifier_free_guidance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,6 +51,7 @@ def get_parser():
     a("--ranks", type=int, default=1, help="data-parallel ranks: train.py draws the step's randomness for the global batch "
       "(--batch-size x --ranks) on every rank; its cost is timed against the step")
     a("--device", default="auto", help="auto | cpu | cuda")
+    a("--peak-tflops", type=float, default=None, help="the GPU's dense peak in --precision where it is not in the datasheet table")
     return p
 
 
@@ -77,11 +78,15 @@ def timed(fn, iters, warmup, device):
     return (time.perf_counter() - t0) / iters
 
 
-def report(what, images_per_s, flops_per_image, peak_tflops, device):
+def report(what, images_per_s, flops_per_image, peak_tflops, matmul_tflops, device):
+    """One result line: img/s, FLOPs per image, TFLOP/s, MFU against the datasheet peak ("n/a" on a CPU
+    or an unlisted GPU) and against the measured matmul peak, and the peak memory."""
     tflops = images_per_s * flops_per_image / 1e12
-    print(f"{what:8s} {images_per_s:10.1f} img/s  {tflops:8.3f} TFLOP/s  MFU {tflops / peak_tflops:6.1%}  "
-          f"peak memory {peak_memory_gb(device):.2f} GiB", flush=True)
-    return dict(img_per_s=images_per_s, tflops=tflops, mfu=tflops / peak_tflops)
+    mfu = tflops / peak_tflops if peak_tflops else None
+    print(f"{what:8s} {images_per_s:10.1f} img/s  {flops_per_image / 1e9:10.3f} GFLOP/img  {tflops:8.3f} TFLOP/s  MFU "
+          + (f"{mfu:6.1%}" if mfu is not None else f"n/a ({device.type.upper() if device.type == 'cpu' else 'no datasheet peak'})")
+          + f"  MFU vs matmul {tflops / matmul_tflops:6.1%}  peak memory {peak_memory_gb(device):.2f} GiB", flush=True)
+    return dict(img_per_s=images_per_s, tflops=tflops, mfu=mfu, mfu_matmul=tflops / matmul_tflops)
 
 
 def main():
@@ -101,11 +106,13 @@ def main():
     except ValueError as e:
         raise UsageError(f"--model {args.model}: {str(e).splitlines()[0]}")
     peak = measure_matmul_tflops(device, DTYPES[precision])
+    sheet = args.peak_tflops or datasheet_peak_tflops(device, precision)
     flops = model.flops_per_forward()
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {flops / 1e9:.3f} GFLOP per forward "
           f"({args.input_size}x{args.input_size}x{args.in_channels}), {device.type} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{precision}{', compiled' if args.compile else ''}; measured {precision} matmul peak {peak:.3f} TFLOP/s", flush=True)
+          f"{precision}{', compiled' if args.compile else ''}; measured {precision} matmul peak {peak:.3f} TFLOP/s, datasheet peak "
+          + (f"{sheet:g} TFLOP/s" if sheet else "n/a"), flush=True)
     net = torch.compile(model) if args.compile else model
     autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
     diffusion = GaussianDiffusion.from_config(DEFAULT_DIFFUSION, learn_sigma=False)
@@ -127,7 +134,7 @@ def main():
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, 0.9999)
         seconds = timed(train_step, args.iters, args.warmup, device)
-        results["train"] = report("train", B / seconds, 3 * flops, peak, device)
+        results["train"] = report("train", B / seconds, 3 * flops, sheet, peak, device)
 
         steps = itertools.count(1)
 
@@ -140,7 +147,7 @@ def main():
         draw_seconds = timed(random_draws, args.iters, args.warmup, device)
         results["draws_fraction"] = draw_seconds / seconds
         print(f"random draws for the global batch of {B * args.ranks}: {draw_seconds * 1e3:.3f} ms per step, "
-              f"{draw_seconds / seconds:.2%} of the training step", flush=True)
+              f"{100 * draw_seconds / seconds:.4f}% of the training step", flush=True)
     if args.mode in ("sample", "both"):
         model.eval()
         sampler = Sampler(diffusion, "dpm-solver++", args.sample_steps)
@@ -156,9 +163,11 @@ def main():
             return B / timed(sample_batch, max(1, args.iters // 5), 1, device)
         if args.baseline:  # its MFU against the fp32 peak
             fp32_peak = peak if precision == "fp32" else measure_matmul_tflops(device, torch.float32)
-            results["baseline"] = report("baseline", sampling_speed(model, 64, contextlib.nullcontext()), per_image, fp32_peak, device)
+            results["baseline"] = report("baseline", sampling_speed(model, 64, contextlib.nullcontext()), per_image,
+                                         args.peak_tflops or datasheet_peak_tflops(device, "fp32"), fp32_peak, device)
         sample_net = compile_for_inference(copy.deepcopy(model)) if args.compile else model  # sample.py --compile
-        results["sample"] = report("sample", sampling_speed(sample_net, args.sample_batch_size or SAMPLE_BATCH, autocast), per_image, peak, device)
+        results["sample"] = report("sample", sampling_speed(sample_net, args.sample_batch_size or SAMPLE_BATCH, autocast), per_image,
+                                   sheet, peak, device)
         if args.baseline:
             print(f"sampling speed-up over the baseline: {results['sample']['img_per_s'] / results['baseline']['img_per_s']:.2f}x")
     return results

@@ -105,7 +105,7 @@ def load_init(path):
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--init {path}: no checkpoint (expected a run folder with ckpt/last.pt or a .pt file)")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         model_from_checkpoint(ckpt)  # readable as a model of this repo, or an official DiT state dict
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--init {ckpt_path} is not a checkpoint of train.py or DiT ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

@@ -171,7 +171,7 @@ def load_model(args):
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # every rank: pages shared, read on use
         model = model_from_checkpoint(ckpt, use_ema=not args.no_ema)
     except Exception as e:  # noqa: BLE001  (unreadable file, another model's weights)
         raise UsageError(f"cannot load a model from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

@@ -35,8 +35,8 @@ from models.corruption import CORRUPT_TYPES, is_text_dataset, prepare_corruption
 from models.data import DATASETS, LatentDataset, batches, dataset_key, latent_dir, load_dataset
 from models.cep import CEP_TYPES, step_conditions
 from models.common import (Requeue, UsageError, atomic_write_json, atomic_write_text, ema_decay_at, end_distributed,
-                           learning_rate, measure_matmul_tflops, restore_rng, run_main, seed_rank, setup_distributed,
-                           step_generator, update_ema)
+                           datasheet_peak_tflops, learning_rate, MATMUL_DTYPES, measure_matmul_tflops, restore_rng, run_main, seed_rank, setup_distributed,
+                           step_generator, total_grad_norm, update_ema)
 from models.diffusion import SCHEDULES, GaussianDiffusion
 from models.text import build_text_encoder, frozen_text_cache
 from models.vae import latents_from_stats
@@ -45,7 +45,7 @@ from models.build import CLASS_COND_MODES, MODEL_NAMES, UNET_CONFIGS, apply_reci
 
 # flags that do not change what is trained: a --resume may change them (the others must match)
 NON_RUN_FLAGS = {"max_steps", "ckpt_every", "log_every", "compile", "grad_checkpoint", "device", "num_workers", "dry_run",
-                 "time_limit", "skip_bad_files"}
+                 "time_limit", "skip_bad_files", "grad_accum", "batch", "peak_tflops"}
 NOT_SAVED = {"resume", "resume_from", "out_dir", "run", "dry_run", "nproc_per_node"}  # where the run is, not what it is
 
 
@@ -85,6 +85,8 @@ def get_parser():
     # optimisation (defaults: the model family's recipe)
     a("--seed", type=int, default=0)
     a("--global-batch-size", type=int, default=None, help="summed over all ranks; fixed whatever the world size")
+    a("--grad-accum", type=int, default=1, metavar="N", help="split each rank's share of the global batch into N micro-batches, "
+      "one forward and backward each (DDP all-reduces on the last): less memory, the same run")
     a("--lr", type=float, default=None, help="learning rate of AdamW (constant after the warm-up)")
     a("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up from 0 over the first N steps (0 = none)")
     a("--lr-decay", choices=("none", "cosine"), default=None, help="after the warm-up: constant lr, or cosine decay to 0 at --max-steps")
@@ -113,6 +115,8 @@ def get_parser():
     a("--skip-bad-files", action="store_true", help="leave unreadable image files (and listed images that do not exist) out "
       "of training and list them in <run>/skipped_files.txt, instead of stopping with an error naming the file")
     a("--device", default="auto", help="auto | cpu | cuda (the rank's GPU is cuda:LOCAL_RANK)")
+    a("--peak-tflops", type=float, default=None, help="the GPU's dense peak in the run's precision, for the logged MFU, where "
+      "the device is not in models/common.py's datasheet table (H100/H200 SXM, PCIe and NVL, A100, L40S)")
     a("--nproc-per-node", type=int, default=1, help="start N ranks on this machine: checks the input, then runs torchrun "
       "--standalone --nproc_per_node=N with the same flags (ignored under torchrun)")
     a("--dry-run", action="store_true", help="check the input, print the effective configuration and exit (writes nothing)")
@@ -141,7 +145,7 @@ def check_args(args):
         raise UsageError(f"--class-dropout must be in [0, 1), got {args.class_dropout}")
     if not 0 <= args.ema_decay < 1:
         raise UsageError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    for name in ("global_batch_size", "max_steps", "ckpt_every", "log_every"):
+    for name in ("global_batch_size", "grad_accum", "max_steps", "ckpt_every", "log_every"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.warmup_steps < 0:
@@ -240,8 +244,11 @@ def check_input(args, parser, world, stage):
     run_dir, ckpt = resolve_run(args, parser)
     runs.check_writable(run_dir, "--out-dir")
     check_args(args)
-    if args.global_batch_size % world:
-        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
+    if args.global_batch_size % (world * args.grad_accum):
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks"
+                         + (f" x --grad-accum {args.grad_accum}" if args.grad_accum > 1 else ""))
+    if getattr(args, "method", None) == "lcm" and args.grad_accum > 1:
+        raise UsageError("--grad-accum is not implemented for --method lcm (its step draws t and w for the whole share)")
     dataset, key = stage.load_data(args) if stage else load_data(args)
     if len(dataset) < args.global_batch_size:
         raise UsageError(f"--global-batch-size {args.global_batch_size} exceeds the {len(dataset)} training examples")
@@ -265,7 +272,7 @@ def build_state(args, device, data, stage, ckpt):
     for module in model.modules():  # the denoiser (inside a text or adapted model too)
         if hasattr(module, "grad_checkpoint"):
             module.grad_checkpoint = args.grad_checkpoint
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else model  # decay 0: no EMA copy
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -290,7 +297,9 @@ def build_state(args, device, data, stage, ckpt):
     startup = (f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
                f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained), {world} rank(s) on {device.type}, "
                f"{args.precision}" + (f", resuming at step {start_step}" if start_step else "") + rng_note
-               + (" (torchrun starts 1 rank unless --nproc_per_node=N)" if world == 1 and "TORCHELASTIC_RUN_ID" in os.environ else ""))
+               + (" (torchrun starts 1 rank unless --nproc_per_node=N)" if world == 1 and "TORCHELASTIC_RUN_ID" in os.environ else "")
+               + (f", global batch {args.global_batch_size} = {args.batch['micro_batch_per_rank']} per micro-batch x {world} rank(s) "
+                  f"x {args.grad_accum} (--grad-accum)" if args.grad_accum > 1 else ""))
     return model, ema, opt, scaler, model_config, start_step, loss_acc, startup
 
 
@@ -336,24 +345,57 @@ def step_losses(args, stage, step, net, diffusion, inp, g, B, share):
                                      inp.noise, args.input_perturbation, inp.xi)
 
 
-def batch_mean(per_example, bad):
-    """The loss: the mean over this rank's examples, less the rows of unreadable files (--skip-bad-files)."""
-    keep = faults.kept_rows(bad, len(per_example), per_example.device)
-    return per_example.mean() if keep is None else (per_example * keep).sum() / keep.sum()
+def share_of_loss(per_example, keep, total):
+    """A micro-batch's part of the loss: the sum of its kept rows over the rank's kept rows (`total`), so
+    the parts add up to the mean over this rank's examples, less the rows of unreadable files
+    (--skip-bad-files). One micro-batch: that mean."""
+    if keep is None:
+        return per_example.mean() if len(per_example) == total else per_example.sum() / total
+    return (per_example * keep).sum() / total
 
 
-def optimizer_step(args, step, loss, model, opt, scaler):
-    """Backward (scaled under fp16), gradient clipping, the AdamW step at this step's learning rate.
+def micro_batch(inp, rows):
+    """The rows `rows` of every per-example tensor of the step's inputs (x, t, ε, ξ, the conditions)."""
+    cut = lambda v: v[rows] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return argparse.Namespace(**{k: (tuple(map(cut, v)) if isinstance(v, tuple) else {n: cut(w) for n, w in v.items()}
+                                     if isinstance(v, dict) else cut(v)) for k, v in vars(inp).items()})
+
+
+def forward_backward(args, stage, step, net, ddp, diffusion, inp, bad, autocast, scaler, g, B, share):
+    """The loss of this rank's share and its gradient, in --grad-accum micro-batches: each one's forward
+    and backward (DDP all-reduces on the last only), their gradients summing to the share's. Returns
+    the loss (detached)."""
+    n = len(inp.t)
+    keep = faults.kept_rows(bad, n, inp.t.device)
+    total = n if keep is None else keep.sum()
+    loss = 0
+    for k, rows in enumerate(torch.arange(n).chunk(args.grad_accum) if args.grad_accum > 1 else [None]):
+        micro = inp if rows is None else micro_batch(inp, rows.to(inp.t.device))
+        sync = contextlib.nullcontext() if ddp is None or k == args.grad_accum - 1 else ddp.no_sync()
+        with sync:
+            with autocast:
+                losses = step_losses(args, stage, step, net, diffusion, micro, g, B, share)
+            part = share_of_loss(losses["loss"], keep[rows] if keep is not None and rows is not None else keep, total)
+            scaler.scale(part).backward()
+        loss = loss + part.detach()
+    return loss
+
+
+def optimizer_step(args, step, model, opt, scaler):
+    """Gradient clipping (unscaled first under fp16), the AdamW step at this step's learning rate.
     Returns (grad norm, lr); the norm stays on the device."""
     lr = learning_rate(step, args)
     for group in opt.param_groups:
         group["lr"] = lr
-    scaler.scale(loss).backward()
     scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+    params = [p for p in model.parameters() if p.grad is not None]
+    if args.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    else:  # the norm alone (logged, and checked for divergence): no scaling of the gradients by 1
+        grad_norm = total_grad_norm(params)
     scaler.step(opt)  # under fp16 a step with a non-finite gradient is skipped (and the scale lowered)
     scaler.update()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=not dist.is_initialized())  # under DDP the gradients stay DDP's bucket views
     return grad_norm, lr
 
 
@@ -371,6 +413,9 @@ def train(args, parser, rank, world, device, stage=None):
             print(f"{data.manifest['summary']}\n{args.model}, {world} rank(s) on {device.type}, {args.precision}, run {run_dir}\n"
                   f"{describe_recipe(args)}\ndry run: nothing written")
         return run_dir
+    # config.json's record of how this launch splits the global batch (not a flag: a resume may change it)
+    args.batch = dict(global_batch=args.global_batch_size, ranks=world, grad_accum=args.grad_accum,
+                      micro_batch_per_rank=args.global_batch_size // world // args.grad_accum)
     model, ema, opt, scaler, model_config, start_step, loss_acc, startup = build_state(args, device, data, stage, ckpt)
     lock, stops, done = faults.lock_run(run_dir, rank, world, write=True), None, start_step  # one writer per run, from here on
     try:
@@ -384,9 +429,11 @@ def train(args, parser, rank, world, device, stage=None):
         diffusion = GaussianDiffusion.from_config(diffusion_config(args), learn_sigma=args.learn_sigma)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        net = torch.compile(model) if args.compile else model
-        if dist.is_initialized():  # under torchrun, 1 rank included
-            net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True, static_graph=True)
+        # DDP around the model, then torch.compile around DDP (dynamo splits the graph at DDP's buckets, so
+        # the all-reduce overlaps the backward); one rank needs no DDP
+        ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+               if world > 1 else None)
+        net = torch.compile(ddp or model) if args.compile else (ddp or model)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
                     if args.precision != "fp32" else contextlib.nullcontext())
         conditions, conditions_epoch = (data.conditions if data.text else torch.from_numpy(data.conditions).to(device)), None
@@ -400,7 +447,12 @@ def train(args, parser, rank, world, device, stage=None):
         stops = faults.StopRequests(world, args.time_limit, refuse_bad_files=not args.skip_bad_files)
         diverged, skipped_files = faults.DivergenceCheck(device, args.precision == "fp16"), 0
         clock = dict(start=time.perf_counter(), last=time.perf_counter(), steps=0, start_step=start_step, skipped_files=0,
-                     flops_per_image=3 * model.flops_per_forward(), peak_tflops=measure_matmul_tflops(device) if device.type == "cuda" else None)
+                     flops_per_image=3 * model.flops_per_forward(), peak_tflops=args.peak_tflops or datasheet_peak_tflops(device, args.precision),
+                     matmul_tflops=measure_matmul_tflops(device, MATMUL_DTYPES[args.precision]) if device.type == "cuda" else None)
+        if master and device.type == "cuda":  # the two MFU denominators of the log
+            peak = f"{clock['peak_tflops']:g} TFLOP/s" if clock["peak_tflops"] else "no datasheet peak (give --peak-tflops)"
+            print(f"mfu against {peak} ({torch.cuda.get_device_name(device)}, {args.precision}); mfu_matmul against the "
+                  f"measured matmul peak, {clock['matmul_tflops']:.0f} TFLOP/s", flush=True)
         loader = batches(data.dataset, B, rank, world, args.seed, start_step, args.num_workers, device)
         progress = tqdm(total=args.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False,
                         disable=not (master and sys.stderr.isatty()))  # the log lines carry the ETA when there is no terminal
@@ -418,11 +470,10 @@ def train(args, parser, rank, world, device, stage=None):
             inp = step_inputs(args, diffusion, model, data, x, idx, conditions, g, B, share, text_cache)
             if control is not None:  # kept for dropped conditions too: guidance is over the class / caption only
                 inp.extra["control"] = control
-            with autocast:
-                losses = step_losses(args, stage, step, net, diffusion, inp, g, B, share)
-            loss = batch_mean(losses["loss"], bad)
-            grad_norm, lr = optimizer_step(args, step, loss, model, opt, scaler)
-            update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
+            loss = forward_backward(args, stage, step, net, ddp, diffusion, inp, bad, autocast, scaler, g, B, share)
+            grad_norm, lr = optimizer_step(args, step, model, opt, scaler)
+            if ema is not model:  # (at --ema-decay 0 the EMA is the weights themselves)
+                update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
             if stage is not None:
                 stage.after_step(args, model)  # --method lcm: the target network's EMA
             diverged.update(step + 1, loss.detach(), grad_norm)  # on the device: no host sync between log steps

@@ -195,8 +195,8 @@ def restart_safe_store(rank, world):
 
 
 def measure_matmul_tflops(device, dtype=torch.bfloat16, n=None, iters=None):
-    """Dense matmul rate of this device in `dtype` (the denominator of MFU), measured rather than
-    looked up: n x n products, 8192 on a GPU, 1024 on a CPU (a few seconds at most)."""
+    """Dense matmul rate of this device in `dtype`, measured: n x n products, 8192 on a GPU, 1024 on a
+    CPU (a few seconds at most). The second MFU denominator, beside the datasheet's (on a CPU the only one)."""
     cuda = device.type == "cuda"
     n, iters = n or (8192 if cuda else 1024), iters or (20 if cuda else 10)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -210,6 +210,36 @@ def measure_matmul_tflops(device, dtype=torch.bfloat16, n=None, iters=None):
     if cuda:
         torch.cuda.synchronize(device)
     return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+# the datasheet dense peaks (TFLOP/s, no structured sparsity) of the tensor cores: bf16 (fp16 is the
+# same) and TF32, which fp32 training uses on CUDA (train.py sets allow_tf32). NVIDIA's datasheets.
+DATASHEET_TFLOPS = {"H100 SXM": {"bf16": 989.4, "tf32": 494.7}, "H100 PCIe": {"bf16": 756.5, "tf32": 378.0},
+                    "H100 NVL": {"bf16": 835.5, "tf32": 417.5}, "H200 SXM": {"bf16": 989.4, "tf32": 494.7},
+                    "H200 NVL": {"bf16": 835.5, "tf32": 417.5}, "A100": {"bf16": 312.0, "tf32": 156.0},
+                    "L40S": {"bf16": 362.05, "tf32": 183.0}}
+
+
+def gpu_model(device_name):
+    """DATASHEET_TFLOPS's key for a CUDA device name (torch.cuda.get_device_name), or None: e.g.
+    'NVIDIA H100 80GB HBM3' is an H100 SXM, 'NVIDIA H100 PCIe' a PCIe card, 'NVIDIA H200' an SXM."""
+    name = device_name.upper()
+    for chip in ("H100", "H200"):
+        if chip in name:
+            return f"{chip} PCIe" if "PCIE" in name else f"{chip} NVL" if "NVL" in name else f"{chip} SXM"
+    return next((key for key in ("A100", "L40S") if key in name), None)
+
+
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # a run's --precision
+
+
+def datasheet_peak_tflops(device, precision):
+    """The dense peak of this device for a run in `precision` (fp32 -> TF32), or None (a CPU, a GPU
+    not in DATASHEET_TFLOPS: give --peak-tflops)."""
+    if device.type != "cuda":
+        return None
+    model = gpu_model(torch.cuda.get_device_name(device))
+    return DATASHEET_TFLOPS[model]["tf32" if precision == "fp32" else "bf16"] if model else None
 
 
 def compile_for_inference(model):
@@ -228,6 +258,14 @@ def update_ema(ema, model, decay):
     ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
     params = [p for p in model.parameters() if p.dtype.is_floating_point]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay * ema + (1 - decay) * param
+
+
+def total_grad_norm(params):
+    """The L2 norm of the parameters' gradients, as clip_grad_norm_ computes it, without rescaling them
+    (torch < 2.6 has no get_total_norm: the clip at an infinite norm, which scales by exactly 1)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
 
 
 def ema_decay_at(step, decay, warmup):

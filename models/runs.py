@@ -159,7 +159,8 @@ def log(log_path, record, eta_s):
     with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     tqdm.write(f"step {record['step']:7d} | loss {record['loss']:.4f} | grad {record['grad_norm']:.3f} | {record['img_per_s']:8.1f} img/s"
-               + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else "") + f" | ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s")
+               + (f" | MFU {record['mfu']:.1%}" if "mfu" in record else "")
+               + (f" (matmul {record['mfu_matmul']:.1%})" if "mfu_matmul" in record else "") + f" | ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s")
     sys.stdout.flush()
 
 
@@ -177,8 +178,9 @@ def log_step(args, run_dir, record, loss_acc, diverged, skipped_files, clock, wo
     now = time.perf_counter()
     record.update(loss=(total[0] / total[1]).item(), img_per_s=round(args.global_batch_size * clock["steps"] / (now - clock["last"]), 2),
                   time=round(time.time(), 1))
-    if clock["peak_tflops"]:
-        record["mfu"] = round(clock["flops_per_image"] * record["img_per_s"] / world / (clock["peak_tflops"] * 1e12), 4)
+    for key, peak in (("mfu", clock["peak_tflops"]), ("mfu_matmul", clock["matmul_tflops"])):  # datasheet; measured matmul
+        if peak:
+            record[key] = round(clock["flops_per_image"] * record["img_per_s"] / world / (peak * 1e12), 4)
     if args.precision == "fp16":
         record["fp16_skipped_steps"] = fp16_skips  # GradScaler's overflow steps: normal, counted
     if clock["skipped_files"]:

@@ -328,6 +328,7 @@ def test_bad_input_one_line_exit_2_nothing_written(teachers):
         ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", *LCM, "--lcm-guided-warmup", "-1"], "--lcm-guided-warmup >= 0"),
         ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", "--method", "full", "--w-max", "2"], "--w-max is for --method lcm"),
         ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", *LCM, "--control", "canny"], "no control input"),
+        ("finetune.py", ["--init", out / "dit", "--out-dir", out, "--run", "x", *LCM, "--grad-accum", "2"], "not implemented for --method lcm"),
         ("sample.py", ["--run", out / "dit", "--sampler", "lcm", "--steps", "4"], "not one"),
         ("sample.py", ["--run", out / "ok", "--sampler", "lcm", "--steps", "4", "--cfg-scale", "7"], "outside the guidance"),
         ("sample.py", ["--run", out / "ok", "--sampler", "lcm", "--steps", "4", "--cfg-scale", "1"], "outside the guidance"),

@@ -32,12 +32,18 @@ def test_flops_per_forward_matches_flop_counter(name, size, channels):
 def test_benchmark_reports_throughput_and_mfu():
     proc = run_script("benchmark.py", ["--model", "DiT-T/4", "--batch-size", "8", "--sample-batch-size", "4", "--sample-steps", "2",
                                        "--iters", "2", "--warmup", "1"])
-    for what in ("train", "sample"):
-        m = re.search(rf"^{what}\s+([\d.]+) img/s\s+([\d.]+) TFLOP/s\s+MFU\s+([\d.]+)%", proc.stdout, re.M)
+    """FLOPs per image, MFU against the datasheet peak ("n/a (CPU)" here) and against the measured matmul
+    peak, and peak memory, for the training step and guided sampling."""
+    with torch.device("meta"):
+        forward = build_model("DiT-T/4", input_size=32, in_channels=1, num_classes=10, class_dropout=0.1,
+                              learn_sigma=False).flops_per_forward()  # benchmark.py's model
+    for what, per_image in (("train", 3 * forward), ("sample", 2 * 2 * forward)):  # 2 guided steps of 2 forwards
+        m = re.search(rf"^{what}\s+([\d.]+) img/s\s+([\d.]+) GFLOP/img\s+([\d.]+) TFLOP/s\s+MFU n/a \(CPU\)\s+MFU vs matmul\s+"
+                      r"([\d.]+)%\s+peak memory ([\d.]+) GiB", proc.stdout, re.M)
         assert m, proc.stdout
-        img_s, mfu = float(m.group(1)), float(m.group(3))
-        assert img_s > 0 and 0 < mfu < 150, proc.stdout  # against the measured matmul peak
-    assert "measured fp32 matmul peak" in proc.stdout
+        img_s, gflop, mfu, memory = float(m.group(1)), float(m.group(2)), float(m.group(4)), float(m.group(5))
+        assert img_s > 0 and gflop == pytest.approx(per_image / 1e9, abs=1e-3) and 0 < mfu < 150 and memory > 0, proc.stdout
+    assert "measured fp32 matmul peak" in proc.stdout and "datasheet peak n/a" in proc.stdout
     m = re.search(r"random draws for the global batch of 8: ([\d.]+) ms per step, ([\d.]+)% of the training step", proc.stdout)
     assert m and 0 < float(m.group(2)) < 100, proc.stdout
     bad = run_script("benchmark.py", ["--model", "DiT-Q/3"], check=False)
@@ -148,3 +154,25 @@ def test_prefetched_batches_keep_order_and_errors():
         raise OSError("disk gone")
     with pytest.raises(OSError, match="disk gone"):
         list(prefetched(failing(), pin=False))
+
+
+@pytest.mark.parametrize("name, gflops", [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-L/2", 80.71), ("DiT-XL/2", 118.64)])
+def test_flops_match_the_dit_paper(name, gflops):
+    """The DiT paper's "Gflops" (Peebles & Xie 2023, Table 4) at 256 px (32x32x4 latents) count
+    multiply-adds: flops_per_forward() (2 per multiply-add) is twice them, within 1 %, and a training
+    step of DiT-XL/2 (forward + backward, 3x) about 712 GFLOP per image."""
+    with torch.device("meta"):  # the config alone: no weights are allocated
+        model = build_model(name, input_size=32, in_channels=4, num_classes=1000, class_dropout=0.1, learn_sigma=True)
+    assert model.flops_per_forward() / 2e9 == pytest.approx(gflops, rel=0.01)
+    if name == "DiT-XL/2":
+        assert 3 * model.flops_per_forward() / 1e9 == pytest.approx(712, rel=0.01)
+
+
+def test_datasheet_peaks_by_device_name():
+    """MFU's denominator: the datasheet dense peak for the CUDA device name and the run's precision."""
+    from models.common import DATASHEET_TFLOPS, gpu_model
+    names = {"NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL",
+             "NVIDIA H200": "H200 SXM", "NVIDIA H200 NVL": "H200 NVL", "NVIDIA A100-SXM4-80GB": "A100",
+             "NVIDIA A100 80GB PCIe": "A100", "NVIDIA L40S": "L40S", "NVIDIA GeForce RTX 4090": None, "Tesla V100-SXM2-16GB": None}
+    assert {n: gpu_model(n) for n in names} == names
+    assert DATASHEET_TFLOPS["H100 SXM"]["bf16"] == 989.4 and DATASHEET_TFLOPS["H200 SXM"] == DATASHEET_TFLOPS["H100 SXM"]
